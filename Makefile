@@ -1,0 +1,41 @@
+# Clave: two commands on a fresh Debian 12 machine as root: `make demo` and `make test`.
+PYTHON ?= /usr/bin/python3
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := python3-venv python3-dev gcc make busybox-static runc crun containerd iproute2 \
+	swtpm swtpm-tools tpm2-tools
+
+.PHONY: deps venv demo test lint bench clean
+
+# System packages, installed once (a stamp keeps re-runs fast).
+deps: .deps-stamp
+.deps-stamp:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo ">> apt-get install $$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+	@touch $@
+
+venv: $(VENV)/.stamp
+$(VENV)/.stamp: pyproject.toml .deps-stamp
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+demo: venv
+	$(PY) demo/run_demo.py
+
+test: venv
+	$(PY) -m pytest -q -ra
+
+lint: venv
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy src
+
+bench: venv
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) .deps-stamp
