@@ -330,7 +330,7 @@ def _decode_claims(claims: bytes) -> tuple[str, bytes, bytes | None]:
 
     try:
         decoded = cbor2.loads(claims)
-        pubkey_hash = decoded.get("pubkey-hash") if isinstance(decoded, dict) else None
+        pubkey_hash: Any = decoded.get("pubkey-hash") if isinstance(decoded, dict) else None
         if isinstance(pubkey_hash, bytes):  # rats-tls wraps the hash entry in a byte string
             pubkey_hash = cbor2.loads(pubkey_hash)
     except (cbor2.CBORDecodeError, ValueError) as exc:
