@@ -45,7 +45,9 @@ ATTR_DECRYPT = 1 << 17
 ATTR_SIGN = 1 << 18
 
 # TPM_ECC_CURVE values the cryptography package can use.
-_CURVES: dict[int, type[ec.EllipticCurve]] = {0x0003: ec.SECP256R1, 0x0004: ec.SECP384R1, 0x0005: ec.SECP521R1}
+_CURVES: dict[int, type[ec.EllipticCurve]] = {
+    0x0003: ec.SECP256R1, 0x0004: ec.SECP384R1, 0x0005: ec.SECP521R1,
+}
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,11 @@ class HashAlg:
         return hashlib.new(self.name, data).digest()
 
     def crypto_hash(self) -> hashes.HashAlgorithm:
-        return {"sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384,
-                "sha512": hashes.SHA512}[self.name]()
+        algorithms: dict[str, hashes.HashAlgorithm] = {
+            "sha1": hashes.SHA1(), "sha256": hashes.SHA256(),
+            "sha384": hashes.SHA384(), "sha512": hashes.SHA512(),
+        }
+        return algorithms[self.name]
 
 
 HASH_ALGS: dict[int, HashAlg] = {
@@ -88,8 +93,9 @@ def hash_alg(alg_id: int) -> HashAlg:
 def qualifying_data(report_data: bytes) -> bytes:
     """The quote's qualifying data (extraData) for ``report_data``.
 
-    TPMs cap qualifying data at the size of their largest digest (often 32 bytes), so report data longer than
-    32 bytes is replaced by its SHA-256; shorter report data is used as is. Attester and verifier both apply it.
+    TPMs cap qualifying data at the size of their largest digest (often 32 bytes), so report data longer
+    than 32 bytes is replaced by its SHA-256; shorter report data is used as is. Attester and verifier both
+    apply this rule.
     """
     return report_data if len(report_data) <= 32 else hashlib.sha256(report_data).digest()
 
@@ -388,5 +394,5 @@ class TpmEvidence:
 
     @staticmethod
     def sniff(data: bytes) -> bool:
-        """Cheap check: a CBOR map whose first entry is "format": EVIDENCE_FORMAT (as ``encode`` writes it)."""
+        """Cheap check: a CBOR map whose first entry is "format": EVIDENCE_FORMAT, as ``encode`` writes."""
         return bool(data) and 0xA0 <= data[0] <= 0xB7 and data[1 : 1 + len(_FORMAT_ENTRY)] == _FORMAT_ENTRY

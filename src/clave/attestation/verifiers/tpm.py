@@ -114,14 +114,15 @@ class TpmVerifier(Verifier):
             warnings.append("no AK certificate: the attestation key is not bound to a genuine TPM's "
                             "endorsement key; trust rests on the AK public key alone")
 
+        extra = attest.extra_data.hex() or "(empty)"
         if ctx.nonce is not None and attest.extra_data != wire.qualifying_data(ctx.nonce):
-            raise VerificationError(Layer.FRESHNESS, f"quote extraData {attest.extra_data.hex() or '(empty)'} "
-                                    "does not match the expected nonce")
+            raise VerificationError(Layer.FRESHNESS,
+                                    f"quote extraData {extra} does not match the expected nonce")
         if ctx.expected_report_data is not None and (
             attest.extra_data != wire.qualifying_data(ctx.expected_report_data)
         ):
-            raise VerificationError(Layer.KEY_BINDING, f"quote extraData {attest.extra_data.hex() or '(empty)'}"
-                                    " does not match the expected report data")
+            raise VerificationError(Layer.KEY_BINDING,
+                                    f"quote extraData {extra} does not match the expected report data")
 
         return VerifiedEvidence(tee=self.tee, claims=_claims(attest, signature, ak, values, endorsed),
                                 warnings=warnings)
@@ -141,10 +142,11 @@ def _pcr_values(pcrs: Mapping[str, Mapping[int, bytes]]) -> dict[int, dict[int, 
     return values
 
 
-def _check_signature(ak: wire.Public, signature: wire.Signature, sig_hash: wire.HashAlg, signed: bytes) -> None:
+def _check_signature(ak: wire.Public, signature: wire.Signature, sig_hash: wire.HashAlg,
+                     signed: bytes) -> None:
     if not ak.is_restricted_signing_key:
         raise VerificationError(Layer.SIGNATURE, f"AK attributes 0x{ak.attributes:08x} are not those of a "
-                                "restricted fixedTPM signing key, so its signature does not prove a TPM quote")
+                                "restricted fixedTPM signing key, so its signature does not prove a quote")
     if ak.scheme != wire.ALG_NULL and (ak.scheme, ak.scheme_hash) != (signature.sig_alg, signature.hash_alg):
         raise VerificationError(Layer.SIGNATURE, f"signature scheme 0x{signature.sig_alg:04x}/"
                                 f"0x{signature.hash_alg:04x} differs from the AK's fixed scheme "
@@ -196,8 +198,8 @@ def _check_ak_certificate(ak: wire.Public, cert_der: bytes, chain_der: list[byte
     except ValueError as exc:
         raise VerificationError(Layer.CHAIN, f"TPM trust anchors are not PEM certificates: {exc}") from None
     if not anchors:
-        warnings.append("AK certificate supplied but no TPM trust anchor configured (collateral tpm_roots.pem "
-                        "or roots tpm_*.pem): the AK is not endorsed")
+        warnings.append("AK certificate supplied but no TPM trust anchor configured (collateral "
+                        "tpm_roots.pem or roots tpm_*.pem): the AK is not endorsed")
         return False
 
     current = leaf
@@ -212,10 +214,11 @@ def _check_ak_certificate(ak: wire.Public, cert_der: bytes, chain_der: list[byte
             break
         constraints = _basic_constraints(issuer)
         if constraints is None or not constraints.ca:
-            raise VerificationError(Layer.CHAIN, f"intermediate {issuer.subject.rfc4514_string()} is not a CA")
+            raise VerificationError(Layer.CHAIN,
+                                    f"intermediate {issuer.subject.rfc4514_string()} is not a CA")
         current = issuer
-    raise VerificationError(Layer.CHAIN, f"AK certificate issued by {current.issuer.rfc4514_string()} does not "
-                            "chain to a configured TPM trust anchor")
+    raise VerificationError(Layer.CHAIN, f"AK certificate issued by {current.issuer.rfc4514_string()} "
+                            "does not chain to a configured TPM trust anchor")
 
 
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -242,7 +245,8 @@ def _check_validity(cert: x509.Certificate, ctx: VerifyContext) -> None:
 
 def _claims(attest: wire.Attest, signature: wire.Signature, ak: wire.Public,
             values: Mapping[int, Mapping[int, bytes]], endorsed: bool) -> dict[str, object]:
-    banks = {sel.bank: {str(i): values[sel.hash_alg][i].hex() for i in sel.pcrs} for sel in attest.pcr_selections}
+    banks = {sel.bank: {str(i): values[sel.hash_alg][i].hex() for i in sel.pcrs}
+             for sel in attest.pcr_selections}
     first_bank = attest.pcr_selections[0].bank if attest.pcr_selections else None
     claims: dict[str, object] = {
         "pcrs": banks.get(first_bank, {}) if first_bank else {},
