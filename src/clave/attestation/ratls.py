@@ -460,3 +460,20 @@ def verify_certificate(
         warnings.append("no nonce checked: this certificate may be a replay")
     warnings += policy.check(verified)
     return AttestedPeer(verified, der, fmt, claimed_nonce, warnings)
+
+
+def peek_tee(cert: bytes | x509.Certificate) -> str | None:
+    """Best-effort TEE name of a certificate's evidence, without verifying anything (for reports)."""
+    try:
+        if not hasattr(cert, "public_bytes"):
+            cert = load_certificate(bytes(cert))  # type: ignore[arg-type]
+        assert not isinstance(cert, bytes)
+        extensions = _extensions(cert)
+        if TCG_DICE_TAGGED_EVIDENCE_OID in extensions:
+            tag, pair = _decode_tagged(extensions[TCG_DICE_TAGGED_EVIDENCE_OID], "tagged evidence")
+            return tee_of_tag(tag, pair[0] if isinstance(pair, list | tuple) and pair else b"")
+        if LEGACY_SGX_ECDSA_QUOTE_OID in extensions:
+            return quote_tee(extensions[LEGACY_SGX_ECDSA_QUOTE_OID])
+    except (VerificationError, TypeError):
+        return None
+    return None
