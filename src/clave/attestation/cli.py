@@ -18,7 +18,7 @@ from typing import Any
 
 TEES = ("auto", "sgx", "tdx", "snp", "nitro", "tpm", "wasm", "sample")
 EXIT_ACCEPTED, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
-INSECURE_NOTICE = "WARNING: INSECURE evidence (no TEE behind it, for development): accepting it proves nothing"
+INSECURE_NOTICE = "WARNING: INSECURE evidence (no TEE behind it, development only): it proves nothing"
 
 
 class UsageError(Exception):
