@@ -10,6 +10,7 @@ valid at the verification time (leaf certificates live about three hours).
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +69,7 @@ def _format_error(message: str) -> VerificationError:
     return VerificationError(Layer.FORMAT, message)
 
 
-def _optional_bytes(payload: dict[Any, Any], key: str, limit: int) -> bytes | None:
+def _optional_bytes(payload: Mapping[Any, Any], key: str, limit: int) -> bytes | None:
     value = payload.get(key)
     if value is None:
         return None
@@ -93,19 +94,19 @@ def parse_document(data: bytes) -> NitroDocument:
         if outer.tag != COSE_SIGN1_TAG:
             raise _format_error(f"CBOR tag {outer.tag} is not COSE_Sign1 ({COSE_SIGN1_TAG})")
         outer = outer.value
-    if not (isinstance(outer, list) and len(outer) == 4):
+    if not (isinstance(outer, (list, tuple)) and len(outer) == 4):  # cbor2 makes tagged arrays tuples
         raise _format_error("attestation document is not a COSE_Sign1 array of four items")
     protected, unprotected, payload_bytes, signature = outer
-    if not isinstance(protected, bytes) or not isinstance(unprotected, dict):
+    if not isinstance(protected, bytes) or not isinstance(unprotected, Mapping):
         raise _format_error("COSE_Sign1 headers are malformed")
     if not isinstance(payload_bytes, bytes) or not isinstance(signature, bytes):
         raise _format_error("COSE_Sign1 payload or signature is not a byte string")
     header = _decode(protected, "COSE protected header") if protected else {}
-    if not isinstance(header, dict) or header.get(COSE_HEADER_ALG) != COSE_ALG_ES384:
+    if not isinstance(header, Mapping) or header.get(COSE_HEADER_ALG) != COSE_ALG_ES384:
         raise _format_error(f"COSE algorithm is {header.get(COSE_HEADER_ALG)!r}, expected ES384 (-35)")
 
     payload = _decode(payload_bytes, "attestation document payload")
-    if not isinstance(payload, dict):
+    if not isinstance(payload, Mapping):
         raise _format_error("attestation document payload is not a CBOR map")
     module_id = payload.get("module_id")
     if not isinstance(module_id, str) or not module_id:
@@ -117,7 +118,7 @@ def parse_document(data: bytes) -> NitroDocument:
     if not isinstance(timestamp, int) or timestamp <= 0:
         raise _format_error("attestation document has no valid timestamp")
     pcrs = payload.get("pcrs")
-    if not isinstance(pcrs, dict) or not 1 <= len(pcrs) <= MAX_PCRS:
+    if not isinstance(pcrs, Mapping) or not 1 <= len(pcrs) <= MAX_PCRS:
         raise _format_error("attestation document pcrs is not a map of 1 to 32 entries")
     for index, value in pcrs.items():
         if not (isinstance(index, int) and 0 <= index < MAX_PCRS):
@@ -128,7 +129,7 @@ def parse_document(data: bytes) -> NitroDocument:
     if not isinstance(certificate, bytes) or not 1 <= len(certificate) <= MAX_CERT_SIZE:
         raise _format_error("attestation document certificate is missing or oversized")
     cabundle = payload.get("cabundle")
-    if not (isinstance(cabundle, list) and cabundle):
+    if not (isinstance(cabundle, (list, tuple)) and cabundle):
         raise _format_error("attestation document cabundle is empty")
     if not all(isinstance(c, bytes) and 1 <= len(c) <= MAX_CERT_SIZE for c in cabundle):
         raise _format_error("attestation document cabundle holds a malformed certificate")
@@ -213,7 +214,7 @@ class NitroVerifier(Verifier):
             if isinstance(outer, cbor2.CBORTag):
                 outer = outer.value
             header = cbor2.loads(outer[0])
-            return isinstance(header, dict) and header.get(COSE_HEADER_ALG) == COSE_ALG_ES384
+            return isinstance(header, Mapping) and header.get(COSE_HEADER_ALG) == COSE_ALG_ES384
         except Exception:  # a sniff: anything unparsable is simply not ours
             return False
 
@@ -253,13 +254,15 @@ class NitroVerifier(Verifier):
             _load_der(der, f"cabundle[{i}]") for i, der in enumerate(document.cabundle[1:], 1)
         ]
         chain.append(leaf)
-        _check_valid_at(trusted, now, "AWS Nitro root")
-        for depth, (issuer, cert) in enumerate(zip(chain, chain[1:], strict=False), start=1):
-            what = (
-                "enclave certificate" if cert is leaf else f"cabundle[{depth}] ({_common_name(cert.subject)})"
-            )
-            cas_below_issuer = len(chain) - depth - 1  # intermediate CAs under ``issuer``, leaf excluded
-            _check_link(cert, issuer, cas_below_issuer, what)
+        names = ["AWS Nitro root"] + [
+            f"cabundle[{i}] ({_common_name(c.subject)})" for i, c in enumerate(chain[1:-1], 1)
+        ]
+        names.append("enclave certificate")
+        for depth in range(1, len(chain)):
+            cas_below_issuer = len(chain) - depth - 1  # intermediate CAs under the issuer, leaf excluded
+            _check_link(chain[depth], chain[depth - 1], cas_below_issuer, names[depth])
+        # Leaf first: it is the one that expires (after about three hours).
+        for cert, what in reversed(list(zip(chain, names, strict=True))):
             _check_valid_at(cert, now, what)
 
     def _check_nonce(self, document: NitroDocument, ctx: VerifyContext) -> None:
