@@ -1,7 +1,7 @@
 """Seccomp: compile an OCI `linux.seccomp` section to a classic BPF program and load it.
 
-The container's init calls `apply()` right before execve, so this module imports only ctypes, os, struct
-and json. The program follows libseccomp's semantics as runc drives it:
+The container's init calls `apply()` right before execve, so this module imports only ctypes, os and struct
+(not typing, json or libseccomp). The program follows libseccomp's semantics as runc drives it:
 
 - `seccomp_data.arch` selects a block per architecture; the native one is always present; an architecture
   outside the list gets libseccomp's "bad arch" action (SECCOMP_RET_KILL_THREAD). On x86_64 the x32 ABI shares
@@ -17,13 +17,15 @@ and json. The program follows libseccomp's semantics as runc drives it:
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import struct
 from collections.abc import Iterable
-from typing import Any
 
 from clave.linux import syscall_table
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs milliseconds to import on the container start path
+    from typing import Any
 
 
 class SeccompError(Exception):
@@ -330,19 +332,23 @@ def _emit_rules(em: _Emitter, rules: list[_Rule], fallback: int, wide: bool) -> 
 def _syscall_targets(em: _Emitter, profile: _Profile, arch: str) -> dict[int, int]:
     """Emit the body of every syscall that has rules; return nr -> entry position."""
     wide = _ARGS_64BIT[arch]
+    default = profile.default
     targets: dict[int, int] = {}
-    for nr, rules in sorted(profile.rules[arch].items()):
-        unconditional = [value for value, conds in rules if not conds]
-        if len(set(unconditional)) > 1:
+    for nr, rules in profile.rules[arch].items():
+        if len(rules) == 1 and not rules[0][1]:  # the common case: one unconditional rule
+            if rules[0][0] != default:
+                targets[nr] = em.ret(rules[0][0])
+            continue
+        unconditional = {value for value, conds in rules if not conds}
+        if len(unconditional) > 1:
             name = next(n for n, v in syscall_table.TABLES[arch].items() if v == nr)
             raise SeccompError(f"seccomp: syscall {name} has conflicting unconditional actions")
         conditional = [rule for rule in rules if rule[1]]
-        fallback_value = unconditional[0] if unconditional else profile.default
-        if not conditional:
-            if fallback_value != profile.default:
-                targets[nr] = em.ret(fallback_value)
-            continue
-        targets[nr] = _emit_rules(em, conditional, em.ret(fallback_value), wide)
+        fallback = unconditional.pop() if unconditional else default
+        if conditional:
+            targets[nr] = _emit_rules(em, conditional, em.ret(fallback), wide)
+        elif fallback != default:
+            targets[nr] = em.ret(fallback)
     return targets
 
 
@@ -367,10 +373,12 @@ def _intervals(
     to `outside`, and everything from `tail_from` on to `tail`. Returns the interval starts and targets."""
     bounds: list[int] = [start]
     leaves: list[int] = [outside]
-
-    def step(at: int, target: int) -> None:
+    steps = [(at, target) for nr in sorted(points) for at, target in ((nr, points[nr]), (nr + 1, outside))]
+    if tail_from is not None:
+        steps.append((tail_from, tail))
+    for at, target in steps:
         if leaves[-1] == target:
-            return
+            continue
         if bounds[-1] == at:  # the current interval would be empty: retarget it, merging with the one before
             leaves[-1] = target
             if len(leaves) > 1 and leaves[-2] == target:
@@ -379,12 +387,6 @@ def _intervals(
         else:
             bounds.append(at)
             leaves.append(target)
-
-    for nr in sorted(points):
-        step(nr, points[nr])
-        step(nr + 1, outside)
-    if tail_from is not None:
-        step(tail_from, tail)
     return bounds, leaves
 
 
@@ -497,8 +499,8 @@ _cache: dict[str, tuple[bytes, bool]] = {}
 
 
 def compile_cached(seccomp: dict[str, Any]) -> tuple[bytes, bool]:
-    """(program, needs a listener), memoized on the config's JSON text (the shim runs many containers)."""
-    key = json.dumps(seccomp, sort_keys=True)
+    """(program, needs a listener), memoized on the config's text (the shim runs many containers)."""
+    key = repr(seccomp)
     hit = _cache.get(key)
     if hit is None:
         hit = _cache[key] = _compile(seccomp)
