@@ -161,6 +161,27 @@ def _common_name(name: x509.Name) -> str:
     return str(attrs[0].value) if attrs else name.rfc4514_string()
 
 
+# Signature checks of certificate links already verified in this process: a link's signature either
+# verifies or not, so repeating it for every report signed under the same chain is wasted work. Validity
+# periods are still checked on every verification.
+_VERIFIED_LINKS: dict[tuple[bytes, bytes], None] = {}
+_VERIFIED_LINKS_MAX = 256
+
+
+def _signature_verifies(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    key = (cert.public_bytes(Encoding.DER), issuer.public_bytes(Encoding.DER))
+    if key in _VERIFIED_LINKS:
+        return True
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    if len(_VERIFIED_LINKS) >= _VERIFIED_LINKS_MAX:
+        del _VERIFIED_LINKS[next(iter(_VERIFIED_LINKS))]
+    _VERIFIED_LINKS[key] = None
+    return True
+
+
 def _check_link(cert: x509.Certificate, issuer: x509.Certificate, depth_below: int, what: str) -> None:
     """``issuer`` signed ``cert``, and is a CA allowed ``depth_below`` more CAs under it."""
     issuer_name = _common_name(issuer.subject)
@@ -176,10 +197,8 @@ def _check_link(cert: x509.Certificate, issuer: x509.Certificate, depth_below: i
         raise VerificationError(
             Layer.CHAIN, f"{what} is issued by {_common_name(cert.issuer)}, not {issuer_name}"
         )
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (InvalidSignature, ValueError, TypeError):
-        raise VerificationError(Layer.CHAIN, f"{what} signature does not verify with {issuer_name}") from None
+    if not _signature_verifies(cert, issuer):
+        raise VerificationError(Layer.CHAIN, f"{what} signature does not verify with {issuer_name}")
 
 
 def _check_valid_at(cert: x509.Certificate, now: _dt.datetime, what: str) -> None:
