@@ -58,37 +58,35 @@ def pick_verifier(evidence: bytes, tee: str = "auto") -> Verifier:
         raise UnknownTee(f"no verifier for {tee!r} in this build (available: {', '.join(shipped)})") from None
 
 
-def bound_data(verified: VerifiedEvidence) -> bytes | None:
-    """The caller-chosen bytes the evidence carries: report data (SGX/TDX/SNP/sample), the qualifying
-    data of a TPM quote, or a Nitro document's user_data."""
-    for name in ("report_data", "nonce", "user_data"):
-        value = verified.claims.get(name)
-        if isinstance(value, str) and value:
-            try:
-                return bytes.fromhex(value)
-            except ValueError:
-                return None
-    return None
+def _report_data(verified: VerifiedEvidence) -> bytes | None:
+    """The fixed-size report data field (SGX, TDX, SNP, sample), or None for evidence without one."""
+    value = verified.claims.get("report_data")
+    if not isinstance(value, str):
+        return None
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        return None
 
 
 def check_bound(verified: VerifiedEvidence, expected: bytes, layer: Layer, what: str) -> None:
-    """Defence in depth on top of the verifier's own check: ``expected`` (zero-padded to the field's
-    size) must be what the evidence carries."""
-    carried = bound_data(verified)
+    """Defence in depth on top of the verifier's own check of ``ctx.expected_report_data``: a report data
+    field must hold ``expected`` (both zero-padded alike). Evidence that binds data another way (a TPM's
+    qualifying data, a Nitro document's user_data) is left to its verifier, which the contract obliges."""
+    carried = _report_data(verified)
     if carried is None:
-        raise VerificationError(layer, f"{verified.tee} evidence carries no report data to bind {what}")
+        return
     size = max(len(carried), len(expected))
     if carried.ljust(size, b"\0") != expected.ljust(size, b"\0"):
         raise VerificationError(layer, f"report data does not match {what}")
 
 
 def check_nonce(verified: VerifiedEvidence, nonce: bytes) -> None:
-    """A nonce passed with --nonce must lead the evidence's bound data (rest zero or caller-defined)."""
-    carried = bound_data(verified)
-    if carried is None:
-        raise VerificationError(Layer.FRESHNESS, f"{verified.tee} evidence carries no nonce")
-    if not carried.startswith(nonce):
-        raise VerificationError(Layer.FRESHNESS, "evidence does not carry the expected nonce")
+    """A nonce given by the caller must lead the report data. TPM and Nitro verifiers check ``ctx.nonce``
+    against their own nonce fields; the report-data TEEs (SGX, TDX, SNP) carry it in report data."""
+    carried = _report_data(verified)
+    if carried is not None and not carried.startswith(nonce):
+        raise VerificationError(Layer.FRESHNESS, "report data does not start with the expected nonce")
 
 
 def appraise(
@@ -98,7 +96,8 @@ def appraise(
     ctx: VerifyContext | None = None,
     policy: Policy = DEFAULT_POLICY,
 ) -> Verdict:
-    """Verify ``evidence`` and apply ``policy``. ``ctx.nonce``, when set, must lead the report data."""
+    """Verify ``evidence`` and apply ``policy``. ``ctx.nonce``, when set, must be what the evidence
+    carries as its nonce (TPM extraData, Nitro nonce) or lead its report data (SGX, TDX, SNP, sample)."""
     ctx = ctx or VerifyContext()
     tee_name: str | None = None if tee == "auto" else tee
     try:
