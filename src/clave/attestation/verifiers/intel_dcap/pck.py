@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
@@ -159,8 +160,9 @@ def _verified_pck_chain(chain_pem: bytes, root_pem: bytes) -> PckChain:
         raise VerificationError(Layer.CHAIN, f"PCK chain has {len(certs)} certificate(s), needs 2 or 3")
     leaf, intermediate = certs[0], certs[1]
     if len(certs) > 2 and certs[-1] != root:
+        fingerprint = certs[-1].fingerprint(hashes.SHA256()).hex()[:16]
         raise VerificationError(
-            Layer.CHAIN, f"PCK chain ends in {common_name(certs[-1])!r}, not the trusted Intel SGX Root CA"
+            Layer.CHAIN, f"PCK chain ends in {common_name(certs[-1])!r} ({fingerprint}...), not the trusted root"
         )
     if not issued_by(leaf, intermediate):
         raise VerificationError(Layer.CHAIN, "PCK certificate is not signed by the PCK CA in the chain")

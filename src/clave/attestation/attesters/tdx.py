@@ -1,0 +1,73 @@
+"""TDX attester: a DCAP quote (v4/v5) from the guest kernel's configfs-tsm report interface.
+
+Linux (6.7+) exposes quote generation through configfs: create a directory under
+``/sys/kernel/config/tsm/report``, write up to 64 bytes of report data to ``inblob`` and read the quote from
+``outblob``; the kernel asks the host's quote generation service. ``/dev/tdx_guest`` alone only yields a
+TDREPORT (ioctl TDX_CMD_GET_REPORT0), which needs a host-side quoting service to become verifiable evidence.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from clave.attestation.base import Attester, AttesterUnavailable, Evidence
+
+TSM_REPORT = Path("/sys/kernel/config/tsm/report")
+TDX_GUEST_DEVICE = Path("/dev/tdx_guest")
+REPORT_DATA_LEN = 64
+_TDX_QUOTE_PREFIXES = (b"\x04\x00\x02\x00\x81\x00\x00\x00", b"\x05\x00\x02\x00\x81\x00\x00\x00")
+
+
+def _pad_report_data(report_data: bytes) -> bytes:
+    if len(report_data) > REPORT_DATA_LEN:
+        raise ValueError(f"report data is {len(report_data)} bytes; at most {REPORT_DATA_LEN} fit in a quote")
+    return report_data.ljust(REPORT_DATA_LEN, b"\x00")
+
+
+class TdxAttester(Attester):
+    name = "tdx_ecdsa"
+    tee = "tdx"
+    priority = 80
+
+    def __init__(self, tsm_root: Path = TSM_REPORT, device: Path = TDX_GUEST_DEVICE) -> None:
+        self.tsm_root = tsm_root
+        self.device = device
+
+    def available(self) -> None:
+        if self.tsm_root.is_dir():
+            return
+        if self.device.exists():
+            raise AttesterUnavailable(
+                f"{self.device} exists but configfs-tsm ({self.tsm_root}) does not: mount configfs "
+                "(mount -t configfs none /sys/kernel/config) on a kernel with TSM reports (6.7+)"
+            )
+        raise AttesterUnavailable(f"no {self.device} or configfs-tsm ({self.tsm_root}) on this host")
+
+    def attest(self, report_data: bytes) -> Evidence:
+        inblob = _pad_report_data(report_data)
+        self.available()
+        entry = Path(
+            tempfile.mkdtemp(prefix="clave-", dir=self.tsm_root)
+        )  # configfs: mkdir creates the report
+        try:
+            provider = (entry / "provider").read_text().strip()
+            if provider != "tdx_guest":
+                raise AttesterUnavailable(f"configfs-tsm provider is {provider!r}, not tdx_guest")
+            for _ in range(3):  # generation changes when someone else wrote inblob in between
+                (entry / "inblob").write_bytes(inblob)
+                generation = (entry / "generation").read_text()
+                quote = (entry / "outblob").read_bytes()
+                if (entry / "generation").read_text() == generation:
+                    break
+            else:
+                raise OSError(f"{entry}: report kept changing under concurrent writers")
+        finally:
+            os.rmdir(entry)
+        if not quote.startswith(_TDX_QUOTE_PREFIXES):
+            raise OSError(f"configfs-tsm returned {len(quote)} bytes that are not a TDX ECDSA quote")
+        return Evidence(tee=self.tee, data=quote)
+
+
+PLUGINS = (TdxAttester,)
