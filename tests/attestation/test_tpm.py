@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -127,6 +128,24 @@ def test_gcp_mutation_rejected(gcp: GcpSample, mutation: str) -> None:
         TpmVerifier().verify(mutate(gcp).evidence(), VerifyContext())
     assert err.value.layer is layer
     assert reason in str(err.value)
+
+
+def test_gcp_event_log_replays_to_quoted_pcrs(gcp: GcpSample) -> None:
+    log = (SAMPLES / f"{GCP}.eventlog.bin").read_bytes()
+    evidence = evidence_from_parts(gcp.attest, gcp.signature, gcp.ak_public, gcp.pcrs, event_log=log)
+    claims = TpmVerifier().verify(evidence, VerifyContext()).claims
+    assert claims["event_log_pcrs"] == [0, 4, 5, 7, 11, 12, 13, 14]
+
+    tampered = _flip(log, 8)  # the first event's SHA-1 digest (PCR 0)
+    evidence = evidence_from_parts(gcp.attest, gcp.signature, gcp.ak_public, gcp.pcrs, event_log=tampered)
+    with pytest.raises(VerificationError, match="does not replay to quoted PCR sha1:0") as err:
+        TpmVerifier().verify(evidence, VerifyContext())
+    assert err.value.layer is Layer.SIGNATURE
+
+    evidence = evidence_from_parts(gcp.attest, gcp.signature, gcp.ak_public, gcp.pcrs, event_log=log[:-3])
+    with pytest.raises(VerificationError, match="truncated") as err:
+        TpmVerifier().verify(evidence, VerifyContext())
+    assert err.value.layer is Layer.FORMAT
 
 
 def test_gcp_wrong_nonce_and_report_data_rejected(gcp: GcpSample) -> None:
@@ -377,3 +396,44 @@ def test_ak_certificate_endorses_the_ak(attester: TpmAttester) -> None:
     with pytest.raises(VerificationError, match="different key") as err:
         TpmVerifier().verify(ev.encode(), VerifyContext(collateral=anchors))
     assert err.value.layer is Layer.CHAIN
+
+
+# ---------------------------------------------------------------- crypto-agile event log against a live quote
+
+
+def _agile_log(events: list[tuple[int, bytes]], algorithms: dict[int, int]) -> bytes:
+    """A TCG crypto-agile event log: Spec ID Event03 header, then one EV_ACTION event per (PCR, digest)."""
+    spec = b"Spec ID Event03\0" + struct.pack("<IBBBBI", 0, 0, 2, 0, 2, len(algorithms))
+    spec += b"".join(struct.pack("<HH", alg, size) for alg, size in algorithms.items()) + b"\0"
+    log = struct.pack("<II20sI", 0, wire.EV_NO_ACTION, bytes(20), len(spec)) + spec
+    for pcr, digest in events:
+        data = b"clave test event"
+        log += struct.pack("<IIIH", pcr, 0x80000007, 1, wire.ALG_SHA256) + digest
+        log += struct.pack("<I", len(data)) + data
+    return log
+
+
+def test_live_quote_with_crypto_agile_event_log(attester: TpmAttester, swtpm: str) -> None:
+    if shutil.which("tpm2_pcrextend") is None:
+        pytest.skip("tpm2-tools is not installed")
+    events = [(4, hashlib.sha256(b"boot loader").digest()), (5, hashlib.sha256(b"gpt").digest()),
+              (4, hashlib.sha256(b"kernel").digest())]
+    for pcr, digest in events:
+        done = subprocess.run(["tpm2_pcrextend", f"{pcr}:sha256={digest.hex()}"], capture_output=True,
+                              text=True, env={"TPM2TOOLS_TCTI": swtpm, "PATH": "/usr/bin:/bin"})
+        assert done.returncode == 0, done.stderr
+    ev = wire.TpmEvidence.decode(attester.attest(b"log").data)
+
+    ev.event_log = _agile_log(events, {wire.ALG_SHA256: 32})
+    claims = TpmVerifier().verify(ev.encode(), VerifyContext()).claims
+    assert claims["event_log_pcrs"] == [4, 5]
+
+    ev.event_log = _agile_log(events[:2], {wire.ALG_SHA256: 32})  # a measurement left out
+    with pytest.raises(VerificationError, match="does not replay to quoted PCR sha256:4") as err:
+        TpmVerifier().verify(ev.encode(), VerifyContext())
+    assert err.value.layer is Layer.SIGNATURE
+
+    ev.event_log = _agile_log([], {wire.ALG_SHA1: 20})
+    result = TpmVerifier().verify(ev.encode(), VerifyContext())
+    assert result.claims["event_log_pcrs"] == []
+    assert any("no sha256 digests" in w for w in result.warnings)

@@ -323,6 +323,93 @@ def marshal_public(key_type: int, attributes: int, *, scheme: int = ALG_NULL, sc
     return out
 
 
+# ---------------------------------------------------------------- TCG event logs (PC Client firmware profile)
+
+EV_NO_ACTION = 0x00000003
+_SPEC_ID_SIGNATURE = b"Spec ID Event03\0"
+_STARTUP_LOCALITY = b"StartupLocality\0"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One measurement: the PCR it extends, its type, its digest per hash algorithm id, and its data."""
+
+    pcr: int
+    type: int
+    digests: dict[int, bytes]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class EventLog:
+    algorithms: frozenset[int]  # hash algorithm ids every event carries a digest for
+    events: list[Event]
+
+
+class _LittleEndian(Reader):
+    """Event logs are little-endian, unlike TPM structures."""
+
+    def u16(self) -> int:
+        return int.from_bytes(self.take(2), "little")
+
+    def u32(self) -> int:
+        return int.from_bytes(self.take(4), "little")
+
+
+def parse_event_log(data: bytes) -> EventLog:
+    """Parse a TCG event log: SHA-1 format (TCG_PCR_EVENT) or crypto-agile (a Spec ID Event03 header, then
+    TCG_PCR_EVENT2 records with a digest per algorithm)."""
+    r = _LittleEndian(data, "TCG event log")
+
+    def sha1_event() -> Event:
+        pcr, event_type, digest = r.u32(), r.u32(), r.take(20)
+        return Event(pcr, event_type, {ALG_SHA1: digest}, r.take(r.u32()))
+
+    first = sha1_event()
+    if not (first.type == EV_NO_ACTION and first.data.startswith(_SPEC_ID_SIGNATURE)):
+        events = [first]
+        while r.offset < len(data):
+            events.append(sha1_event())
+        return EventLog(frozenset({ALG_SHA1}), events)
+
+    spec = _LittleEndian(first.data[len(_SPEC_ID_SIGNATURE) :], "Spec ID event")
+    spec.take(8)  # platformClass, spec version minor/major, errata, uintnSize
+    sizes = {}
+    for _ in range(spec.u32()):
+        alg, size = spec.u16(), spec.u16()
+        sizes[alg] = size
+    events = []
+    while r.offset < len(data):
+        pcr, event_type = r.u32(), r.u32()
+        digests = {}
+        for _ in range(r.u32()):
+            alg = r.u16()
+            if alg not in sizes:
+                raise WireError(f"TCG event log: digest algorithm 0x{alg:04x} not declared in its header")
+            digests[alg] = r.take(sizes[alg])
+        events.append(Event(pcr, event_type, digests, r.take(r.u32())))
+    return EventLog(frozenset(sizes), events)
+
+
+def replay_event_log(log: EventLog, alg_id: int) -> dict[int, bytes]:
+    """The PCR values the log's measurements produce in bank ``alg_id``, for every PCR the log extends.
+
+    PCRs start at zero, except PCR 0 when a StartupLocality event says the platform started at locality 3
+    or 4."""
+    alg = hash_alg(alg_id)
+    pcrs: dict[int, bytes] = {}
+    for event in log.events:
+        if event.type == EV_NO_ACTION:
+            if event.pcr == 0 and event.data.startswith(_STARTUP_LOCALITY) and len(event.data) > 16:
+                pcrs[0] = bytes(alg.size - 1) + event.data[16:17]
+            continue
+        digest = event.digests.get(alg_id)
+        if digest is None:
+            raise WireError(f"TCG event log: an event for PCR {event.pcr} has no {alg.name} digest")
+        pcrs[event.pcr] = alg.digest(pcrs.get(event.pcr, bytes(alg.size)) + digest)
+    return pcrs
+
+
 EVIDENCE_FORMAT = "clave-tpm-quote/1"
 _FORMAT_ENTRY = cbor2.dumps("format") + cbor2.dumps(EVIDENCE_FORMAT)  # how encode() starts the map
 

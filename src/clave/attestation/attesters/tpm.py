@@ -49,6 +49,17 @@ _CC_QUOTE = 0x158
 _CC_FLUSH_CONTEXT = 0x165
 _CC_PCR_READ = 0x17E
 _RC_WARN_RETRY = {0x908, 0x90A, 0x922}  # TPM_RC_YIELDED, TPM_RC_TESTING, TPM_RC_RETRY
+_COMMAND_NAMES = {_CC_CREATE_PRIMARY: "TPM2_CreatePrimary", _CC_CREATE: "TPM2_Create", _CC_LOAD: "TPM2_Load",
+                  _CC_QUOTE: "TPM2_Quote", _CC_FLUSH_CONTEXT: "TPM2_FlushContext", _CC_PCR_READ: "TPM2_PCR_Read"}
+# Response codes worth explaining: format-1 errors by their low 6 bits, warnings by full value.
+_FORMAT1_MEANINGS = {0x0E: "authorization failed", 0x1F: "integrity check failed (blob from another TPM?)",
+                     0x22: "wrong authorization value (is an owner hierarchy password set?)"}
+_WARNING_MEANINGS = {0x902: "out of memory for objects", 0x921: "dictionary-attack lockout"}
+
+
+def _describe_rc(rc: int) -> str:
+    meaning = _FORMAT1_MEANINGS.get(rc & 0x3F) if rc & 0x80 else _WARNING_MEANINGS.get(rc)
+    return f"0x{rc:03x}" + (f" ({meaning})" if meaning else "")
 
 _KEY_ATTRS = (wire.ATTR_FIXED_TPM | wire.ATTR_FIXED_PARENT | wire.ATTR_SENSITIVE_DATA_ORIGIN
               | wire.ATTR_USER_WITH_AUTH | wire.ATTR_NO_DA)
@@ -169,17 +180,21 @@ class TpmClient:
         body += params
         tag = _ST_SESSIONS if auth else _ST_NO_SESSIONS
         command = struct.pack(">HII", tag, 10 + len(body), code) + body
+        name = _COMMAND_NAMES.get(code, f"command 0x{code:x}")
         for _ in range(20):
-            response = self.transport.transact(command)
+            try:
+                response = self.transport.transact(command)
+            except OSError as exc:
+                raise TpmError(f"{name}: TPM I/O failed: {exc.strerror or exc}") from None
             if len(response) < 10:
-                raise TpmError(f"TPM command 0x{code:x}: short response ({len(response)} bytes)")
+                raise TpmError(f"{name}: short response ({len(response)} bytes)")
             rc = int.from_bytes(response[6:10], "big")
             if rc not in _RC_WARN_RETRY:
                 break
             time.sleep(0.05)
         if rc != 0:
-            raise TpmError(f"TPM command 0x{code:x} failed with response code 0x{rc:03x}")
-        r = wire.Reader(response[10:], f"TPM response to command 0x{code:x}")
+            raise TpmError(f"{name} failed with response code {_describe_rc(rc)}")
+        r = wire.Reader(response[10:], f"{name} response")
         out_handles = [r.u32() for _ in range(response_handles)]
         if auth:
             return out_handles, r.take(r.u32())

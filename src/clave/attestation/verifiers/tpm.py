@@ -10,7 +10,7 @@ Evidence format ("clave-tpm-quote/1"): a CBOR map, written with ``format`` as it
       "pcrs":           {bank: {index: bstr}},   # PCR values, bank named "sha1", "sha256", ...
       ? "ak_certificate": bstr, # X.509 DER certificate for the AK (e.g. issued by an EK-based privacy CA)
       ? "ak_chain":     [bstr], # intermediate certificates, leaf-most first
-      ? "event_log":    bstr,   # TCG event log, carried for the relying party; not replayed here
+      ? "event_log":    bstr,   # TCG event log (SHA-1 or crypto-agile format)
     }
 
 The PCR selection is the one inside the signed TPMS_ATTEST; "pcrs" must hold a value for every selected PCR.
@@ -25,7 +25,9 @@ Verification:
 4. when an AK certificate is supplied and TPM trust anchors are configured (collateral role
    ``tpm_roots.pem``, a PEM bundle, or ``--roots`` files named ``tpm_*.pem``) it must chain to one of them
    and certify the AK's key;
-5. the quote's extraData must equal ``qualifying_data(ctx.nonce)`` when a nonce is expected (freshness) and
+5. when an event log is supplied, replaying it must give the quoted value of every quoted PCR it extends
+   (in each quoted bank it has digests for);
+6. the quote's extraData must equal ``qualifying_data(ctx.nonce)`` when a nonce is expected (freshness) and
    ``qualifying_data(ctx.expected_report_data)`` when report data is expected (key binding), where
    ``qualifying_data`` keeps up to 32 bytes as is and replaces longer data by its SHA-256 (the TPM caps
    qualifying data; the attester applies the same rule).
@@ -38,7 +40,8 @@ warning says so when that binding is missing.
 Claims: ``pcrs`` (PCR index as a decimal string -> lowercase hex, for the first quoted bank), ``pcr_bank``,
 ``nonce`` (hex of extraData), ``ak_name``, ``ak_public_sha256``, ``ak_endorsed``, ``signature_scheme``,
 ``qualified_signer``, ``firmware_version`` (16 hex digits), ``clock``, ``reset_count``, ``restart_count``,
-``safe``, and ``pcr_banks`` (bank -> index -> hex) when more than one bank is quoted.
+``safe``, ``pcr_banks`` (bank -> index -> hex) when more than one bank is quoted, and ``event_log_pcrs``
+(the quoted PCRs the event log accounts for) when an event log is supplied.
 """
 
 from __future__ import annotations
@@ -107,6 +110,7 @@ class TpmVerifier(Verifier):
                                     f"({expected_digest.hex()} != {attest.pcr_digest.hex()})")
 
         warnings: list[str] = []
+        replayed = _check_event_log(ev.event_log, attest, values, warnings) if ev.event_log else None
         endorsed = False
         if ev.ak_certificate is not None:
             endorsed = _check_ak_certificate(ak, ev.ak_certificate, ev.ak_chain or [], ctx, warnings)
@@ -124,8 +128,10 @@ class TpmVerifier(Verifier):
             raise VerificationError(Layer.KEY_BINDING,
                                     f"quote extraData {extra} does not match the expected report data")
 
-        return VerifiedEvidence(tee=self.tee, claims=_claims(attest, signature, ak, values, endorsed),
-                                warnings=warnings)
+        claims = _claims(attest, signature, ak, values, endorsed)
+        if replayed is not None:
+            claims["event_log_pcrs"] = replayed
+        return VerifiedEvidence(tee=self.tee, claims=claims, warnings=warnings)
 
 
 def _pcr_values(pcrs: Mapping[str, Mapping[int, bytes]]) -> dict[int, dict[int, bytes]]:
@@ -140,6 +146,32 @@ def _pcr_values(pcrs: Mapping[str, Mapping[int, bytes]]) -> dict[int, dict[int, 
                 raise wire.WireError(f"PCR {bank}:{index} is {len(value)} bytes, expected {alg.size}")
         values[alg.alg_id] = dict(bank_values)
     return values
+
+
+def _check_event_log(log_bytes: bytes, attest: wire.Attest, values: Mapping[int, Mapping[int, bytes]],
+                     warnings: list[str]) -> list[int]:
+    """Replay the event log in every quoted bank it has digests for; each quoted PCR the log extends must
+    hold the replayed value. Returns the PCRs of the first quoted bank that the log accounts for."""
+    try:
+        log = wire.parse_event_log(log_bytes)
+    except wire.WireError as exc:
+        raise VerificationError(Layer.FORMAT, str(exc)) from None
+    accounted: list[int] = []
+    for position, sel in enumerate(attest.pcr_selections):
+        if sel.hash_alg not in log.algorithms:
+            warnings.append(f"event log has no {sel.bank} digests; it was not replayed against that bank")
+            continue
+        try:
+            replayed = wire.replay_event_log(log, sel.hash_alg)
+        except wire.WireError as exc:
+            raise VerificationError(Layer.FORMAT, str(exc)) from None
+        for pcr in sel.pcrs:
+            if pcr in replayed and replayed[pcr] != values[sel.hash_alg][pcr]:
+                raise VerificationError(Layer.SIGNATURE, f"event log does not replay to quoted PCR "
+                                        f"{sel.bank}:{pcr} ({replayed[pcr].hex()})")
+        if position == 0:
+            accounted = [pcr for pcr in sel.pcrs if pcr in replayed]
+    return accounted
 
 
 def _check_signature(ak: wire.Public, signature: wire.Signature, sig_hash: wire.HashAlg,
