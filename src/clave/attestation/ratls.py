@@ -210,21 +210,23 @@ def build_certificate(
     *,
     common_name: str = "Clave attested TLS",
     validity: _dt.timedelta = _dt.timedelta(hours=1),
+    not_before: _dt.datetime | None = None,
 ) -> x509.Certificate:
-    """A self-signed certificate for ``key`` carrying ``extensions`` (OID string -> raw value)."""
+    """A self-signed certificate for ``key`` carrying ``extensions`` (OID string -> raw value), valid from
+    ``not_before`` (default: five minutes ago, tolerating clock skew between peers) for ``validity``."""
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = _dt.datetime.now(_dt.UTC)
+    start = not_before or _dt.datetime.now(_dt.UTC) - _dt.timedelta(minutes=5)
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(int.from_bytes(os.urandom(16), "big") >> 1)
-        .not_valid_before(now - _dt.timedelta(minutes=5))  # tolerate clock skew between peers
-        .not_valid_after(now + validity)
+        .not_valid_before(start)
+        .not_valid_after(start + validity)
     )
     for oid, value in extensions.items():
         ext = x509.UnrecognizedExtension(x509.ObjectIdentifier(oid), value)
@@ -249,6 +251,7 @@ def create_certificate(
     endorsements: Collateral | None = None,
     common_name: str = "Clave attested TLS",
     validity: _dt.timedelta = _dt.timedelta(hours=1),
+    not_before: _dt.datetime | None = None,
 ) -> AttestedCertificate:
     """Issue an RA-TLS certificate: fresh evidence from ``attester`` binding ``key`` and ``nonce``."""
     import cbor2
@@ -260,7 +263,7 @@ def create_certificate(
     extensions = {TCG_DICE_TAGGED_EVIDENCE_OID: cbor2.dumps(cbor2.CBORTag(tag, [evidence.data, claims]))}
     if endorsements is not None and tag == TAG_INTEL_TEE_QUOTE:
         extensions[TCG_DICE_ENDORSEMENT_OID] = _encode_endorsements(tag, endorsements)
-    cert = build_certificate(key, extensions, common_name=common_name, validity=validity)
+    cert = build_certificate(key, extensions, common_name=common_name, validity=validity, not_before=not_before)
     return AttestedCertificate(cert, key, evidence, claims)
 
 
