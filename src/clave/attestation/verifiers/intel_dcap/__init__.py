@@ -58,7 +58,7 @@ from clave.attestation.verifiers.intel_dcap.quote import (
 ROOT_ANCHOR = "intel_sgx_root_ca"
 TCB_SIGNING_ANCHORS = ("intel_sgx_tcb_signing_2025", "intel_sgx_tcb_signing_2018")
 
-__all__ = ["PLUGINS", "SgxEcdsaVerifier", "TdxEcdsaVerifier", "parse_quote"]
+__all__ = ["PLUGINS", "SgxEcdsaVerifier", "TdxEcdsaVerifier", "clear_caches", "parse_quote"]
 
 
 def _utc(now: dt.datetime) -> dt.datetime:
@@ -97,6 +97,25 @@ def _attestation_key(raw: bytes) -> ec.EllipticCurvePublicKey:
         return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + raw)
     except ValueError:
         raise VerificationError(Layer.SIGNATURE, "attestation key is not a valid P-256 point") from None
+
+
+def clear_caches() -> None:
+    """Forget every cached parse and signature check (e.g. after replacing trust anchors on disk)."""
+    from clave.attestation.verifiers.intel_dcap import collateral, pck
+
+    for cached in (
+        _anchor,
+        _qe_report_signed_by,
+        _attestation_key,
+        pck.load_pem_chain,
+        pck.load_root,
+        pck._verified_pck_chain,
+        pck._verified_crl,
+        collateral.parse_signed_document,
+        collateral.signing_candidates,
+        collateral._signature_ok,
+    ):
+        cached.cache_clear()
 
 
 def verify_signatures(quote: Quote, chain: PckChain) -> None:
