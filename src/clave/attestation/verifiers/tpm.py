@@ -46,6 +46,7 @@ Claims: ``pcrs`` (PCR index as a decimal string -> lowercase hex, for the first 
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from collections.abc import Iterable, Mapping
 
@@ -269,9 +270,10 @@ def _basic_constraints(cert: x509.Certificate) -> x509.BasicConstraints | None:
 
 
 def _check_validity(cert: x509.Certificate, ctx: VerifyContext) -> None:
-    if not cert.not_valid_before_utc <= ctx.now <= cert.not_valid_after_utc:
+    now = ctx.now if ctx.now.tzinfo else ctx.now.replace(tzinfo=dt.UTC)  # naive times are UTC
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise VerificationError(Layer.CHAIN, f"certificate {cert.subject.rfc4514_string()} is not valid at "
-                                f"{ctx.now.isoformat()} (valid {cert.not_valid_before_utc.isoformat()} to "
+                                f"{now.isoformat()} (valid {cert.not_valid_before_utc.isoformat()} to "
                                 f"{cert.not_valid_after_utc.isoformat()})")
 
 
