@@ -64,7 +64,7 @@ _MAX_CHAIN_DEPTH = 6
 
 
 def evidence_from_parts(attest: bytes, signature: bytes, ak_public: bytes,
-                        pcrs: Mapping[int | str, bytes | str], *, bank: str | None = None,
+                        pcrs: Mapping[int, bytes | str] | Mapping[str, bytes | str], *, bank: str | None = None,
                         ak_certificate: bytes | None = None, ak_chain: Iterable[bytes] = (),
                         event_log: bytes | None = None) -> bytes:
     """Build Clave TPM evidence from separate parts (e.g. files written by tpm2_quote or another stack).
