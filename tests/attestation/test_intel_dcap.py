@@ -51,9 +51,7 @@ VERIFIERS = {"sgx": SgxEcdsaVerifier, "tdx": TdxEcdsaVerifier}
 def _samples() -> list[tuple[str, dict[str, Any]]]:
     if not (DATA / "sgx").is_dir():
         return []
-    return [
-        (tee, s) for tee in ("sgx", "tdx") for s in json.loads((DATA / tee / "manifest.json").read_text())
-    ]
+    return [(tee, s) for tee in ("sgx", "tdx") for s in json.loads((DATA / tee / "manifest.json").read_text())]
 
 
 SAMPLES = _samples()
@@ -361,9 +359,7 @@ def test_tampered_collateral_is_rejected() -> None:
     assert tcb_info and qe_identity and pck_crl and root_crl
     cases: dict[str, dict[str, bytes | None]] = {
         "tcb_info status": dict(tcb_info__json=_tamper_json(tcb_info, b'"OutOfDate"', b'"UpToDate"')),
-        "tcb_info signature": dict(
-            tcb_info__json=_tamper_json(tcb_info, b'"signature":"', b'"signature":"00')
-        ),
+        "tcb_info signature": dict(tcb_info__json=_tamper_json(tcb_info, b'"signature":"', b'"signature":"00')),
         "tcb_info not JSON": dict(tcb_info__json=tcb_info[:100]),
         "qe_identity isvsvn": dict(qe_identity__json=_tamper_json(qe_identity, b'"isvsvn":8', b'"isvsvn":1')),
         "pck_crl signature": dict(pck_crl__der=flip(pck_crl, len(pck_crl) - 3)),
@@ -372,9 +368,7 @@ def test_tampered_collateral_is_rejected() -> None:
         "other platform's tcb_info": dict(
             tcb_info__json=collateral_of("tlsn_quote9_00906ed50000").get("tcb_info.json")
         ),
-        "TDX tcb_info for SGX": dict(
-            tcb_info__json=collateral_of("dcapqvl_v4_b0c06f000000").get("tcb_info.json")
-        ),
+        "TDX tcb_info for SGX": dict(tcb_info__json=collateral_of("dcapqvl_v4_b0c06f000000").get("tcb_info.json")),
         "TD_QE identity for SGX": dict(
             qe_identity__json=collateral_of("dcapqvl_v4_b0c06f000000").get("qe_identity.json")
         ),
@@ -399,6 +393,15 @@ def test_qe_identity_of_the_wrong_enclave_kind_is_refused() -> None:
     # The SGX QE identity document is genuinely signed but names id "QE": refused as the wrong collateral.
     sgx_identity = collateral_of("dcapqvl_00a067110000").get("qe_identity.json")
     error = rejected(name, collateral=collateral_of(name, qe_identity__json=sgx_identity))
+    assert error.layer is Layer.COLLATERAL
+
+
+def test_qe_identity_is_checked_without_tcb_info() -> None:
+    name = "dcapqvl_00a067110000"
+    result = verify(name, collateral=collateral_of(name, tcb_info__json=None))
+    assert result.tcb_status is None and result.claims["qe_tcb_status"] == "UpToDate"
+    td_qe = collateral_of("dcapqvl_v4_b0c06f000000").get("qe_identity.json")
+    error = rejected(name, collateral=collateral_of(name, tcb_info__json=None, qe_identity__json=td_qe))
     assert error.layer is Layer.COLLATERAL
 
 
@@ -442,19 +445,13 @@ class _TestPki:
         self.ca_key = ec.generate_private_key(ec.SECP256R1())
         self.pck_key = ec.generate_private_key(ec.SECP256R1())
         self.signing_key = ec.generate_private_key(ec.SECP256R1())
-        self.root = self._cert(
-            "Intel SGX Root CA", self.root_key, "Intel SGX Root CA", self.root_key, ca=True
-        )
-        self.ca = self._cert(
-            "Intel SGX PCK Platform CA", self.ca_key, "Intel SGX Root CA", self.root_key, ca=True
-        )
+        self.root = self._cert("Intel SGX Root CA", self.root_key, "Intel SGX Root CA", self.root_key, ca=True)
+        self.ca = self._cert("Intel SGX PCK Platform CA", self.ca_key, "Intel SGX Root CA", self.root_key, ca=True)
         ext = x509.UnrecognizedExtension(SGX_EXTENSION_OID, sgx_extension)
         self.pck = self._cert(
             "Intel SGX PCK Certificate", self.pck_key, "Intel SGX PCK Platform CA", self.ca_key, extra=ext
         )
-        self.signing = self._cert(
-            "Intel SGX TCB Signing", self.signing_key, "Intel SGX Root CA", self.root_key
-        )
+        self.signing = self._cert("Intel SGX TCB Signing", self.signing_key, "Intel SGX Root CA", self.root_key)
         self.root_pem = self.root.public_bytes(serialization.Encoding.PEM)
 
     def _cert(
@@ -483,9 +480,7 @@ class _TestPki:
             builder = builder.add_extension(extra, critical=False)
         return builder.sign(issuer_key, hashes.SHA256())
 
-    def crl(
-        self, issuer: x509.Certificate, key: ec.EllipticCurvePrivateKey, revoked: list[x509.Certificate]
-    ) -> bytes:
+    def crl(self, issuer: x509.Certificate, key: ec.EllipticCurvePrivateKey, revoked: list[x509.Certificate]) -> bytes:
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(issuer.subject)
@@ -573,9 +568,7 @@ def test_revoked_certificates_are_rejected(pki_roots: Roots) -> None:
     pki = _test_pki()
     clean_pck_crl = pki.crl(pki.ca, pki.ca_key, [])
     clean_root_crl = pki.crl(pki.root, pki.root_key, [])
-    _pki_verify(
-        "dcapqvl_v4_b0c06f000000", pki_roots, pck_crl__der=clean_pck_crl, root_ca_crl__der=clean_root_crl
-    )
+    _pki_verify("dcapqvl_v4_b0c06f000000", pki_roots, pck_crl__der=clean_pck_crl, root_ca_crl__der=clean_root_crl)
     cases = {
         "PCK": dict(pck_crl__der=pki.crl(pki.ca, pki.ca_key, [pki.pck])),
         "PCK CA": dict(root_ca_crl__der=pki.crl(pki.root, pki.root_key, [pki.ca])),
@@ -586,9 +579,7 @@ def test_revoked_certificates_are_rejected(pki_roots: Roots) -> None:
         assert info.value.layer is Layer.CHAIN and "revoked" in str(info.value), case
 
 
-def _tdx_tcb_info(
-    sgx: list[int], pcesvn: int, tdx: list[int], status: str, module_status: str
-) -> dict[str, Any]:
+def _tdx_tcb_info(sgx: list[int], pcesvn: int, tdx: list[int], status: str, module_status: str) -> dict[str, Any]:
     def comps(svns: list[int]) -> list[dict[str, int]]:
         return [{"svn": v} for v in svns + [0] * (16 - len(svns))]
 
@@ -608,9 +599,7 @@ def _tdx_tcb_info(
                 "mrsigner": "00" * 48,
                 "attributes": "00" * 8,
                 "attributesMask": "FF" * 8,
-                "tcbLevels": [
-                    {"tcb": {"isvsvn": 2}, "tcbDate": "2024-03-13T00:00:00Z", "tcbStatus": module_status}
-                ],
+                "tcbLevels": [{"tcb": {"isvsvn": 2}, "tcbDate": "2024-03-13T00:00:00Z", "tcbStatus": module_status}],
             }
         ],
         "tcbLevels": [
@@ -634,9 +623,7 @@ def _tdx_tcb_info(
         ("UpToDate", "Revoked", "Revoked"),
     ],
 )
-def test_tcb_statuses_from_signed_tcb_info(
-    pki_roots: Roots, status: str, module_status: str, expected: str
-) -> None:
+def test_tcb_statuses_from_signed_tcb_info(pki_roots: Roots, status: str, module_status: str, expected: str) -> None:
     pki = _test_pki()
     # PCK of dcapqvl_v4: SGX comps 3,3,2,2,4,1,0,5 / PCESVN 11; its TEE_TCB_SVN is 06 01 03.
     body = _tdx_tcb_info([3, 3, 2, 2, 4, 1, 0, 5], 11, [99, 99, 3], status, module_status)
@@ -676,16 +663,12 @@ def test_qe_identity_statuses(pki_roots: Roots) -> None:
     identity["tcbLevels"][0]["tcb"]["isvsvn"] = 1
     identity["tcbLevels"][0]["tcbStatus"] = "OutOfDate"
     qe_identity = pki.sign_document("enclaveIdentity", identity)
-    result = _pki_verify(
-        "dcapqvl_v4_b0c06f000000", pki_roots, tcb_info__json=tcb_info, qe_identity__json=qe_identity
-    )
+    result = _pki_verify("dcapqvl_v4_b0c06f000000", pki_roots, tcb_info__json=tcb_info, qe_identity__json=qe_identity)
     assert result.tcb_status == "OutOfDate" and result.claims["qe_tcb_status"] == "OutOfDate"
     identity["mrsigner"] = "00" * 32
     qe_identity = pki.sign_document("enclaveIdentity", identity)
     with pytest.raises(VerificationError) as info:
-        _pki_verify(
-            "dcapqvl_v4_b0c06f000000", pki_roots, tcb_info__json=tcb_info, qe_identity__json=qe_identity
-        )
+        _pki_verify("dcapqvl_v4_b0c06f000000", pki_roots, tcb_info__json=tcb_info, qe_identity__json=qe_identity)
     assert info.value.layer is Layer.TCB
 
 
@@ -712,6 +695,28 @@ def test_sgx_attester_unavailable_without_device() -> None:
     with pytest.raises(AttesterUnavailable):
         attester.attest(b"\x00" * 64)
     assert [c.name for c in sgx_attester.PLUGINS] == ["sgx_ecdsa"]
+
+
+def test_tdx_attester_names_what_is_missing(tmp_path: Path) -> None:
+    if tdx_attester._cpu_flag("tdx_guest"):
+        pytest.skip("this host is a TDX guest")
+    device = tmp_path / "tdx_guest"
+    with pytest.raises(AttesterUnavailable, match="not a TDX guest"):
+        tdx_attester.TdxAttester(tsm_root=tmp_path, device=device).available()
+    device.touch()
+    with pytest.raises(AttesterUnavailable, match="configfs-tsm .* is missing"):
+        tdx_attester.TdxAttester(tsm_root=tmp_path / "absent", device=device).available()
+
+
+def test_sgx_attester_names_what_is_missing(tmp_path: Path) -> None:
+    device = tmp_path / "sgx_enclave"
+    device.touch()
+    with pytest.raises(AttesterUnavailable, match="not inside an SGX enclave"):
+        sgx_attester.SgxAttester(attestation_dir=tmp_path / "attestation", device=device).available()
+    (tmp_path / "quote").touch()
+    (tmp_path / "attestation_type").write_text("epid\n")
+    with pytest.raises(AttesterUnavailable, match="'epid', not 'dcap'"):
+        sgx_attester.SgxAttester(attestation_dir=tmp_path, device=device).available()
 
 
 def test_attesters_refuse_oversized_report_data() -> None:

@@ -44,16 +44,12 @@ class SgxAttester(Attester):
 
     def attest(self, report_data: bytes) -> Evidence:
         if len(report_data) > REPORT_DATA_LEN:
-            raise ValueError(
-                f"report data is {len(report_data)} bytes; at most {REPORT_DATA_LEN} fit in a quote"
-            )
+            raise ValueError(f"report data is {len(report_data)} bytes; at most {REPORT_DATA_LEN} fit in a quote")
         self.available()
         (self.attestation_dir / "user_report_data").write_bytes(report_data.ljust(REPORT_DATA_LEN, b"\x00"))
         quote = (self.attestation_dir / "quote").read_bytes()
         if not quote.startswith(_SGX_QUOTE_PREFIX):
-            raise OSError(
-                f"{self.attestation_dir / 'quote'} returned {len(quote)} bytes that are not an SGX quote"
-            )
+            raise OSError(f"{self.attestation_dir / 'quote'} returned {len(quote)} bytes that are not an SGX quote")
         return Evidence(tee=self.tee, data=quote)
 
 

@@ -20,6 +20,14 @@ REPORT_DATA_LEN = 64
 _TDX_QUOTE_PREFIXES = (b"\x04\x00\x02\x00\x81\x00\x00\x00", b"\x05\x00\x02\x00\x81\x00\x00\x00")
 
 
+def _cpu_flag(flag: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    return any(line.startswith("flags") and flag in line.split() for line in text.splitlines())
+
+
 def _pad_report_data(report_data: bytes) -> bytes:
     if len(report_data) > REPORT_DATA_LEN:
         raise ValueError(f"report data is {len(report_data)} bytes; at most {REPORT_DATA_LEN} fit in a quote")
@@ -36,21 +44,25 @@ class TdxAttester(Attester):
         self.device = device
 
     def available(self) -> None:
-        if self.tsm_root.is_dir():
+        tsm = self.tsm_root.is_dir()
+        guest = self.device.exists() or _cpu_flag("tdx_guest")
+        if tsm and guest:
             return
-        if self.device.exists():
+        if guest:
             raise AttesterUnavailable(
-                f"{self.device} exists but configfs-tsm ({self.tsm_root}) does not: mount configfs "
+                f"this is a TDX guest but configfs-tsm ({self.tsm_root}) is missing: mount configfs "
                 "(mount -t configfs none /sys/kernel/config) on a kernel with TSM reports (6.7+)"
+            )
+        if tsm:
+            raise AttesterUnavailable(
+                f"configfs-tsm is present but this is not a TDX guest (no {self.device}, no tdx_guest CPU flag)"
             )
         raise AttesterUnavailable(f"no {self.device} or configfs-tsm ({self.tsm_root}) on this host")
 
     def attest(self, report_data: bytes) -> Evidence:
         inblob = _pad_report_data(report_data)
         self.available()
-        entry = Path(
-            tempfile.mkdtemp(prefix="clave-", dir=self.tsm_root)
-        )  # configfs: mkdir creates the report
+        entry = Path(tempfile.mkdtemp(prefix="clave-", dir=self.tsm_root))  # configfs: mkdir creates the report
         try:
             provider = (entry / "provider").read_text().strip()
             if provider != "tdx_guest":

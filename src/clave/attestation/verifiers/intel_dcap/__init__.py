@@ -121,22 +121,16 @@ def clear_caches() -> None:
 def verify_signatures(quote: Quote, chain: PckChain) -> None:
     """Steps 3-5: QE report by the PCK key, attestation-key binding, quote by the attestation key."""
     if not _qe_report_signed_by(quote.qe_report.raw, quote.qe_report_signature, chain.leaf):
-        raise VerificationError(
-            Layer.SIGNATURE, "QE report signature does not verify with the PCK certificate"
-        )
+        raise VerificationError(Layer.SIGNATURE, "QE report signature does not verify with the PCK certificate")
     binding = hashlib.sha256(quote.attestation_key + quote.qe_auth_data).digest() + bytes(32)
     if quote.qe_report.report_data != binding:
-        raise VerificationError(
-            Layer.KEY_BINDING, "QE report data is not SHA-256(attestation key || QE auth data)"
-        )
+        raise VerificationError(Layer.KEY_BINDING, "QE report data is not SHA-256(attestation key || QE auth data)")
     try:
         _attestation_key(quote.attestation_key).verify(
             ecdsa_der(quote.signature), quote.signed, ec.ECDSA(hashes.SHA256())
         )
     except InvalidSignature:
-        raise VerificationError(
-            Layer.SIGNATURE, "quote signature does not verify with the attestation key"
-        ) from None
+        raise VerificationError(Layer.SIGNATURE, "quote signature does not verify with the attestation key") from None
 
 
 def check_crls(collateral: Collateral, chain: PckChain, now: dt.datetime) -> None:
@@ -150,32 +144,35 @@ def check_crls(collateral: Collateral, chain: PckChain, now: dt.datetime) -> Non
 
 def evaluate_tcb(
     quote: Quote, chain: PckChain, ctx: VerifyContext, now: dt.datetime, tee: str
-) -> tuple[tcb.TcbVerdict | None, list[str]]:
-    """Step 6. Returns (verdict or None when no TCB info was given, warnings)."""
+) -> tuple[tcb.TcbVerdict, list[str]]:
+    """Step 6. Returns the verdict (status None when no TCB info was given) and warnings."""
     collateral = ctx.collateral
     tcb_raw = collateral.get("tcb_info.json")
     qe_raw = collateral.get("qe_identity.json")
     warnings = []
-    if qe_raw is None:
-        warnings.append("no qe_identity.json given: quoting enclave identity not checked")
     if tcb_raw is None:
         warnings.append("no tcb_info.json given: TCB status not evaluated")
-        return None, warnings
+    if qe_raw is None:
+        warnings.append("no qe_identity.json given: quoting enclave identity not checked")
+    if tcb_raw is None and qe_raw is None:
+        return tcb.TcbVerdict(), warnings
     pems = [collateral.get(r) for r in ("tcb_info_issuer_chain.pem", "qe_identity_issuer_chain.pem")]
     pems += [_anchor(str(ctx.roots.directory), name) for name in TCB_SIGNING_ANCHORS]
     candidates = signing_candidates(tuple(p for p in pems if p is not None), chain.root)
-    root_crl = collateral.get("root_ca_crl.der")
 
-    tcb_doc = parse_signed_document(tcb_raw, "tcbInfo", "tcb_info.json")
-    signers = [verify_document(tcb_doc, candidates, now)]
-    qe_body = None
-    if qe_raw is not None:
-        qe_doc = parse_signed_document(qe_raw, "enclaveIdentity", "qe_identity.json")
-        signers.append(verify_document(qe_doc, candidates, now))
-        qe_body = qe_doc.body
+    bodies: dict[str, dict[str, Any]] = {}
+    signers = []
+    for raw, key, role in ((tcb_raw, "tcbInfo", "tcb_info.json"), (qe_raw, "enclaveIdentity", "qe_identity.json")):
+        if raw is not None:
+            doc = parse_signed_document(raw, key, role)
+            signers.append(verify_document(doc, candidates, now))
+            bodies[role] = doc.body
+    root_crl = collateral.get("root_ca_crl.der")
     if root_crl is not None:
         check_crl(root_crl, chain.root, signers, now, "root_ca_crl.der")
-    verdict = tcb.evaluate(tcb_doc.body, chain.info, tee, quote.body, qe_body, quote.qe_report)
+    verdict = tcb.evaluate(
+        bodies.get("tcb_info.json"), chain.info, tee, quote.body, bodies.get("qe_identity.json"), quote.qe_report
+    )
     return verdict, warnings
 
 
@@ -217,18 +214,18 @@ class _IntelDcapVerifier(Verifier):
             fmspc=chain.info.fmspc.hex(),
             pceid=chain.info.pceid.hex(),
         )
-        if verdict is not None:
+        if verdict.status is not None:
             claims["advisory_ids"] = verdict.advisory_ids
             claims["tcb_date"] = verdict.tcb_date
-            if verdict.qe_status is not None:
-                claims["qe_tcb_status"] = verdict.qe_status
-            if verdict.tdx_module is not None:
-                claims["tdx_module"] = verdict.tdx_module
-                claims["tdx_module_tcb_status"] = verdict.tdx_module_status
+        if verdict.qe_status is not None:
+            claims["qe_tcb_status"] = verdict.qe_status
+        if verdict.tdx_module is not None:
+            claims["tdx_module"] = verdict.tdx_module
+            claims["tdx_module_tcb_status"] = verdict.tdx_module_status
         return VerifiedEvidence(
             tee=self.tee,
             claims=claims,
-            tcb_status=verdict.status if verdict else None,
+            tcb_status=verdict.status,
             warnings=warnings,
         )
 

@@ -140,9 +140,7 @@ def verify_document(
         )
     signer = next((c for c in valid if _signature_ok(doc.signed, doc.signature, c)), None)
     if signer is None:
-        raise VerificationError(
-            Layer.COLLATERAL, f"{doc.role}: signature does not verify with {TCB_SIGNING_CN}"
-        )
+        raise VerificationError(Layer.COLLATERAL, f"{doc.role}: signature does not verify with {TCB_SIGNING_CN}")
     if not doc.issue_date <= now <= doc.next_update:
         raise VerificationError(
             Layer.COLLATERAL,

@@ -222,9 +222,7 @@ def _verified_crl(der: bytes, issuer: x509.Certificate, role: str) -> x509.Certi
         )
     key = issuer.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(key):
-        raise VerificationError(
-            Layer.COLLATERAL, f"{role} signature does not verify with {common_name(issuer)!r}"
-        )
+        raise VerificationError(Layer.COLLATERAL, f"{role} signature does not verify with {common_name(issuer)!r}")
     return crl
 
 

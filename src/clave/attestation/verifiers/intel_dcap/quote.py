@@ -147,9 +147,7 @@ class TdReportBody:
         svn2 = servicetd = None
         if len(raw) == TD15_REPORT_LEN:
             svn2, servicetd = r.take(16, "tee_tcb_svn2"), r.take(48, "mr_servicetd")
-        return cls(
-            raw=raw, rtmrs=rtmrs, report_data=report_data, tee_tcb_svn2=svn2, mr_servicetd=servicetd, **fields
-        )
+        return cls(raw=raw, rtmrs=rtmrs, report_data=report_data, tee_tcb_svn2=svn2, mr_servicetd=servicetd, **fields)
 
     @property
     def debug(self) -> bool:

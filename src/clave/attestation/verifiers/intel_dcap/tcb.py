@@ -45,8 +45,8 @@ STATUSES = (
 
 @dataclass
 class TcbVerdict:
-    status: str
-    platform_status: str
+    status: str | None = None  # None: no TCB info given
+    platform_status: str | None = None
     tcb_date: str | None = None
     advisory_ids: list[str] = field(default_factory=list)
     qe_status: str | None = None
@@ -99,9 +99,7 @@ def check_tcb_info_applies(tcb_info: dict[str, Any], pck: PckInfo, tee: str, rol
             Layer.COLLATERAL, f"{role} is for FMSPC {tcb_info.get('fmspc')}, the PCK's is {pck.fmspc.hex()}"
         )
     if str(tcb_info.get("pceId", "")).lower() != pck.pceid.hex():
-        raise VerificationError(
-            Layer.COLLATERAL, f"{role} is for PCEID {tcb_info.get('pceId')}, not {pck.pceid.hex()}"
-        )
+        raise VerificationError(Layer.COLLATERAL, f"{role} is for PCEID {tcb_info.get('pceId')}, not {pck.pceid.hex()}")
 
 
 def platform_level(
@@ -133,9 +131,7 @@ def _hex(value: Any) -> bytes:
     return bytes.fromhex(str(value))
 
 
-def tdx_module_status(
-    tcb_info: dict[str, Any], body: TdReportBody, role: str
-) -> tuple[str | None, str | None]:
+def tdx_module_status(tcb_info: dict[str, Any], body: TdReportBody, role: str) -> tuple[str | None, str | None]:
     """(module identity id, its status) for TDX TCB info v3; (None, None) when not applicable."""
     major, minor = body.tee_tcb_svn[1], body.tee_tcb_svn[0]
     if major == 0:
@@ -165,14 +161,10 @@ def _check_module_identity(identity: dict[str, Any], body: TdReportBody, name: s
         raise VerificationError(Layer.TCB, f"TDX module MRSIGNER {body.mr_signer_seam.hex()} is not {name}'s")
     masked = bytes(a & m for a, m in zip(body.seam_attributes, mask, strict=False))
     if masked != bytes(a & m for a, m in zip(attributes, mask, strict=False)):
-        raise VerificationError(
-            Layer.TCB, f"TDX module attributes {body.seam_attributes.hex()} are not {name}'s"
-        )
+        raise VerificationError(Layer.TCB, f"TDX module attributes {body.seam_attributes.hex()} are not {name}'s")
 
 
-def qe_identity_level(
-    identity: dict[str, Any], qe: SgxReportBody, tee: str, role: str
-) -> dict[str, Any] | None:
+def qe_identity_level(identity: dict[str, Any], qe: SgxReportBody, tee: str, role: str) -> dict[str, Any] | None:
     """Check the QE report against the QE identity; return the QE's TCB level (None: below every level)."""
     expected_id = "TD_QE" if tee == "tdx" else "QE"
     if identity.get("id") != expected_id:
@@ -201,7 +193,7 @@ def qe_identity_level(
 
 
 def evaluate(
-    tcb_info: dict[str, Any],
+    tcb_info: dict[str, Any] | None,
     pck: PckInfo,
     tee: str,
     body: SgxReportBody | TdReportBody,
@@ -210,31 +202,30 @@ def evaluate(
     tcb_role: str = "tcb_info.json",
     qe_role: str = "qe_identity.json",
 ) -> TcbVerdict:
-    check_tcb_info_applies(tcb_info, pck, tee, tcb_role)
-    td_body = body if isinstance(body, TdReportBody) else None
-    level = platform_level(tcb_info, pck, td_body.tee_tcb_svn if td_body else None, tcb_role)
-    if level is None:
-        verdict = TcbVerdict(status=NO_MATCHING_TCB_LEVEL, platform_status=NO_MATCHING_TCB_LEVEL)
-    else:
-        status = _status(level, tcb_role)
-        verdict = TcbVerdict(
-            status=status,
-            platform_status=status,
-            tcb_date=level.get("tcbDate"),
-            advisory_ids=list(level.get("advisoryIDs", [])),
-        )
-    if td_body is not None:
-        verdict.tdx_module, verdict.tdx_module_status = tdx_module_status(tcb_info, td_body, tcb_role)
-        if verdict.tdx_module_status == NO_MATCHING_TCB_LEVEL:
-            verdict.status = NO_MATCHING_TCB_LEVEL
-        elif verdict.status != NO_MATCHING_TCB_LEVEL:
-            verdict.status = converge(verdict.status, verdict.tdx_module_status)
+    """The converged TCB status; ``status`` stays None without TCB info (the QE identity is still checked)."""
+    verdict = TcbVerdict()
+    if tcb_info is not None:
+        check_tcb_info_applies(tcb_info, pck, tee, tcb_role)
+        td_body = body if isinstance(body, TdReportBody) else None
+        level = platform_level(tcb_info, pck, td_body.tee_tcb_svn if td_body else None, tcb_role)
+        if level is None:
+            verdict.status = verdict.platform_status = NO_MATCHING_TCB_LEVEL
+        else:
+            verdict.status = verdict.platform_status = _status(level, tcb_role)
+            verdict.tcb_date = level.get("tcbDate")
+            verdict.advisory_ids = list(level.get("advisoryIDs", []))
+        if td_body is not None:
+            verdict.tdx_module, verdict.tdx_module_status = tdx_module_status(tcb_info, td_body, tcb_role)
+            if verdict.tdx_module_status == NO_MATCHING_TCB_LEVEL:
+                verdict.status = NO_MATCHING_TCB_LEVEL
+            elif verdict.status != NO_MATCHING_TCB_LEVEL:
+                verdict.status = converge(verdict.status, verdict.tdx_module_status)
     if qe_identity is not None:
         qe_level = qe_identity_level(qe_identity, qe_report, tee, qe_role)
         verdict.qe_status = _status(qe_level, qe_role) if qe_level is not None else REVOKED
         if qe_level is not None:
             extra = qe_level.get("advisoryIDs", [])
             verdict.advisory_ids += [a for a in extra if a not in verdict.advisory_ids]
-        if verdict.status != NO_MATCHING_TCB_LEVEL:
+        if verdict.status is not None and verdict.status != NO_MATCHING_TCB_LEVEL:
             verdict.status = converge(verdict.status, verdict.qe_status)
     return verdict
