@@ -70,8 +70,11 @@ def evidence_from_parts(attest: bytes, signature: bytes, ak_public: bytes,
     """Build Clave TPM evidence from separate parts (e.g. files written by tpm2_quote or another stack).
 
     ``pcrs`` maps PCR index (int or decimal string) to its value (bytes or hex). ``bank`` defaults to the
-    hash algorithm of the first PCR bank selected in ``attest``.
+    hash algorithm of the first PCR bank selected in ``attest``. ``ak_public`` may be a TPMT_PUBLIC or, as
+    tpm2-tools writes it, a size-prefixed TPM2B_PUBLIC.
     """
+    if len(ak_public) > 2 and int.from_bytes(ak_public[:2], "big") == len(ak_public) - 2:
+        ak_public = ak_public[2:]  # TPM2B_PUBLIC: a TPMT_PUBLIC never starts with its own length
     if bank is None:
         selections = wire.parse_quote_attest(attest).pcr_selections
         if not selections:
