@@ -168,10 +168,10 @@ class _Profile:
         self.uses_notify = default == "SCMP_ACT_NOTIFY"
         # arch name -> {nr: [rules]}; rules kept in config order.
         self.rules: dict[str, dict[int, list[_Rule]]] = {arch: {} for arch in self.arches}
-        # arch name -> highest syscall number the profile names (known to the table), for the ENOSYS stub.
-        self.highest: dict[str, int] = {arch: -1 for arch in self.arches}
         for i, entry in enumerate(seccomp.get("syscalls") or []):
             self._add_entry(i, entry)
+        # arch name -> highest syscall number the profile names (known to the table), for the ENOSYS stub.
+        self.highest = {arch: max(rules, default=-1) for arch, rules in self.rules.items()}
 
     def _add_entry(self, i: int, entry: dict[str, Any]) -> None:
         names = list(entry.get("names") or [])
@@ -188,6 +188,7 @@ class _Profile:
         if action == "SCMP_ACT_NOTIFY":
             self.uses_notify = True
         conds = _parse_conditions(entry.get("args"), where)
+        rule = (value, conds)
         for arch in self.arches:
             table = syscall_table.TABLES[arch]
             rules = self.rules[arch]
@@ -195,8 +196,10 @@ class _Profile:
                 nr = table.get(name)
                 if nr is None:
                     continue  # unknown on this architecture: skipped, as runc does
-                self.highest[arch] = max(self.highest[arch], nr)
-                rules.setdefault(nr, []).append((value, conds))
+                if nr in rules:
+                    rules[nr].append(rule)
+                else:
+                    rules[nr] = [rule]
 
 
 def _arch_list(names: Iterable[str]) -> list[str]:
@@ -334,10 +337,14 @@ def _syscall_targets(em: _Emitter, profile: _Profile, arch: str) -> dict[int, in
     wide = _ARGS_64BIT[arch]
     default = profile.default
     targets: dict[int, int] = {}
+    # Positions of RETs per action: a leaf may point at a far one, jump() re-emits it close to the jump.
+    rets: dict[int, int] = {}
     for nr, rules in profile.rules[arch].items():
         if len(rules) == 1 and not rules[0][1]:  # the common case: one unconditional rule
-            if rules[0][0] != default:
-                targets[nr] = em.ret(rules[0][0])
+            value = rules[0][0]
+            if value != default:
+                pos = rets.get(value)
+                targets[nr] = pos if pos is not None else rets.setdefault(value, em.ret(value))
             continue
         unconditional = {value for value, conds in rules if not conds}
         if len(unconditional) > 1:
@@ -373,12 +380,10 @@ def _intervals(
     to `outside`, and everything from `tail_from` on to `tail`. Returns the interval starts and targets."""
     bounds: list[int] = [start]
     leaves: list[int] = [outside]
-    steps = [(at, target) for nr in sorted(points) for at, target in ((nr, points[nr]), (nr + 1, outside))]
-    if tail_from is not None:
-        steps.append((tail_from, tail))
-    for at, target in steps:
+
+    def step(at: int, target: int) -> None:
         if leaves[-1] == target:
-            continue
+            return
         if bounds[-1] == at:  # the current interval would be empty: retarget it, merging with the one before
             leaves[-1] = target
             if len(leaves) > 1 and leaves[-2] == target:
@@ -387,6 +392,24 @@ def _intervals(
         else:
             bounds.append(at)
             leaves.append(target)
+
+    run_start = run_end = -1
+    run_target = outside
+    for nr in sorted(points):
+        target = points[nr]
+        if nr == run_end + 1 and target == run_target:  # extends the current run of equal targets
+            run_end = nr
+            continue
+        if run_start >= 0:
+            step(run_start, run_target)
+            step(run_end + 1, outside)
+        run_start = run_end = nr
+        run_target = target
+    if run_start >= 0:
+        step(run_start, run_target)
+        step(run_end + 1, outside)
+    if tail_from is not None:
+        step(tail_from, tail)
     return bounds, leaves
 
 
