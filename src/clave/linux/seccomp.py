@@ -1,7 +1,10 @@
 """Seccomp: compile an OCI `linux.seccomp` section to a classic BPF program and load it.
 
 The container's init calls `apply()` right before execve, so this module imports only ctypes, os and struct
-(not typing, json or libseccomp). The program follows libseccomp's semantics as runc drives it:
+(not typing, json or libseccomp). Call `compile_cached(config)` in the parent before forking the init: the
+child inherits the cache and `apply()` there only loads the program (under a millisecond).
+
+The program follows libseccomp's semantics as runc drives it:
 
 - `seccomp_data.arch` selects a block per architecture; the native one is always present; an architecture
   outside the list gets libseccomp's "bad arch" action (SECCOMP_RET_KILL_THREAD). On x86_64 the x32 ABI shares
@@ -277,15 +280,15 @@ class _Emitter:
 def _emit_half(em: _Emitter, op: str, offset: int, value: int, mask: int, on_true: int, on_false: int) -> int:
     """Compare one 32-bit half: load it, mask it (MASKED_EQ) and branch."""
     if op == "MASKED_EQ" and mask == 0:
-        return on_true  # (x & 0) == 0: nothing to test
+        return on_true if value == 0 else on_false  # (x & 0) == value: decided without looking at x
     if op == "EQ":
         test = em.jump(_JEQ_K, value, on_true, on_false)
     elif op == "GT":
         test = em.jump(_JGT_K, value, on_true, on_false)
     elif op == "GE":
         test = em.jump(_JGE_K, value, on_true, on_false)
-    else:  # MASKED_EQ
-        test = em.jump(_JEQ_K, value & mask, on_true, on_false)
+    else:  # MASKED_EQ: like libseccomp, the datum is not masked (bits outside the mask never match)
+        test = em.jump(_JEQ_K, value, on_true, on_false)
         if test == on_true:
             return test
         test = em.and_k(mask, test)
