@@ -89,6 +89,18 @@ def check_nonce(verified: VerifiedEvidence, nonce: bytes) -> None:
         raise VerificationError(Layer.FRESHNESS, "report data does not start with the expected nonce")
 
 
+def run_verifier(verifier: Verifier, evidence: bytes, ctx: VerifyContext) -> VerifiedEvidence:
+    """``verifier.verify``, with any unexpected exception on hostile input turned into a FORMAT rejection
+    (a verifier that trips over malformed evidence has still not accepted it)."""
+    try:
+        return verifier.verify(evidence, ctx)
+    except VerificationError:
+        raise
+    except Exception as exc:
+        why = f"{type(exc).__name__}: {exc}"
+        raise VerificationError(Layer.FORMAT, f"{verifier.name} verifier failed on this evidence ({why})") from exc
+
+
 def appraise(
     evidence: bytes,
     *,
@@ -103,12 +115,12 @@ def appraise(
     try:
         verifier = pick_verifier(evidence, tee)
         tee_name = verifier.tee
-        verified = verifier.verify(evidence, ctx)
+        verified = run_verifier(verifier, evidence, ctx)
         if ctx.nonce is not None:
             check_nonce(verified, ctx.nonce)
         if ctx.expected_report_data is not None:
             check_bound(verified, ctx.expected_report_data, Layer.KEY_BINDING, "the expected value")
         warnings = list(verified.warnings) + policy.check(verified)
     except VerificationError as exc:
-        return Verdict(False, tee_name, reason=str(exc), layer=exc.layer, insecure=tee_name == "sample")
+        return Verdict(False, tee_name, reason=str(exc), layer=exc.layer)
     return Verdict(True, verified.tee, verified.as_json(), None, None, verified.insecure, warnings)

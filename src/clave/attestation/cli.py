@@ -114,7 +114,7 @@ def _verify_cert(args: argparse.Namespace) -> Any:
         peer = ratls.verify_certificate(data, policy=policy, nonce=args.nonce, ctx=ctx)
     except VerificationError as exc:
         tee = ratls.peek_tee(data)
-        return Verdict(False, tee, reason=str(exc), layer=exc.layer, insecure=tee == "sample")
+        return Verdict(False, tee, reason=str(exc), layer=exc.layer)
     claims = dict(peer.claims)
     if peer.nonce is not None:
         claims["ratls_nonce"] = peer.nonce.hex()

@@ -34,7 +34,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from clave.attestation.appraise import UnknownTee, check_bound, pick_verifier
+from clave.attestation.appraise import UnknownTee, check_bound, pick_verifier, run_verifier
 from clave.attestation.base import (
     Attester,
     Collateral,
@@ -389,7 +389,7 @@ def _verify_evidence(tee: str, evidence: bytes, ctx: VerifyContext) -> VerifiedE
         verifier = pick_verifier(evidence, tee)
     except UnknownTee as exc:
         raise VerificationError(Layer.FORMAT, str(exc)) from None
-    return verifier.verify(evidence, ctx)
+    return run_verifier(verifier, evidence, ctx)
 
 
 def verify_certificate(
