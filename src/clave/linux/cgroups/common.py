@@ -11,9 +11,13 @@ import errno
 import os
 import time
 from abc import ABC, abstractmethod
-from typing import Any
+
+TYPE_CHECKING = False  # typing is not imported at run time: start-up latency matters
+if TYPE_CHECKING:
+    from typing import Any
 
 CGROUP_ROOT = "/sys/fs/cgroup"
+SIGKILL = 9  # the same on every Linux ABI; avoids importing signal (and enum) on the start path
 UNIFIED_KEY = "unified"  # paths() key of a cgroup2 directory (the only key on v2, an extra one on hybrid)
 
 
@@ -188,7 +192,7 @@ def path_in_mount(mount: Mount, cgroup_path: str) -> str:
 def _clean(path: str) -> str:
     """Normalise like runc's CleanPath: ``..`` cannot climb above the start; relative stays relative."""
     absolute = path.startswith("/")
-    cleaned = os.path.normpath("/" + path)
+    cleaned = os.path.normpath("/" + path.lstrip("/"))  # "//x" would survive normpath
     return cleaned if absolute else cleaned.lstrip("/")
 
 
@@ -333,7 +337,7 @@ def remove_tree(path: str) -> None:
         if entry.is_dir(follow_symlinks=False):
             remove_tree(entry.path)
     delay = 0.005
-    deadline = time.monotonic() + 1.0
+    deadline = time.monotonic() + 0.5
     while True:
         try:
             os.rmdir(path)

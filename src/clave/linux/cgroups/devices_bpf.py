@@ -11,11 +11,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 import struct
-from typing import Any
 
 from clave.linux.cgroups.common import CgroupError
+
+TYPE_CHECKING = False  # typing is not imported at run time: start-up latency matters
+if TYPE_CHECKING:
+    from typing import Any
 
 # bpf(2) commands, program and attach types (include/uapi/linux/bpf.h)
 BPF_PROG_LOAD = 5
@@ -112,9 +114,10 @@ def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> int:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
-    number = _SYS_BPF.get(platform.machine())
+    machine = os.uname().machine
+    number = _SYS_BPF.get(machine)
     if number is None:
-        raise CgroupError(f"devices: bpf() syscall number unknown on {platform.machine()}")
+        raise CgroupError(f"devices: bpf() syscall number unknown on {machine}")
     result = _libc.syscall(ctypes.c_long(number), ctypes.c_int(cmd), attr, ctypes.c_uint(len(attr)))
     if result < 0:
         err = ctypes.get_errno()

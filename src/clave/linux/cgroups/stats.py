@@ -5,9 +5,11 @@ Each reader returns only what the host has; a missing file leaves its field out 
 
 from __future__ import annotations
 
-from typing import Any
-
 from clave.linux.cgroups.common import hugepage_sizes, parse_flat_keyed, parse_int, read_optional
+
+TYPE_CHECKING = False  # typing is not imported at run time: start-up latency matters
+if TYPE_CHECKING:
+    from typing import Any
 
 _USER_HZ = 100  # cpuacct.stat counts clock ticks (USER_HZ is 100 on every Linux ABI)
 

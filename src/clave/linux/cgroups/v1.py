@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
 import time
-from typing import Any
 
 from clave.linux.cgroups import stats as statsmod
 from clave.linux.cgroups.common import (
+    SIGKILL,
     UNIFIED_KEY,
     CgroupError,
     CgroupManager,
@@ -26,6 +25,10 @@ from clave.linux.cgroups.common import (
     signal_pids,
     write_text,
 )
+
+TYPE_CHECKING = False  # typing is not imported at run time: start-up latency matters
+if TYPE_CHECKING:
+    from typing import Any
 
 # v1 controllers Clave manages (created and joined); other named hierarchies are left alone.
 KNOWN_CONTROLLERS = (
@@ -331,7 +334,7 @@ class V1Manager(CgroupManager):
 
     def kill_all(self, sig: int) -> None:
         unified = self._paths.get(UNIFIED_KEY)
-        if sig == signal.SIGKILL and unified and os.path.exists(unified + "/cgroup.kill"):
+        if sig == SIGKILL and unified and os.path.exists(unified + "/cgroup.kill"):
             write_text(unified + "/cgroup.kill", "1", "kill")
             return
         if "freezer" not in self._paths or not os.path.isdir(self._paths["freezer"]):

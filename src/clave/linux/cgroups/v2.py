@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
 import time
-from typing import Any
 
 from clave.linux.cgroups import stats as statsmod
 from clave.linux.cgroups.common import (
+    SIGKILL,
     UNIFIED_KEY,
     CgroupError,
     CgroupManager,
@@ -26,6 +25,10 @@ from clave.linux.cgroups.common import (
     write_text,
 )
 from clave.linux.cgroups.v1 import rdma_line
+
+TYPE_CHECKING = False  # typing is not imported at run time: start-up latency matters
+if TYPE_CHECKING:
+    from typing import Any
 
 _RESOURCE_KEYS = {
     "memory", "cpu", "pids", "blockIO", "hugepageLimits", "devices", "network", "rdma", "unified",
@@ -300,7 +303,7 @@ class V2Manager(CgroupManager):
         return procs_recursive(self._path)
 
     def kill_all(self, sig: int) -> None:
-        if sig == signal.SIGKILL and os.path.exists(self._path + "/cgroup.kill"):
+        if sig == SIGKILL and os.path.exists(self._path + "/cgroup.kill"):
             write_text(self._path + "/cgroup.kill", "1", "kill")
             return
         self.freeze()
