@@ -392,6 +392,10 @@ def _verify_evidence(tee: str, evidence: bytes, ctx: VerifyContext) -> VerifiedE
     return run_verifier(verifier, evidence, ctx)
 
 
+def _as_certificate(cert: bytes | x509.Certificate) -> x509.Certificate:
+    return load_certificate(cert) if isinstance(cert, bytes | bytearray) else cert
+
+
 def verify_certificate(
     cert: bytes | x509.Certificate,
     *,
@@ -409,9 +413,7 @@ def verify_certificate(
     from cryptography.hazmat.primitives import serialization
 
     ctx = ctx or VerifyContext()
-    if not hasattr(cert, "public_bytes"):
-        cert = load_certificate(bytes(cert))  # type: ignore[arg-type]
-    assert not isinstance(cert, bytes)
+    cert = _as_certificate(cert)
     try:
         cert.verify_directly_issued_by(cert)
     except (crypto_exceptions.InvalidSignature, ValueError, TypeError):
@@ -441,10 +443,12 @@ def verify_certificate(
         fmt = "tcg-dice"
     elif LEGACY_SGX_ECDSA_QUOTE_OID in extensions:
         evidence = extensions[LEGACY_SGX_ECDSA_QUOTE_OID]
-        expected = hashlib.sha256(key_der).digest().ljust(REPORT_DATA_SIZE, b"\0")
-        vctx = dataclasses.replace(ctx, expected_report_data=expected, nonce=None)
+        # Gramine binds the key in the first 32 bytes of report data and checks only those.
+        key_digest = hashlib.sha256(key_der).digest()
+        vctx = dataclasses.replace(ctx, expected_report_data=key_digest, nonce=None)
         verified = _verify_evidence(quote_tee(evidence), evidence, vctx)
-        check_bound(verified, expected, Layer.KEY_BINDING, "the SHA-256 of the certificate's public key")
+        if not str(verified.claims.get("report_data", "")).startswith(key_digest.hex()):
+            raise VerificationError(Layer.KEY_BINDING, "report data does not start with SHA-256 of the key")
         claimed_nonce = None
         fmt = "gramine-legacy"
     else:
@@ -468,10 +472,7 @@ def verify_certificate(
 def peek_tee(cert: bytes | x509.Certificate) -> str | None:
     """Best-effort TEE name of a certificate's evidence, without verifying anything (for reports)."""
     try:
-        if not hasattr(cert, "public_bytes"):
-            cert = load_certificate(bytes(cert))  # type: ignore[arg-type]
-        assert not isinstance(cert, bytes)
-        extensions = _extensions(cert)
+        extensions = _extensions(_as_certificate(cert))
         if TCG_DICE_TAGGED_EVIDENCE_OID in extensions:
             tag, pair = _decode_tagged(extensions[TCG_DICE_TAGGED_EVIDENCE_OID], "tagged evidence")
             return tee_of_tag(tag, pair[0] if isinstance(pair, list | tuple) and pair else b"")
