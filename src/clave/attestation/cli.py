@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -147,10 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if verdict.insecure:
         print(INSECURE_NOTICE, file=sys.stderr)
-    if args.json:
-        print(json.dumps(verdict.as_json(), indent=2, sort_keys=False, default=_json_default))
-    else:
-        _print_human(verdict)
+    try:
+        if args.json:
+            print(json.dumps(verdict.as_json(), indent=2, default=_json_default), flush=True)
+        else:
+            _print_human(verdict)
+            sys.stdout.flush()
+    except BrokenPipeError:  # e.g. piped into head: the verdict still decides the exit status
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_ACCEPTED if verdict.accepted else EXIT_REJECTED
 
 
