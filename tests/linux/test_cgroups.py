@@ -100,7 +100,7 @@ def _teardown(manager: CgroupManager) -> None:
 
 
 def _procs_below(path: str) -> list[int]:
-    out = []
+    out: list[int] = []
     for dirpath, _, files in os.walk(path):
         if "cgroup.procs" in files:
             out.extend(int(p) for p in read(dirpath + "/cgroup.procs").split())
@@ -240,6 +240,40 @@ def _block_device() -> tuple[int, int] | None:
             continue
         return int(major), int(minor)
     return None
+
+
+def test_more_cpu_memory_and_blkio_settings(v1: CgroupManager, children: Children) -> None:
+    v1.create()
+    paths = v1.paths()
+    if os.path.exists(paths["cpu"] + "/cpu.idle"):
+        v1.set({"cpu": {"idle": 1}})
+        assert read(paths["cpu"] + "/cpu.idle") == "1"
+        v1.set({"cpu": {"idle": 0}})
+    if os.path.exists(paths["cpu"] + "/cpu.rt_runtime_us"):
+        try:
+            v1.set({"cpu": {"realtimePeriod": 1000000, "realtimeRuntime": 10000}})
+        except CgroupError as exc:  # the parent may have no realtime budget to hand out
+            assert "cpu.realtime" in str(exc)
+        else:
+            assert read(paths["cpu"] + "/cpu.rt_runtime_us") == "10000"
+    weight_file = next((f for f in ("blkio.bfq.weight", "blkio.weight")
+                        if os.path.exists(f"{paths['blkio']}/{f}")), None)
+    if weight_file:
+        v1.set({"blockIO": {"weight": 300}})
+        assert read(f"{paths['blkio']}/{weight_file}").split()[-1] == "300"
+    if not os.path.exists(paths["blkio"] + "/blkio.leaf_weight"):
+        with pytest.raises(CgroupError, match=r"blockIO\.leafWeight"):
+            v1.set({"blockIO": {"leafWeight": 300}})
+    # checkBeforeUpdate refuses a limit below what the cgroup already uses
+    child = children.python_after_go("x = bytearray(16 << 20)\nprint('ok', flush=True)\nsys.stdin.readline()")
+    v1.add_process(child.pid)
+    assert child.stdin is not None and child.stdout is not None
+    child.stdin.write(b"go\n")
+    child.stdin.flush()
+    assert child.stdout.readline() == b"ok\n"
+    with pytest.raises(CgroupError, match="memory.limit: current usage"):
+        v1.set({"memory": {"limit": 4 << 20, "checkBeforeUpdate": True}})
+    assert int(read(paths["memory"] + "/memory.limit_in_bytes")) >= 1 << 62
 
 
 def test_blkio_throttle_is_written(v1: CgroupManager) -> None:

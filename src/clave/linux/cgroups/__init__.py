@@ -8,7 +8,14 @@
 cgroupsPath follows runc: empty means ``<id>``; a relative path is relative to the caller's own cgroup
 (v1; on v2 the parent of it); an absolute path hangs off the hierarchy root; ``slice:prefix:name`` (systemd
 form) maps to ``/<expanded slice>/<prefix>-<name>.scope``. On hybrid hosts the container also gets a
-directory in the cgroup2 hierarchy, so ``cgroup.kill`` and cgroup2 BPF programs reach it.
+directory in the cgroup2 hierarchy, so ``cgroup.kill`` and cgroup2 BPF programs reach it. On v1 the
+``name=systemd`` hierarchy is created and joined too (as runc does) but carries no resources.
+
+Resources follow the OCI ``linux.resources`` object (camelCase, as in config.json). A value left out or None
+is not written; a resource this host cannot apply (missing controller or file, a v1-only knob on v2, a
+kernel that ignores the write) raises CgroupError naming it, checked before anything is written where
+possible. Devices: v1 writes devices.allow/deny in order; v2 attaches a BPF_PROG_TYPE_CGROUP_DEVICE program
+(last matching rule wins, no match denies); an empty rule list changes nothing on either.
 """
 
 from __future__ import annotations

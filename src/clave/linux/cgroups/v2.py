@@ -134,7 +134,7 @@ class V2Manager(CgroupManager):
             write_text(path + "/rdma.max", rdma_line(device, limits), f"rdma[{device}]")
         for key, value in (resources.get("unified") or {}).items():
             write_text(f"{path}/{key}", str(value), f"unified[{key}]")
-        if resources.get("devices") is not None:
+        if resources.get("devices"):  # an empty list changes nothing, as on v1
             from clave.linux.cgroups.devices_bpf import apply_device_rules
 
             apply_device_rules(path, resources["devices"])
@@ -262,7 +262,7 @@ class V2Manager(CgroupManager):
             return weight if weight_file == "io.bfq.weight" else 1 + (weight - 10) * 9999 // 990
 
         if present(blkio.get("weight")):
-            write_text(f"{path}/{weight_file}", f"default {converted(int(blkio['weight']))}", "blockIO.weight")
+            write_text(f"{path}/{weight_file}", str(converted(int(blkio["weight"]))), "blockIO.weight")
         for entry in blkio.get("weightDevice") or []:
             if present(entry.get("weight")):
                 line = f"{int(entry['major'])}:{int(entry['minor'])} {converted(int(entry['weight']))}"
