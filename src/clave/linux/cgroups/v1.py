@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 
-from clave.linux.cgroups import stats as statsmod
 from clave.linux.cgroups.common import (
     SIGKILL,
     UNIFIED_KEY,
@@ -357,6 +356,8 @@ class V1Manager(CgroupManager):
         return parse_flat_keyed(text).get("oom_kill", 0) if text else 0
 
     def stats(self) -> dict[str, Any]:
+        from clave.linux.cgroups import stats as statsmod  # only `events --stats` needs it
+
         out: dict[str, Any] = {}
         if "cpuacct" in self._paths or "cpu" in self._paths:
             out["cpu"] = statsmod.cpu_v1(self._paths.get("cpuacct"), self._paths.get("cpu"))

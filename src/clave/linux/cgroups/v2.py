@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 
-from clave.linux.cgroups import stats as statsmod
 from clave.linux.cgroups.common import (
     SIGKILL,
     UNIFIED_KEY,
@@ -319,6 +318,8 @@ class V2Manager(CgroupManager):
         return parse_flat_keyed(text).get("oom_kill", 0) if text else 0
 
     def stats(self) -> dict[str, Any]:
+        from clave.linux.cgroups import stats as statsmod  # only `events --stats` needs it
+
         path = self._path
         out: dict[str, Any] = {"cpu": statsmod.cpu_v2(path)}
         memory = statsmod.memory_v2(path)
