@@ -165,6 +165,7 @@ def test_create_is_idempotent_and_destroy_removes_everything(v1: CgroupManager) 
     v1.destroy()
     assert not any(os.path.exists(p) for p in paths.values())
     v1.destroy()  # idempotent
+    assert not v1.frozen() and v1.pids() == []
 
 
 def test_add_process_joins_every_hierarchy(v1: CgroupManager, children: Children) -> None:
@@ -551,6 +552,11 @@ def test_v2_kill_all_with_cgroup_kill(v2: V2Manager, children: Children) -> None
     for proc in procs:
         assert proc.wait(timeout=5) == -signal.SIGKILL
     _wait_empty(v2)
+    other = children.sleeper()
+    v2.add_process(other.pid)
+    v2.kill_all(signal.SIGTERM)  # not SIGKILL: signalled one by one while frozen
+    assert other.wait(timeout=5) == -signal.SIGTERM
+    assert not v2.frozen()
 
 
 def test_v2_device_rules_are_enforced_by_bpf(v2: V2Manager, children: Children) -> None:

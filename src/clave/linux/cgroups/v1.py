@@ -320,7 +320,8 @@ class V1Manager(CgroupManager):
         path = self._paths.get("freezer")
         if path is None:
             return False
-        return read_text(path + "/freezer.state", "freezer").strip() == "FROZEN"
+        state = read_optional(path + "/freezer.state")  # None once the cgroup is gone
+        return state is not None and state.strip() == "FROZEN"
 
     def _procs_dir(self) -> str:
         for controller in ("pids", "freezer", "memory", "devices", "cpu", UNIFIED_KEY):

@@ -305,6 +305,9 @@ class V2Manager(CgroupManager):
         if sig == SIGKILL and os.path.exists(self._path + "/cgroup.kill"):
             write_text(self._path + "/cgroup.kill", "1", "kill")
             return
+        if not os.path.exists(self._path + "/cgroup.freeze"):  # kernels before 5.2
+            signal_pids(self.pids(), sig)
+            return
         self.freeze()
         try:
             signal_pids(self.pids(), sig)
