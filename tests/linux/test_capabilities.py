@@ -67,7 +67,9 @@ def test_runc_default_set_is_applied_and_chown_is_refused(tmp_path: Path) -> Non
     target.write_text("x")
 
     def child() -> Any:
-        warnings = caps.apply({name: RUNC_DEFAULT for name in ("bounding", "effective", "permitted", "ambient")})
+        warnings = caps.apply(
+            {name: RUNC_DEFAULT for name in ("bounding", "effective", "permitted", "ambient")}
+        )
         return [caps.current(), warnings, _chown_errno(target)]
 
     status, warnings, chown = run_in_child(child).ok()

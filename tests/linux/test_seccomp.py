@@ -122,17 +122,46 @@ def test_unknown_names_are_skipped_and_unknown_fields_are_errors() -> None:
         ({"defaultAction": "SCMP_ACT_FOO"}, "SCMP_ACT_FOO"),
         ({"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_VAX"]}, "SCMP_ARCH_VAX"),
         ({"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_PPC64LE"]}, "not supported"),
-        ({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["read"], "action": "SCMP_ACT_NOPE"}]},
-         "SCMP_ACT_NOPE"),
-        ({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
-            {"names": ["read"], "action": "SCMP_ACT_ERRNO", "args": [{"index": 0, "value": 1, "op": "SCMP_CMP_XX"}]},
-        ]}, "SCMP_CMP_XX"),
-        ({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
-            {"names": ["read"], "action": "SCMP_ACT_ERRNO", "args": [{"index": 6, "value": 1, "op": "SCMP_CMP_EQ"}]},
-        ]}, "index 6"),
-        ({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
-            {"names": ["read"], "action": "SCMP_ACT_ERRNO"}, {"names": ["read"], "action": "SCMP_ACT_KILL"},
-        ]}, "syscall read"),
+        (
+            {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["read"], "action": "SCMP_ACT_NOPE"}]},
+            "SCMP_ACT_NOPE",
+        ),
+        (
+            {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "syscalls": [
+                    {
+                        "names": ["read"],
+                        "action": "SCMP_ACT_ERRNO",
+                        "args": [{"index": 0, "value": 1, "op": "SCMP_CMP_XX"}],
+                    },
+                ],
+            },
+            "SCMP_CMP_XX",
+        ),
+        (
+            {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "syscalls": [
+                    {
+                        "names": ["read"],
+                        "action": "SCMP_ACT_ERRNO",
+                        "args": [{"index": 6, "value": 1, "op": "SCMP_CMP_EQ"}],
+                    },
+                ],
+            },
+            "index 6",
+        ),
+        (
+            {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "syscalls": [
+                    {"names": ["read"], "action": "SCMP_ACT_ERRNO"},
+                    {"names": ["read"], "action": "SCMP_ACT_KILL"},
+                ],
+            },
+            "syscall read",
+        ),
         ({"syscalls": []}, "defaultAction"),
     ]
     for config, needle in bad:
@@ -145,14 +174,28 @@ def test_unknown_names_are_skipped_and_unknown_fields_are_errors() -> None:
 
 def _reference(op: str, arg: int, value: int, value_two: int) -> bool:
     return {
-        "SCMP_CMP_EQ": arg == value, "SCMP_CMP_NE": arg != value, "SCMP_CMP_LT": arg < value,
-        "SCMP_CMP_LE": arg <= value, "SCMP_CMP_GT": arg > value, "SCMP_CMP_GE": arg >= value,
+        "SCMP_CMP_EQ": arg == value,
+        "SCMP_CMP_NE": arg != value,
+        "SCMP_CMP_LT": arg < value,
+        "SCMP_CMP_LE": arg <= value,
+        "SCMP_CMP_GT": arg > value,
+        "SCMP_CMP_GE": arg >= value,
         "SCMP_CMP_MASKED_EQ": arg & value == value_two,
     }[op]
 
 
-@pytest.mark.parametrize("op", ["SCMP_CMP_EQ", "SCMP_CMP_NE", "SCMP_CMP_LT", "SCMP_CMP_LE", "SCMP_CMP_GT",
-                                "SCMP_CMP_GE", "SCMP_CMP_MASKED_EQ"])
+@pytest.mark.parametrize(
+    "op",
+    [
+        "SCMP_CMP_EQ",
+        "SCMP_CMP_NE",
+        "SCMP_CMP_LT",
+        "SCMP_CMP_LE",
+        "SCMP_CMP_GT",
+        "SCMP_CMP_GE",
+        "SCMP_CMP_MASKED_EQ",
+    ],
+)
 def test_64bit_comparisons_match_unsigned_arithmetic(op: str) -> None:
     rng = random.Random(op)
     edges = [0, 1, 0xFFFFFFFF, 0x100000000, 0x100000001, 0xFFFFFFFF00000000, (1 << 64) - 1, 0x80000000]
@@ -160,8 +203,16 @@ def test_64bit_comparisons_match_unsigned_arithmetic(op: str) -> None:
     for n, value in enumerate(values):
         # valueTwo (MASKED_EQ's datum) mostly inside the mask, sometimes with bits outside it (never matches)
         value_two = value & rng.getrandbits(64) if n % 3 else rng.getrandbits(64)
-        program = compile_([{"names": ["lseek"], "action": "SCMP_ACT_ERRNO", "errnoRet": 99,
-                             "args": [{"index": 1, "value": value, "valueTwo": value_two, "op": op}]}])
+        program = compile_(
+            [
+                {
+                    "names": ["lseek"],
+                    "action": "SCMP_ACT_ERRNO",
+                    "errnoRet": 99,
+                    "args": [{"index": 1, "value": value, "valueTwo": value_two, "op": op}],
+                }
+            ]
+        )
         near = [value, value + 1, value - 1, value ^ (1 << 32), value ^ 1, value ^ (1 << 63)]
         for arg in edges + near + [rng.getrandbits(64) for _ in range(8)]:
             arg &= (1 << 64) - 1
@@ -172,10 +223,21 @@ def test_64bit_comparisons_match_unsigned_arithmetic(op: str) -> None:
 def test_rules_or_and_conditions_and() -> None:
     program = compile_(
         [
-            {"names": ["socket"], "action": "SCMP_ACT_ERRNO", "errnoRet": 11,
-             "args": [{"index": 0, "value": 2, "op": "SCMP_CMP_EQ"}, {"index": 1, "value": 1, "op": "SCMP_CMP_EQ"}]},
-            {"names": ["socket"], "action": "SCMP_ACT_ERRNO", "errnoRet": 22,
-             "args": [{"index": 0, "value": 10, "op": "SCMP_CMP_EQ"}]},
+            {
+                "names": ["socket"],
+                "action": "SCMP_ACT_ERRNO",
+                "errnoRet": 11,
+                "args": [
+                    {"index": 0, "value": 2, "op": "SCMP_CMP_EQ"},
+                    {"index": 1, "value": 1, "op": "SCMP_CMP_EQ"},
+                ],
+            },
+            {
+                "names": ["socket"],
+                "action": "SCMP_ACT_ERRNO",
+                "errnoRet": 22,
+                "args": [{"index": 0, "value": 10, "op": "SCMP_CMP_EQ"}],
+            },
         ]
     )
     assert run_bpf(program, NR["socket"], args=(2, 1, 0)) == errno_ret(11)  # both conditions
@@ -183,10 +245,16 @@ def test_rules_or_and_conditions_and() -> None:
     assert run_bpf(program, NR["socket"], args=(10, 5, 0)) == errno_ret(22)  # second rule
     assert run_bpf(program, NR["socket"], args=(1, 1, 0)) == ALLOW
     # An unconditional rule for the same syscall is the fallback when no conditional rule matches.
-    fallback = compile_([
-        {"names": ["socket"], "action": "SCMP_ACT_ERRNO", "args": [{"index": 0, "value": 2, "op": "SCMP_CMP_EQ"}]},
-        {"names": ["socket"], "action": "SCMP_ACT_LOG"},
-    ])
+    fallback = compile_(
+        [
+            {
+                "names": ["socket"],
+                "action": "SCMP_ACT_ERRNO",
+                "args": [{"index": 0, "value": 2, "op": "SCMP_CMP_EQ"}],
+            },
+            {"names": ["socket"], "action": "SCMP_ACT_LOG"},
+        ]
+    )
     assert run_bpf(fallback, NR["socket"], args=(2,)) == errno_ret(errno.EPERM)
     assert run_bpf(fallback, NR["socket"], args=(1,)) == seccomp.RET_LOG
 
@@ -197,8 +265,12 @@ def test_architectures_x86_i386_x32_and_bad_arch() -> None:
         "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
         "syscalls": [
             {"names": ["socketcall", "getpid"], "action": "SCMP_ACT_ERRNO"},
-            {"names": ["personality"], "action": "SCMP_ACT_ERRNO", "errnoRet": 5,
-             "args": [{"index": 0, "value": 0xFFFFFFFF, "op": "SCMP_CMP_EQ"}]},
+            {
+                "names": ["personality"],
+                "action": "SCMP_ACT_ERRNO",
+                "errnoRet": 5,
+                "args": [{"index": 0, "value": 0xFFFFFFFF, "op": "SCMP_CMP_EQ"}],
+            },
         ],
     }
     program = seccomp.compile_filter(config)
@@ -213,10 +285,14 @@ def test_architectures_x86_i386_x32_and_bad_arch() -> None:
     assert run_bpf(program, i386["personality"], AUDIT_I386, (0xFFFFFFFF,)) == errno_ret(5)
     assert run_bpf(program, NR["personality"], args=(0xFFFFFFFF,)) == errno_ret(5)
     assert run_bpf(program, NR["personality"], args=(0x1FFFFFFFF,)) == ALLOW
-    assert run_bpf(program, 0, AUDIT_AARCH64) == KILL_THREAD  # not in the filter: libseccomp's bad-arch action
+    assert (
+        run_bpf(program, 0, AUDIT_AARCH64) == KILL_THREAD
+    )  # not in the filter: libseccomp's bad-arch action
     # Without x32 in the list the x32 half of AUDIT_ARCH_X86_64 is a bad arch as well; the native arch is
     # always included.
-    native_only = seccomp.compile_filter({"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86"]})
+    native_only = seccomp.compile_filter(
+        {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86"]}
+    )
     assert run_bpf(native_only, syscall_table.X32["read"]) == KILL_THREAD
     assert run_bpf(native_only, NR["read"]) == ALLOW
     assert run_bpf(native_only, 3, AUDIT_I386) == ALLOW
@@ -229,8 +305,23 @@ def test_default_profile_resolution_and_size() -> None:
     assert len(allowed) > 300
     for name in ("read", "openat", "execve", "arch_prctl", "futex", "rseq", "ptrace"):
         assert run_bpf(program, NR[name]) == ALLOW, name
-    for name in ("mount", "umount2", "unshare", "setns", "reboot", "init_module", "kexec_load", "bpf",
-                 "open_by_handle_at", "pivot_root", "chroot", "swapon", "add_key", "acct", "iopl"):
+    for name in (
+        "mount",
+        "umount2",
+        "unshare",
+        "setns",
+        "reboot",
+        "init_module",
+        "kexec_load",
+        "bpf",
+        "open_by_handle_at",
+        "pivot_root",
+        "chroot",
+        "swapon",
+        "add_key",
+        "acct",
+        "iopl",
+    ):
         assert run_bpf(program, NR[name]) == errno_ret(errno.EPERM), name
     assert run_bpf(program, NR["clone3"]) == errno_ret(errno.ENOSYS)
     clone_newns = 0x00020000
@@ -251,8 +342,15 @@ def test_default_profile_resolution_and_size() -> None:
 def test_a_long_profile_needs_trampolines_and_stays_correct() -> None:
     # Every syscall with its own conditional rule: thousands of instructions, jumps far beyond 255.
     names = sorted(NR)[:300]
-    rules = [{"names": [name], "action": "SCMP_ACT_ERRNO", "errnoRet": NR[name] % 4096,
-              "args": [{"index": 2, "value": NR[name] + 1, "op": "SCMP_CMP_EQ"}]} for name in names]
+    rules = [
+        {
+            "names": [name],
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": NR[name] % 4096,
+            "args": [{"index": 2, "value": NR[name] + 1, "op": "SCMP_CMP_EQ"}],
+        }
+        for name in names
+    ]
     program = compile_(rules)
     assert 1000 < len(program) // 8 <= 4096
     for name in names:
@@ -282,14 +380,16 @@ def _errno_of(fn: Any, *args: Any) -> int:
 
 def test_kernel_errno_with_errnoret_and_default_eperm(tmp_path: Any) -> None:
     def child() -> list[int]:
-        _load({
-            "defaultAction": "SCMP_ACT_ALLOW",
-            "flags": ["SECCOMP_FILTER_FLAG_LOG", "SECCOMP_FILTER_FLAG_TSYNC"],
-            "syscalls": [
-                {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EXDEV},
-                {"names": ["chdir"], "action": "SCMP_ACT_ERRNO"},
-            ],
-        })
+        _load(
+            {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "flags": ["SECCOMP_FILTER_FLAG_LOG", "SECCOMP_FILTER_FLAG_TSYNC"],
+                "syscalls": [
+                    {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EXDEV},
+                    {"names": ["chdir"], "action": "SCMP_ACT_ERRNO"},
+                ],
+            }
+        )
         return [_errno_of(os.mkdir, str(tmp_path / "d")), _errno_of(os.chdir, "/"), _errno_of(os.getcwd)]
 
     assert run_in_child(child).ok() == [errno.EXDEV, errno.EPERM, 0]
@@ -298,13 +398,33 @@ def test_kernel_errno_with_errnoret_and_default_eperm(tmp_path: Any) -> None:
 
 def test_kernel_argument_conditions() -> None:
     def child() -> list[int]:
-        _load({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
-            {"names": ["socket"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EAFNOSUPPORT,
-             "args": [{"index": 0, "value": socket.AF_INET, "op": "SCMP_CMP_EQ"}]},
-            # type & 0xf == SOCK_DGRAM, whatever SOCK_CLOEXEC/SOCK_NONBLOCK say
-            {"names": ["socket"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPROTOTYPE,
-             "args": [{"index": 1, "value": 0xF, "valueTwo": socket.SOCK_DGRAM, "op": "SCMP_CMP_MASKED_EQ"}]},
-        ]})
+        _load(
+            {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "syscalls": [
+                    {
+                        "names": ["socket"],
+                        "action": "SCMP_ACT_ERRNO",
+                        "errnoRet": errno.EAFNOSUPPORT,
+                        "args": [{"index": 0, "value": socket.AF_INET, "op": "SCMP_CMP_EQ"}],
+                    },
+                    # type & 0xf == SOCK_DGRAM, whatever SOCK_CLOEXEC/SOCK_NONBLOCK say
+                    {
+                        "names": ["socket"],
+                        "action": "SCMP_ACT_ERRNO",
+                        "errnoRet": errno.EPROTOTYPE,
+                        "args": [
+                            {
+                                "index": 1,
+                                "value": 0xF,
+                                "valueTwo": socket.SOCK_DGRAM,
+                                "op": "SCMP_CMP_MASKED_EQ",
+                            }
+                        ],
+                    },
+                ],
+            }
+        )
         return [
             _errno_of(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()),
             _errno_of(lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close()),
@@ -320,12 +440,23 @@ def test_kernel_64bit_argument(tmp_path: Any) -> None:
 
     def child() -> list[int]:
         fd = os.open(path, os.O_RDONLY)
-        _load({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
-            {"names": ["lseek"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ERANGE,
-             "args": [{"index": 1, "value": 0x100000000, "op": "SCMP_CMP_GT"}]},
-        ]})
-        return [_errno_of(os.lseek, fd, offset, os.SEEK_SET)
-                for offset in (5, 0xFFFFFFFF, 0x100000000, 0x100000001, 0x200000000)]
+        _load(
+            {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "syscalls": [
+                    {
+                        "names": ["lseek"],
+                        "action": "SCMP_ACT_ERRNO",
+                        "errnoRet": errno.ERANGE,
+                        "args": [{"index": 1, "value": 0x100000000, "op": "SCMP_CMP_GT"}],
+                    },
+                ],
+            }
+        )
+        return [
+            _errno_of(os.lseek, fd, offset, os.SEEK_SET)
+            for offset in (5, 0xFFFFFFFF, 0x100000000, 0x100000001, 0x200000000)
+        ]
 
     assert run_in_child(child).ok() == [0, 0, 0, errno.ERANGE, errno.ERANGE]
 
@@ -343,10 +474,15 @@ def test_kernel_trap_delivers_sigsys_and_log_allows() -> None:
     def child() -> list[Any]:
         caught: list[int] = []
         signal.signal(signal.SIGSYS, lambda signum, frame: caught.append(signum))
-        _load({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
-            {"names": ["getcwd"], "action": "SCMP_ACT_TRAP"},
-            {"names": ["uname"], "action": "SCMP_ACT_LOG"},
-        ]})
+        _load(
+            {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "syscalls": [
+                    {"names": ["getcwd"], "action": "SCMP_ACT_TRAP"},
+                    {"names": ["uname"], "action": "SCMP_ACT_LOG"},
+                ],
+            }
+        )
         try:
             os.getcwd()
         except OSError:
@@ -358,10 +494,19 @@ def test_kernel_trap_delivers_sigsys_and_log_allows() -> None:
 
 def test_kernel_trace_without_tracer_is_enosys_and_notify_returns_listener() -> None:
     def child() -> list[Any]:
-        _load({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["chdir"], "action": "SCMP_ACT_TRACE"}]})
+        _load(
+            {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "syscalls": [{"names": ["chdir"], "action": "SCMP_ACT_TRACE"}],
+            }
+        )
         traced = _errno_of(os.chdir, "/")
-        fd = seccomp.apply({"defaultAction": "SCMP_ACT_ALLOW",
-                            "syscalls": [{"names": ["acct"], "action": "SCMP_ACT_NOTIFY"}]})
+        fd = seccomp.apply(
+            {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "syscalls": [{"names": ["acct"], "action": "SCMP_ACT_NOTIFY"}],
+            }
+        )
         assert fd is not None
         return [traced, os.readlink(f"/proc/self/fd/{fd}")]
 
@@ -382,8 +527,13 @@ def test_kernel_x32_bit_is_a_bad_arch_unless_listed() -> None:
         return raw_getpid_x32()
 
     def with_x32() -> int:
-        _load({"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X32"],
-               "syscalls": [{"names": ["getpid"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EL2HLT}]})
+        _load(
+            {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X32"],
+                "syscalls": [{"names": ["getpid"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EL2HLT}],
+            }
+        )
         return raw_getpid_x32()
 
     assert run_in_child(without_x32).signal == signal.SIGSYS
@@ -402,8 +552,14 @@ def test_kernel_default_profile_runs_python_and_refuses_privileged_calls(tmp_pat
         (tmp_path / "file").write_text("hello")
         ran = subprocess.run(["/bin/echo", "ok"], capture_output=True, text=True, check=True).stdout
         clone_newuts = 0x04000000
-        clone_pid = libc.syscall(ctypes.c_long(NR["clone"]), ctypes.c_long(clone_newuts | signal.SIGCHLD),
-                                 ctypes.c_long(0), ctypes.c_long(0), ctypes.c_long(0), ctypes.c_long(0))
+        clone_pid = libc.syscall(
+            ctypes.c_long(NR["clone"]),
+            ctypes.c_long(clone_newuts | signal.SIGCHLD),
+            ctypes.c_long(0),
+            ctypes.c_long(0),
+            ctypes.c_long(0),
+            ctypes.c_long(0),
+        )
         if clone_pid == 0:
             os._exit(0)  # only if the filter failed to stop it
         return {
@@ -444,7 +600,9 @@ def test_load_is_fast_and_import_is_light() -> None:
     assert times[2] < 0.025, f"compile + load of the default profile took {times[2] * 1000:.1f} ms"
     modules = subprocess.run(
         [sys.executable, "-c", "import sys, clave.linux.seccomp; print(' '.join(sys.modules))"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     for heavy in ("typing", "json", "subprocess", "seccomp"):
         assert heavy not in modules, heavy
