@@ -423,6 +423,8 @@ def test_memory_limit_oom_kill_is_counted(v1: CgroupManager, children: Children)
     resources = {"limit": limit}
     if os.path.exists(memory + "/memory.memsw.limit_in_bytes"):
         resources["swap"] = limit  # no swap: the limit is hard
+    elif read("/proc/swaps").count("\n") > 0:
+        pytest.skip("swap is on but not accounted: the child would swap instead of being OOM-killed")
     v1.set({"memory": resources})
     assert v1.oom_kill_count() == 0
     child = children.python_after_go("blocks = [bytearray(1 << 20) for _ in range(256)]\nprint('survived')")

@@ -169,14 +169,22 @@ def cgroup_mounts() -> tuple[dict[str, Mount], Mount | None]:
     return _mounts_cache
 
 
-def own_cgroup(controller: str) -> str:
-    """This process's cgroup in the hierarchy holding ``controller`` ("" for cgroup2), from /proc/self/cgroup."""
+def own_cgroups() -> dict[str, str]:
+    """This process's cgroup per controller ("" for cgroup2, "name=systemd" for named), from /proc/self/cgroup."""
+    out: dict[str, str] = {}
     with open("/proc/self/cgroup", encoding="utf-8") as f:
         for line in f:
             _, names, path = line.rstrip("\n").split(":", 2)
-            if controller == "" and names == "" or controller and controller in names.split(","):
-                return path
-    raise CgroupError(f"cgroup: this process is in no {controller or 'cgroup2'} hierarchy")
+            for name in names.split(",") if names else [""]:
+                out[name] = path
+    return out
+
+
+def own_cgroup(controller: str, table: dict[str, str] | None = None) -> str:
+    path = (table if table is not None else own_cgroups()).get(controller)
+    if path is None:
+        raise CgroupError(f"cgroup: this process is in no {controller or 'cgroup2'} hierarchy")
+    return path
 
 
 def path_in_mount(mount: Mount, cgroup_path: str) -> str:

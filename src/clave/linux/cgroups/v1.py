@@ -14,6 +14,7 @@ from clave.linux.cgroups.common import (
     device_rule_lines,
     make_dirs,
     own_cgroup,
+    own_cgroups,
     parse_flat_keyed,
     path_in_mount,
     present,
@@ -51,13 +52,14 @@ class V1Manager(CgroupManager):
         """Directories for ``cgroup_path`` (absolute, or relative to this process's own cgroup, as runc)."""
         v1_mounts, unified = cgroup_mounts()
         paths: dict[str, str] = {}
+        own = None if cgroup_path.startswith("/") else own_cgroups()
         for controller, mount in v1_mounts.items():
             if controller not in KNOWN_CONTROLLERS:
                 continue
             if cgroup_path.startswith("/"):
                 paths[controller] = os.path.normpath(mount.mountpoint + cgroup_path)
             else:
-                base = path_in_mount(mount, own_cgroup(controller))
+                base = path_in_mount(mount, own_cgroup(controller, own))
                 paths[controller] = os.path.normpath(base + "/" + cgroup_path)
         if not paths:
             raise CgroupError("cgroup: no cgroup v1 hierarchy is mounted")
@@ -65,7 +67,7 @@ class V1Manager(CgroupManager):
             if cgroup_path.startswith("/"):
                 paths[UNIFIED_KEY] = os.path.normpath(unified.mountpoint + cgroup_path)
             else:
-                base = path_in_mount(unified, own_cgroup(""))
+                base = path_in_mount(unified, own_cgroup("", own))
                 paths[UNIFIED_KEY] = os.path.normpath(base + "/" + cgroup_path)
         return cls(paths)
 
