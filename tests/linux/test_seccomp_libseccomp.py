@@ -194,3 +194,33 @@ def test_argument_rules_decide_like_libseccomp(libseccomp: Any) -> None:
     }
     patterns = [(fd, value, whence) for fd in (3, 4) for value in values for whence in (0, 2)]
     assert _compare(libseccomp, config, patterns, set(names)) > 1600
+
+
+def test_i386_socketcall_and_ipc_multiplexers_decide_like_libseccomp(libseccomp: Any) -> None:
+    config = {
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "architectures": ["SCMP_ARCH_X86"],
+        "syscalls": [
+            {
+                "names": ["socket", "bind", "send", "recvmmsg"],
+                "action": "SCMP_ACT_ALLOW",
+                "args": [{"index": 0, "value": 40, "op": "SCMP_CMP_NE"}],
+            },
+            {"names": ["connect", "semget"], "action": "SCMP_ACT_ERRNO", "errnoRet": 5},
+            {
+                "names": ["shmctl", "msgrcv"],
+                "action": "SCMP_ACT_ALLOW",
+                "args": [{"index": 1, "value": 5, "op": "SCMP_CMP_EQ"}],
+            },
+            {"names": ["read", "write"], "action": "SCMP_ACT_ALLOW"},
+        ],
+    }
+    patterns = [(call, second, 0) for call in range(26) for second in (0, 5, 40)] + [(40, 0, 5)]
+    focus = {"socketcall", "ipc", "socket", "bind", "recvmmsg", "connect", "semget", "shmctl", "msgrcv"}
+    assert _compare(libseccomp, config, patterns, focus) > 1500
+    program = seccomp.compile_filter(config)
+    socketcall, ipc = syscall_table.I386["socketcall"], syscall_table.I386["ipc"]
+    assert run_bpf(program, socketcall, AUDIT_I386, (1, 40)) == seccomp.RET_ALLOW  # conditions dropped
+    assert run_bpf(program, socketcall, AUDIT_I386, (3,)) == seccomp.RET_ERRNO | 5
+    assert run_bpf(program, ipc, AUDIT_I386, (24, 5)) == seccomp.RET_ALLOW  # index kept, as libseccomp
+    assert run_bpf(program, ipc, AUDIT_I386, (24, 0, 5)) == seccomp.RET_ERRNO | 1

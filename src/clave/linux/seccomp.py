@@ -13,8 +13,11 @@ The program follows libseccomp's semantics as runc drives it:
   number of intervals comparisons), so Docker's default profile stays far below the 4096-instruction limit.
 - Rules of one syscall are tried in order (ORed); the conditions of one rule are ANDed; 64-bit arguments are
   compared as high then low 32-bit halves (32-bit ABIs compare the low half only, as libseccomp does).
+- i386 socket and SysV IPC calls also match through socketcall(2)/ipc(2), as libseccomp arranges it.
 - Like runc, syscalls numbered above the highest one the profile names get ENOSYS instead of a denying default
   action, so that libc falls back from syscalls newer than the profile (clone3, faccessat2, ...).
+
+tests/linux/test_seccomp_libseccomp.py checks decisions against libseccomp's own BPF for the same profiles.
 """
 
 from __future__ import annotations
@@ -197,12 +200,37 @@ class _Profile:
             rules = self.rules[arch]
             for name in names:
                 nr = table.get(name)
-                if nr is None:
-                    continue  # unknown on this architecture: skipped, as runc does
-                if nr in rules:
-                    rules[nr].append(rule)
-                else:
-                    rules[nr] = [rule]
+                if nr is not None:  # else unknown on this architecture: skipped, as runc does
+                    rules.setdefault(nr, []).append(rule)
+                if arch == "SCMP_ARCH_X86":
+                    _add_multiplexed(rules, name, value, conds)
+
+
+# i386 also reaches the socket and SysV IPC calls through socketcall(2) and ipc(2), whose first argument
+# names the call. As libseccomp does, a rule for such a call also matches the multiplexer with that first
+# argument: for socketcall the rule's own conditions are dropped (the arguments are in memory), for ipc they
+# are kept with their indexes unchanged.
+_SOCKETCALLS = {
+    "socket": 1, "bind": 2, "connect": 3, "listen": 4, "accept": 5, "getsockname": 6, "getpeername": 7,
+    "socketpair": 8, "send": 9, "recv": 10, "sendto": 11, "recvfrom": 12, "shutdown": 13, "setsockopt": 14,
+    "getsockopt": 15, "sendmsg": 16, "recvmsg": 17, "accept4": 18, "recvmmsg": 19, "sendmmsg": 20,
+}
+_IPC_CALLS = {
+    "semop": 1, "semget": 2, "semctl": 3, "semtimedop": 4, "msgsnd": 11, "msgrcv": 12, "msgget": 13,
+    "msgctl": 14, "shmat": 21, "shmdt": 22, "shmget": 23, "shmctl": 24,
+}
+
+
+def _add_multiplexed(rules: dict[int, list[_Rule]], name: str, value: int, conds: tuple[_Cond, ...]) -> None:
+    call = _SOCKETCALLS.get(name)
+    if call is not None:
+        selector: _Cond = (0, "SCMP_CMP_EQ", call, 0)
+        rules.setdefault(syscall_table.I386["socketcall"], []).append((value, (selector,)))
+        return
+    call = _IPC_CALLS.get(name)
+    if call is not None:
+        selector = (0, "SCMP_CMP_EQ", call, 0)
+        rules.setdefault(syscall_table.I386["ipc"], []).append((value, (selector, *conds)))
 
 
 def _arch_list(names: Iterable[str]) -> list[str]:
