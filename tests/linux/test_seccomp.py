@@ -105,14 +105,23 @@ def test_actions_and_errno_defaults() -> None:
 
 
 def test_numbers_above_the_profile_get_enosys_like_runc() -> None:
-    program = compile_([{"names": ["read", "mkdir"], "action": "SCMP_ACT_ALLOW"}], default="SCMP_ACT_ERRNO")
+    rules = [{"names": ["read", "mkdir"], "action": "SCMP_ACT_ALLOW"}]
+    program = compile_(rules, default="SCMP_ACT_ERRNO", architectures=["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"])
     assert run_bpf(program, NR["read"]) == ALLOW
     assert run_bpf(program, NR["write"]) == errno_ret(errno.EPERM)  # below the highest named: default
     assert run_bpf(program, NR["mkdir"] + 1) == errno_ret(errno.ENOSYS)
     assert run_bpf(program, X32 - 1) == errno_ret(errno.ENOSYS)
     assert run_bpf(program, 0xFFFFFFFF) == KILL_THREAD  # has the x32 bit and x32 is not listed: bad arch
-    allow_default = compile_([{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO"}])
-    assert run_bpf(allow_default, NR["mkdir"] + 1) == ALLOW
+    assert run_bpf(program, syscall_table.I386["mkdir"] + 1, AUDIT_I386) == errno_ret(errno.ENOSYS)
+    # As in runc: no stub for the implicit native architecture, nor when the default action allows.
+    assert run_bpf(compile_(rules, default="SCMP_ACT_ERRNO"), NR["mkdir"] + 1) == errno_ret(errno.EPERM)
+    for allowing in ("SCMP_ACT_ALLOW", "SCMP_ACT_LOG", "SCMP_ACT_TRACE"):
+        other = compile_(
+            [{"names": ["mkdir"], "action": "SCMP_ACT_KILL"}],
+            default=allowing,
+            architectures=["SCMP_ARCH_X86_64"],
+        )
+        assert run_bpf(other, NR["mkdir"] + 1) == seccomp.action_value(allowing, None)
 
 
 def test_unknown_names_are_skipped_and_unknown_fields_are_errors() -> None:
@@ -606,3 +615,45 @@ def test_load_is_fast_and_import_is_light() -> None:
     ).stdout.split()
     for heavy in ("typing", "json", "subprocess", "seccomp"):
         assert heavy not in modules, heavy
+
+
+def test_runc_rule_conventions() -> None:
+    # Conditions repeating an argument index become separate rules (ORed), as runc adds them.
+    either = compile_(
+        [
+            {
+                "names": ["kill"],
+                "action": "SCMP_ACT_ERRNO",
+                "args": [
+                    {"index": 1, "value": 9, "op": "SCMP_CMP_EQ"},
+                    {"index": 1, "value": 15, "op": "SCMP_CMP_EQ"},
+                ],
+            }
+        ]
+    )
+    assert [run_bpf(either, NR["kill"], args=(1, sig)) for sig in (9, 15, 2)] == [
+        errno_ret(errno.EPERM),
+        errno_ret(errno.EPERM),
+        ALLOW,
+    ]
+    # A rule with the default action is left out, so it cannot shadow a later rule.
+    shadow = compile_(
+        [
+            {
+                "names": ["kill"],
+                "action": "SCMP_ACT_ERRNO",
+                "args": [{"index": 0, "value": 1, "op": "SCMP_CMP_EQ"}],
+            },
+            {
+                "names": ["kill"],
+                "action": "SCMP_ACT_ALLOW",
+                "args": [{"index": 1, "value": 0, "op": "SCMP_CMP_EQ"}],
+            },
+        ],
+        default="SCMP_ACT_ERRNO",
+    )
+    assert run_bpf(shadow, NR["kill"], args=(1, 0)) == ALLOW
+    with pytest.raises(seccomp.SeccompError, match="write"):
+        compile_([{"names": ["write"], "action": "SCMP_ACT_NOTIFY"}])
+    with pytest.raises(seccomp.SeccompError, match="default action"):
+        seccomp.compile_filter({"defaultAction": "SCMP_ACT_NOTIFY"})

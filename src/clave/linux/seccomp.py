@@ -14,8 +14,8 @@ The program follows libseccomp's semantics as runc drives it:
 - Rules of one syscall are tried in order (ORed); the conditions of one rule are ANDed; 64-bit arguments are
   compared as high then low 32-bit halves (32-bit ABIs compare the low half only, as libseccomp does).
 - i386 socket and SysV IPC calls also match through socketcall(2)/ipc(2), as libseccomp arranges it.
-- Like runc, syscalls numbered above the highest one the profile names get ENOSYS instead of a denying default
-  action, so that libc falls back from syscalls newer than the profile (clone3, faccessat2, ...).
+- Like runc, on the architectures the config lists, syscalls numbered above the highest one the profile names
+  get ENOSYS instead of a denying default action, so libc falls back from syscalls newer than the profile.
 
 tests/linux/test_seccomp_libseccomp.py checks decisions against libseccomp's own BPF for the same profiles.
 """
@@ -169,15 +169,20 @@ class _Profile:
         default = seccomp.get("defaultAction")
         if default is None:
             raise SeccompError("seccomp: defaultAction is required")
+        if default == "SCMP_ACT_NOTIFY":
+            raise SeccompError("seccomp: SCMP_ACT_NOTIFY cannot be the default action (write must not block)")
         self.default = action_value(default, seccomp.get("defaultErrnoRet"))
-        self.arches = _arch_list(seccomp.get("architectures") or [])
-        self.uses_notify = default == "SCMP_ACT_NOTIFY"
+        listed = seccomp.get("architectures") or []
+        self.arches = _arch_list(listed)
+        # runc adds its ENOSYS stub for the architectures the config lists, not for the implicit native one.
+        self.stub_arches = set(listed)
+        self.uses_notify = False
         # arch name -> {nr: [rules]}; rules kept in config order.
         self.rules: dict[str, dict[int, list[_Rule]]] = {arch: {} for arch in self.arches}
+        # arch name -> highest syscall number the profile names (known to the table), for the ENOSYS stub.
+        self.highest: dict[str, int] = {arch: -1 for arch in self.arches}
         for i, entry in enumerate(seccomp.get("syscalls") or []):
             self._add_entry(i, entry)
-        # arch name -> highest syscall number the profile names (known to the table), for the ENOSYS stub.
-        self.highest = {arch: max(rules, default=-1) for arch, rules in self.rules.items()}
 
     def _add_entry(self, i: int, entry: dict[str, Any]) -> None:
         names = list(entry.get("names") or [])
@@ -192,17 +197,35 @@ class _Profile:
         except SeccompError as err:
             raise SeccompError(f"{err} in {where}") from None
         if action == "SCMP_ACT_NOTIFY":
+            if "write" in names:
+                # the init reports the notify fd to its parent with write(2) after loading the filter
+                raise SeccompError(f"seccomp: {where}: SCMP_ACT_NOTIFY cannot be used for write")
             self.uses_notify = True
         conds = _parse_conditions(entry.get("args"), where)
+        indexes = [cond[0] for cond in conds]
+        if len(set(indexes)) < len(indexes):
+            # runc's rule: conditions on a repeated argument become one rule each (ORed), not one ANDed rule.
+            for cond in conds:
+                self._add_rule(names, value, (cond,))
+        else:
+            self._add_rule(names, value, conds)
+
+    def _add_rule(self, names: list[str], value: int, conds: tuple[_Cond, ...]) -> None:
         rule = (value, conds)
+        # Like runc, a rule whose action is the default action is left out (it still counts for the stub).
+        redundant = value == self.default
         for arch in self.arches:
             table = syscall_table.TABLES[arch]
             rules = self.rules[arch]
-            for name in names:
-                nr = table.get(name)
-                if nr is not None:  # else unknown on this architecture: skipped, as runc does
-                    rules.setdefault(nr, []).append(rule)
-                if arch == "SCMP_ARCH_X86":
+            numbers = [nr for nr in map(table.get, names) if nr is not None]  # unknown names are skipped
+            if numbers:
+                self.highest[arch] = max(self.highest[arch], *numbers)
+            if redundant:
+                continue
+            for nr in numbers:
+                rules.setdefault(nr, []).append(rule)
+            if arch == "SCMP_ARCH_X86":
+                for name in names:
                     _add_multiplexed(rules, name, value, conds)
 
 
@@ -448,7 +471,8 @@ def _arch_intervals(em: _Emitter, profile: _Profile, arch: str, start: int) -> t
     targets = _syscall_targets(em, profile, arch)
     outside = em.ret(profile.default)
     highest = profile.highest[arch]
-    if profile.default in (RET_ALLOW, RET_LOG) or highest < 0:
+    allowing = profile.default in (RET_ALLOW, RET_LOG) or profile.default & 0xFFFF0000 == RET_TRACE
+    if allowing or highest <= 0 or arch not in profile.stub_arches:
         return _intervals(targets, start, outside)
     # runc's stub: syscalls newer than any the profile names get ENOSYS, so libc falls back (clone3 -> clone).
     return _intervals(targets, start, outside, highest + 1, em.ret(RET_ERRNO | ENOSYS))
