@@ -557,6 +557,10 @@ def load_filter(program: bytes, flags: Iterable[str] = (), listener: bool = Fals
             raise SeccompError(f"seccomp: unknown filter flag {flag!r}") from None
     if listener:
         bits |= FILTER_FLAGS["SECCOMP_FILTER_FLAG_NEW_LISTENER"]
+    listen = FILTER_FLAGS["SECCOMP_FILTER_FLAG_NEW_LISTENER"]
+    if bits & listen and bits & FILTER_FLAGS["SECCOMP_FILTER_FLAG_TSYNC"]:
+        # the kernel refuses TSYNC together with a listener unless TSYNC_ESRCH is set
+        bits |= FILTER_FLAGS["SECCOMP_FILTER_FLAG_TSYNC_ESRCH"]
     buf = ctypes.create_string_buffer(program, len(program))
     fprog = ctypes.create_string_buffer(struct.pack("=HxxxxxxQ", count, ctypes.addressof(buf)), 16)
     nr = _SYS_SECCOMP[os.uname().machine]
@@ -566,7 +570,7 @@ def load_filter(program: bytes, flags: Iterable[str] = (), listener: bool = Fals
         err = ctypes.get_errno()
         hint = " (set no_new_privs or hold CAP_SYS_ADMIN first)" if err == 13 else ""
         raise SeccompError(f"seccomp: loading the filter failed: {os.strerror(err)}{hint}")
-    if bits & FILTER_FLAGS["SECCOMP_FILTER_FLAG_NEW_LISTENER"]:
+    if bits & listen:
         return int(result)
     if result > 0:  # TSYNC names the thread it could not synchronize
         raise SeccompError(f"seccomp: thread {result} could not be synchronized (SECCOMP_FILTER_FLAG_TSYNC)")
