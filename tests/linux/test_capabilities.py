@@ -103,7 +103,7 @@ def test_dropped_capabilities_cannot_be_regained() -> None:
     def child() -> Any:
         kept = ["CAP_KILL", "CAP_SETPCAP"]
         caps.apply({"bounding": kept, "effective": kept, "permitted": kept})
-        outcomes = []
+        outcomes: list[Any] = []
         for attempt in (
             lambda: caps.capset(mask("CAP_SYS_ADMIN"), mask("CAP_SYS_ADMIN"), 0),
             lambda: caps.capset(0, 0, mask("CAP_SYS_ADMIN")),

@@ -127,7 +127,7 @@ def test_numbers_above_the_profile_get_enosys_like_runc() -> None:
 def test_unknown_names_are_skipped_and_unknown_fields_are_errors() -> None:
     program = compile_([{"names": ["no_such_syscall", "getcwd"], "action": "SCMP_ACT_ERRNO"}])
     assert run_bpf(program, NR["getcwd"]) == errno_ret(errno.EPERM)
-    bad = [
+    bad: list[tuple[dict[str, Any], str]] = [
         ({"defaultAction": "SCMP_ACT_FOO"}, "SCMP_ACT_FOO"),
         ({"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_VAX"]}, "SCMP_ARCH_VAX"),
         ({"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_PPC64LE"]}, "not supported"),
@@ -351,7 +351,7 @@ def test_default_profile_resolution_and_size() -> None:
 def test_a_long_profile_needs_trampolines_and_stays_correct() -> None:
     # Every syscall with its own conditional rule: thousands of instructions, jumps far beyond 255.
     names = sorted(NR)[:300]
-    rules = [
+    rules: list[dict[str, Any]] = [
         {
             "names": [name],
             "action": "SCMP_ACT_ERRNO",
