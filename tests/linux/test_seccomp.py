@@ -657,3 +657,35 @@ def test_runc_rule_conventions() -> None:
         compile_([{"names": ["write"], "action": "SCMP_ACT_NOTIFY"}])
     with pytest.raises(seccomp.SeccompError, match="default action"):
         seccomp.compile_filter({"defaultAction": "SCMP_ACT_NOTIFY"})
+
+
+def test_kernel_notify_round_trip_through_the_listener() -> None:
+    import fcntl
+    import threading
+
+    notif_recv, notif_send = 0xC0502100, 0xC0182101  # SECCOMP_IOCTL_NOTIF_RECV / _SEND on x86_64
+
+    def child() -> list[Any]:
+        signal.alarm(10)  # a lost notification would block uname forever
+        rules = [{"names": ["uname"], "action": "SCMP_ACT_NOTIFY"}]
+        listener = seccomp.apply({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": rules})
+        assert listener is not None
+        seen: list[int] = []
+
+        def supervise() -> None:
+            notification = bytearray(80)  # struct seccomp_notif: id, pid, flags, seccomp_data
+            fcntl.ioctl(listener, notif_recv, notification)
+            notif_id, pid, _flags, nr = struct.unpack_from("<QIIi", notification)
+            seen.extend([pid, nr])
+            response = bytearray(struct.pack("<QqiI", notif_id, 0, -errno.EOWNERDEAD, 0))
+            fcntl.ioctl(listener, notif_send, response)
+
+        supervisor = threading.Thread(target=supervise)
+        supervisor.start()
+        result = _errno_of(os.uname)
+        supervisor.join()
+        return [result, seen]
+
+    result, (pid, nr) = run_in_child(child).ok()
+    assert result == errno.EOWNERDEAD
+    assert nr == NR["uname"] and pid > 0
