@@ -1,0 +1,21 @@
+"""create: create a container; its init waits for `clave start`.
+
+usage: clave create [--bundle DIR] [--pid-file FILE] [--console-socket SOCK] [--no-pivot] [--preserve-fds N] ID
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clave.cli.main import Parsed, need_args
+from clave.cli.options import CREATE_FLAGS, create_options
+
+FLAGS = CREATE_FLAGS
+
+
+def run(parsed: Parsed, ctx: Any) -> int:
+    (container_id, *_) = need_args(parsed, 1, "create [options] ID")
+    from clave.engine.container import Engine
+
+    Engine(ctx.root, ctx.log).create(container_id, create_options(parsed))
+    return 0

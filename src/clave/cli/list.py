@@ -1,0 +1,36 @@
+"""list: list the containers under --root.
+
+usage: clave list [--format table|json] [--quiet]
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from clave.cli.main import Parsed, UsageError
+
+FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "format": ("str", ("f",)), "quiet": ("bool", ("q",)), "help": ("bool", ("h",)),
+}
+
+
+def run(parsed: Parsed, ctx: Any) -> int:
+    from clave.engine.container import Engine
+
+    states = Engine(ctx.root, ctx.log).list()
+    fmt = parsed.flags.get("format", "table")
+    if parsed.flags.get("quiet"):
+        for s in states:
+            print(s["id"])
+    elif fmt == "json":
+        print(json.dumps(states))
+    elif fmt == "table":
+        rows = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")]
+        rows += [(s["id"], str(s["pid"]), s["status"], s["bundle"], s["created"], s["owner"]) for s in states]
+        widths = [max(len(r[i]) for r in rows) for i in range(6)]
+        for r in rows:
+            print("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    else:
+        raise UsageError(f"invalid format option {fmt!r}: use table or json")
+    return 0

@@ -1,0 +1,176 @@
+"""``clave``: the runc-compatible command line. Global flags, then one module per verb.
+
+Flags follow runc's (Go) conventions, which callers rely on: ``--flag value``, ``--flag=value`` and the
+single-dash ``-flag`` forms; flags end at the first positional argument.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from clave.errors import ClaveError
+
+VERBS = (
+    "create", "start", "run", "state", "kill", "delete", "list", "spec", "features",
+)
+# flag name -> (kind, aliases); kind is "str", "int" or "bool".
+GLOBAL_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "root": ("str", ()),
+    "log": ("str", ()),
+    "log-format": ("str", ()),
+    "debug": ("bool", ()),
+    "systemd-cgroup": ("bool", ()),
+    "criu": ("str", ()),
+    "rootless": ("str", ()),
+    "help": ("bool", ("h",)),
+    "version": ("bool", ("v",)),
+}
+
+USAGE = """usage: clave [global options] command [command options] [arguments...]
+
+clave is an OCI runtime for native, enclave and VM containers, compatible with runc.
+
+commands:
+  create    create a container            start     start a created container
+  run       create and run a container    state     output the state of a container
+  kill      send a signal to the init     delete    delete a container and its resources
+  list      list containers               spec      write a new config.json
+  features  show what clave supports
+
+global options:
+  --root DIR         state directory (default /run/clave)
+  --log FILE         log file (default stderr)
+  --log-format FMT   text or json
+  --debug            debug logging
+  --version          print the version
+"""
+
+
+class UsageError(ClaveError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=1)
+
+
+@dataclass
+class Parsed:
+    flags: dict[str, Any] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)
+
+
+def parse_flags(argv: Sequence[str], spec: dict[str, tuple[str, tuple[str, ...]]], where: str) -> Parsed:
+    names: dict[str, tuple[str, str]] = {}
+    for name, (kind, aliases) in spec.items():
+        names[name] = (name, kind)
+        for alias in aliases:
+            names[alias] = (name, kind)
+    out = Parsed()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            out.args.extend(argv[i + 1 :])
+            break
+        if not arg.startswith("-") or arg == "-":
+            out.args.extend(argv[i:])
+            break
+        key, eq, value = arg.lstrip("-").partition("=")
+        if key not in names:
+            raise UsageError(f"flag provided but not defined: -{key} ({where})")
+        name, kind = names[key]
+        if kind == "bool":
+            out.flags[name] = value.lower() not in ("false", "0") if eq else True
+        else:
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    raise UsageError(f"flag needs an argument: -{key} ({where})")
+                value = argv[i]
+            if kind == "int":
+                try:
+                    out.flags[name] = int(value)
+                except ValueError:
+                    raise UsageError(f"invalid value {value!r} for flag -{key}: must be an integer") from None
+            elif kind == "list":
+                out.flags.setdefault(name, []).append(value)
+            else:
+                out.flags[name] = value
+        i += 1
+    return out
+
+
+@dataclass
+class Globals:
+    root: str
+    log: Any
+    debug: bool
+    systemd_cgroup: bool
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(run(sys.argv[1:] if argv is None else argv))
+
+
+def run(argv: Sequence[str]) -> int:
+    from clave.logs import Logger
+
+    log = Logger()
+    try:
+        parsed = parse_flags(argv, GLOBAL_FLAGS, "global")
+        log = Logger(parsed.flags.get("log"), parsed.flags.get("log-format", "text"), parsed.flags.get("debug", False))
+        if parsed.flags.get("log-format", "text") not in ("text", "json"):
+            raise UsageError(f"invalid log format {parsed.flags['log-format']!r}: use text or json")
+        if parsed.flags.get("version"):
+            from clave import __version__
+            from clave.engine.state import OCI_VERSION
+
+            print(f"clave version {__version__}\nspec: {OCI_VERSION}\npython: {sys.version.split()[0]}")
+            return 0
+        if parsed.flags.get("help") or not parsed.args:
+            sys.stdout.write(USAGE)
+            return 0 if parsed.flags.get("help") else 1
+        verb, rest = parsed.args[0], parsed.args[1:]
+        if verb == "help":
+            sys.stdout.write(USAGE)
+            return 0
+        if verb not in VERBS:
+            raise UsageError(f"unknown command {verb!r}; run 'clave --help' for the list")
+        module = importlib.import_module(f"clave.cli.{verb}")
+        verb_parsed = parse_flags(rest, module.FLAGS, verb)
+        if verb_parsed.flags.get("help"):
+            print(module.__doc__.strip())
+            return 0
+        ctx = Globals(
+            root=parsed.flags.get("root") or "/run/clave",
+            log=log,
+            debug=parsed.flags.get("debug", False),
+            systemd_cgroup=parsed.flags.get("systemd-cgroup", False),
+        )
+        code: int = module.run(verb_parsed, ctx)
+        return code
+    except ClaveError as exc:
+        _report(log, str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _report(log: Any, message: str) -> None:
+    """One line on stderr, and (when --log names a file) a JSON/text error line in the log."""
+    message = " ".join(message.split("\n"))
+    print(message, file=sys.stderr)
+    if not log.to_stderr:
+        log.error(message)
+
+
+def need_args(parsed: Parsed, count: int, usage: str) -> list[str]:
+    if len(parsed.args) < count:
+        raise UsageError(f"missing argument: usage: clave {usage}")
+    return parsed.args
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""run: create and start a container, wait for it, delete it, and exit with its status (128+N if killed by
+signal N). With --detach: create and start only.
+
+usage: clave run [--bundle DIR] [--detach] [--keep] [--pid-file FILE] [--console-socket SOCK] [--no-pivot]
+                 [--preserve-fds N] ID
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+from clave.cli.main import Parsed, need_args
+from clave.cli.options import CREATE_FLAGS, create_options
+
+FLAGS = {
+    **CREATE_FLAGS,
+    "detach": ("bool", ("d",)),
+    "keep": ("bool", ()),
+    "no-subreaper": ("bool", ()),
+}
+
+# Signals a foreground `run` forwards to the container, as runc does.
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+              signal.SIGWINCH)
+
+
+def run(parsed: Parsed, ctx: Any) -> int:
+    (container_id, *_) = need_args(parsed, 1, "run [options] ID")
+    from clave.engine.container import Engine
+    from clave.linux import sys as lsys
+
+    detach = parsed.flags.get("detach", False)
+    opts = create_options(parsed, detach_check=detach)
+    engine = Engine(ctx.root, ctx.log)
+    if not detach:
+        lsys.set_child_subreaper()  # the init is re-parented to us when the intermediate exits
+    console = None
+    if not detach and not opts.console_socket and _wants_terminal(opts.bundle):
+        from clave.cli.tty import Console
+
+        console = Console()
+        opts.console_socket = console.socket_path
+    try:
+        state = engine.create(container_id, opts)
+        if console is not None:
+            console.accept()
+        try:
+            engine.start(container_id)
+        except BaseException:
+            engine.delete(container_id, force=True)
+            raise
+    finally:
+        if console is not None:
+            console.close_listener()
+    if detach:
+        return 0
+    pid = state.pid
+    for sig in _FORWARDED:
+        signal.signal(sig, lambda num, _frame: _forward(pid, num))
+    if console is not None:
+        console.start_copying()
+    status = _wait(pid)
+    if console is not None:
+        console.finish()
+    if not parsed.flags.get("keep"):
+        engine.delete(container_id, force=True)
+    return status
+
+
+def _wants_terminal(bundle: str) -> bool:
+    from clave.config import spec as oci
+
+    try:
+        return bool(oci.load_bundle(bundle).get("process", {}).get("terminal"))
+    except oci.ConfigError:
+        return False  # create reports it
+
+
+def _forward(pid: int, num: int) -> None:
+    try:
+        os.kill(pid, num)
+    except ProcessLookupError:
+        pass
+
+
+def _wait(pid: int) -> int:
+    """Reap children until the init exits; returns its status the shell way."""
+    while True:
+        try:
+            reaped, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            return 255
+        if reaped == pid:
+            return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)

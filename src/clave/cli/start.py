@@ -1,0 +1,20 @@
+"""start: run the user process of a created container.
+
+usage: clave start ID
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clave.cli.main import Parsed, need_args
+
+FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {"help": ("bool", ("h",))}
+
+
+def run(parsed: Parsed, ctx: Any) -> int:
+    (container_id, *_) = need_args(parsed, 1, "start ID")
+    from clave.engine.container import Engine
+
+    Engine(ctx.root, ctx.log).start(container_id)
+    return 0

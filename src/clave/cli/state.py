@@ -1,0 +1,21 @@
+"""state: print the state of a container as JSON.
+
+usage: clave state ID
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from clave.cli.main import Parsed, need_args
+
+FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {"help": ("bool", ("h",))}
+
+
+def run(parsed: Parsed, ctx: Any) -> int:
+    (container_id, *_) = need_args(parsed, 1, "state ID")
+    from clave.engine.container import Engine
+
+    print(json.dumps(Engine(ctx.root, ctx.log).state(container_id), indent=2))
+    return 0

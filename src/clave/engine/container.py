@@ -1,0 +1,299 @@
+"""The container engine: lifecycle and state, per runtime-spec runtime.md; handlers do the isolation.
+
+Every verb locks the container's state directory, derives the live status, refuses operations the status
+does not allow (with no effect), and on any failure during create undoes everything create did.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from clave.config import spec as oci
+from clave.config.defaults import device_rules
+from clave.engine import state as st
+from clave.errors import ClaveError
+from clave.handlers import Handler, handler_for
+from clave.linux.hooks import HookError, run_hooks
+
+
+@dataclass
+class CreateOptions:
+    bundle: str
+    pid_file: str | None = None
+    console_socket: str | None = None
+    no_pivot: bool = False
+    preserve_fds: int = 0
+    listen_fds: int = 0
+    detach_check: bool = True  # terminal containers need a console socket (create / run --detach)
+
+
+class Engine:
+    def __init__(self, root: str = st.DEFAULT_ROOT, log: Any = None) -> None:
+        self.root = root
+        self.log = log
+
+    # ---------------------------------------------------------------- helpers
+    def _open(self, container_id: str) -> tuple[st.StateDir, st.State]:
+        sd = st.StateDir(self.root, container_id)
+        if not os.path.isdir(sd.path):
+            raise ClaveError(f"container {container_id} does not exist")
+        sd.lock()
+        try:
+            return sd, sd.load()
+        except BaseException:
+            sd.unlock()
+            raise
+
+    def _warn(self, message: str) -> None:
+        if self.log is not None:
+            self.log.warning(message)
+
+    # ---------------------------------------------------------------- create
+    def create(self, container_id: str, opts: CreateOptions) -> st.State:
+        bundle = os.path.abspath(opts.bundle)
+        sd = st.StateDir(self.root, container_id)  # validates the id
+        if os.path.exists(sd.path):
+            raise ClaveError(f"container {container_id} already exists")
+        try:
+            config = oci.load_bundle(bundle)
+        except oci.ConfigError as exc:
+            raise ClaveError(str(exc)) from None
+        if "process" not in config:
+            raise ClaveError("config.json: process: required to create a container")
+        handler = handler_for(config)
+        terminal = bool(config["process"].get("terminal"))
+        if terminal and not opts.console_socket and opts.detach_check:
+            raise ClaveError("cannot allocate tty if clave will detach without setting console socket")
+        if not terminal and opts.console_socket:
+            raise ClaveError("cannot use console socket if clave will not detach or allocate tty")
+        state = st.State(
+            id=container_id,
+            bundle=bundle,
+            rootfs=oci.rootfs_path(config, bundle),
+            annotations=config.get("annotations", {}),
+            config=config,
+            handler=handler.name,
+        )
+        sd.make()
+        cgroup = None
+        try:
+            sd.lock()
+            handler.prepare(state)
+            os.mkfifo(sd.fifo, 0o622)
+            sd.save(state)  # pid 0 = "creating": delete --force can clean up after a crash from here on
+            cgroup = self._make_cgroup(state)
+            sd.save(state)
+            pid = handler.spawn(state, sd, opts, cgroup, lambda init_pid: self._runtime_hooks(state, sd, init_pid))
+            state.pid = pid
+            stat = st.proc_stat(pid)
+            state.pid_start = stat[1] if stat else 0
+            sd.save(state)
+            if opts.pid_file:
+                _write_pid_file(opts.pid_file, pid)
+            return state
+        except BaseException as exc:
+            self._destroy(state, sd, cgroup)
+            if isinstance(exc, ClaveError | KeyboardInterrupt):
+                raise
+            raise ClaveError(str(exc)) from None
+        finally:
+            sd.unlock()
+
+    def _make_cgroup(self, state: st.State) -> Any:
+        from clave.linux import cgroups
+
+        linux = state.config.get("linux", {})
+        try:
+            cgroup = cgroups.cgroup_manager(linux.get("cgroupsPath"), state.id)
+            cgroup.create()
+            state.cgroup_paths = cgroup.paths()
+            resources = dict(linux.get("resources", {}))
+            resources["devices"] = device_rules(linux)
+            cgroup.set(resources)
+        except cgroups.CgroupError as exc:
+            raise ClaveError(f"cgroup: {exc}") from None
+        return cgroup
+
+    def _runtime_hooks(self, state: st.State, sd: st.StateDir, init_pid: int) -> None:
+        hooks = state.config.get("hooks", {})
+        doc = self._hook_state(state, "creating", init_pid)
+        for kind in ("prestart", "createRuntime"):
+            try:
+                run_hooks(kind, hooks.get(kind, []), doc)
+            except HookError as exc:
+                raise ClaveError(f"error running {exc}") from None
+
+    def _hook_state(self, state: st.State, status: str, pid: int) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "ociVersion": state.config.get("ociVersion", st.OCI_VERSION), "id": state.id,
+            "status": status, "pid": pid, "bundle": state.bundle,
+        }
+        if state.annotations:
+            doc["annotations"] = state.annotations
+        return doc
+
+    # ---------------------------------------------------------------- start
+    def start(self, container_id: str) -> None:
+        sd, state = self._open(container_id)
+        try:
+            status = st.status(state, sd)
+            if status != "created":
+                raise ClaveError(f"cannot start a container in the {status} state (it must be created)")
+            error = _release_init(sd.fifo, state)
+            os.unlink(sd.fifo)
+            if error is not None:
+                self._stop_after_failed_start(state, sd)
+                raise ClaveError(error)
+            hooks = state.config.get("hooks", {}).get("poststart", [])
+            if hooks:
+                try:
+                    run_hooks("poststart", hooks, self._hook_state(state, "running", state.pid))
+                except HookError as exc:
+                    self._warn(f"error running {exc}")
+        finally:
+            sd.unlock()
+
+    def _stop_after_failed_start(self, state: st.State, sd: st.StateDir) -> None:
+        try:
+            os.kill(state.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    # ---------------------------------------------------------------- state / list
+    def state(self, container_id: str) -> dict[str, Any]:
+        sd = st.StateDir(self.root, container_id)
+        return st.oci_state(sd.load(), sd)
+
+    def list(self) -> list[dict[str, Any]]:
+        out = []
+        for cid in st.list_ids(self.root):
+            sd = st.StateDir(self.root, cid)
+            try:
+                out.append(st.oci_state(sd.load(), sd))
+            except ClaveError:
+                continue
+        return out
+
+    # ---------------------------------------------------------------- kill
+    def kill(self, container_id: str, sig: int, all_processes: bool = False) -> None:
+        sd, state = self._open(container_id)
+        try:
+            status = st.status(state, sd)
+            if status not in ("created", "running", "paused"):
+                raise ClaveError(f"container {container_id} is not running (status {status})")
+            if all_processes:
+                self._cgroup(state).kill_all(sig)
+                return
+            try:
+                os.kill(state.pid, sig)
+            except ProcessLookupError:
+                raise ClaveError(f"container {container_id} is not running") from None
+        finally:
+            sd.unlock()
+
+    def _cgroup(self, state: st.State) -> Any:
+        from clave.linux import cgroups
+
+        return cgroups.CgroupManager.from_paths(state.cgroup_paths)
+
+    # ---------------------------------------------------------------- delete
+    def delete(self, container_id: str, force: bool = False) -> None:
+        sd = st.StateDir(self.root, container_id)
+        if not os.path.isdir(sd.path):
+            raise ClaveError(f"container {container_id} does not exist")
+        sd.lock()
+        try:
+            try:
+                state = sd.load()
+            except ClaveError:
+                if not force:
+                    raise
+                sd.remove()  # half-written by a crashed create: nothing else is known
+                return
+            status = st.status(state, sd)
+            if status in ("running", "paused", "creating") and not force:
+                raise ClaveError(f"cannot delete container {container_id} that is not stopped: {status}")
+            self._destroy(state, sd, None)
+            hooks = state.config.get("hooks", {}).get("poststop", [])
+            if hooks and status != "creating":
+                try:
+                    run_hooks("poststop", hooks, self._hook_state(state, "stopped", 0))
+                except HookError as exc:
+                    self._warn(f"error running {exc}")
+        finally:
+            sd.unlock()
+
+    def _destroy(self, state: st.State, sd: st.StateDir, cgroup: Any) -> None:
+        """Undo create: stop every process, remove the cgroup, the handler's leftovers and the state dir."""
+        if state.pid > 0 and st.init_alive(state):
+            try:
+                os.kill(state.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if cgroup is None and state.cgroup_paths:
+            cgroup = self._cgroup(state)
+        if cgroup is not None:
+            try:
+                cgroup.kill_all(signal.SIGKILL)
+                _wait_gone(lambda: bool(cgroup.pids()))
+                cgroup.destroy()
+            except Exception as exc:  # keep cleaning; report what stayed
+                self._warn(f"cgroup cleanup: {exc}")
+        try:
+            handler_for(state.config, name=state.handler).cleanup(state)
+        except Exception as exc:
+            self._warn(f"{state.handler} handler cleanup: {exc}")
+        sd.remove()
+
+
+def _wait_gone(busy: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while busy() and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def _write_pid_file(path: str, pid: int) -> None:
+    path = os.path.abspath(path)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with open(tmp, "w") as f:
+        f.write(str(pid))
+    os.rename(tmp, path)
+
+
+def _release_init(fifo: str, state: st.State) -> str | None:
+    """Open the exec fifo so the waiting init proceeds; returns its error message, or None once it exec'd."""
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        data = b""
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLHUP)
+        # Until the init opens its end, poll reports nothing; check it is still alive meanwhile.
+        while True:
+            events = poller.poll(50)
+            if events:
+                break
+            if not st.init_alive(state):
+                return "container init exited before start"
+        while True:
+            try:
+                chunk = os.read(fd, 4096)
+            except BlockingIOError:
+                select.select([fd], [], [], 1.0)
+                continue
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    if data.startswith(b"0") and b"E" not in data[:2]:
+        return None
+    message = data.lstrip(b"0")[1:].decode(errors="replace") if data else "container init exited before start"
+    return message or "container init failed"
+
+
+__all__ = ["CreateOptions", "Engine", "Handler"]

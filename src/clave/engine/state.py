@@ -1,0 +1,195 @@
+"""Container state on disk: ``<root>/<id>/state.json`` plus the exec fifo, and the live status.
+
+The status is derived, never trusted from the file: the init pid must still be alive with the start time
+recorded at create (so a recycled pid reads as stopped), the exec fifo exists until ``start``, and the
+cgroup freezer says paused.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from clave.errors import ClaveError
+
+DEFAULT_ROOT = "/run/clave"
+OCI_VERSION = "1.2.0"
+STATE_FILE = "state.json"
+EXEC_FIFO = "exec.fifo"
+
+_ID_RE = re.compile(r"^[\w+\-.]+$")
+
+
+def validate_id(container_id: str) -> None:
+    if not container_id:
+        raise ClaveError("container id cannot be empty")
+    if container_id in (".", "..") or not _ID_RE.match(container_id) or len(container_id) > 1024:
+        raise ClaveError(f"invalid container id {container_id!r}: use letters, digits and + - . _")
+
+
+def rfc3339_ns(t_ns: int) -> str:
+    seconds, nanos = divmod(t_ns, 1_000_000_000)
+    stamp = _dt.datetime.fromtimestamp(seconds, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}.{nanos:09d}Z"
+
+
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks) of a live process, or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2 :].split()
+    return fields[0].decode(), int(fields[19])
+
+
+@dataclass
+class State:
+    id: str
+    bundle: str
+    rootfs: str
+    pid: int = 0
+    pid_start: int = 0
+    created_ns: int = field(default_factory=time.time_ns)
+    owner: str = ""
+    annotations: dict[str, str] = field(default_factory=dict)
+    handler: str = "native"
+    cgroup_paths: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # handler-specific (enclave type, insecure flag...)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> State:
+        return cls(**doc)
+
+
+class StateDir:
+    """One container's directory under the runtime root, with an exclusive lock for mutations."""
+
+    def __init__(self, root: str, container_id: str) -> None:
+        validate_id(container_id)
+        self.root = root
+        self.id = container_id
+        self.path = os.path.join(root, container_id)
+        self.fifo = os.path.join(self.path, EXEC_FIFO)
+        self._lock_fd: int | None = None
+
+    def exists(self) -> bool:
+        return os.path.exists(os.path.join(self.path, STATE_FILE))
+
+    def make(self) -> None:
+        """Create the directory; fails if a container with this id exists (even half-created)."""
+        os.makedirs(self.root, mode=0o711, exist_ok=True)
+        try:
+            os.mkdir(self.path, 0o711)
+        except FileExistsError:
+            raise ClaveError(f"container {self.id} already exists") from None
+
+    def lock(self) -> None:
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def load(self) -> State:
+        try:
+            with open(os.path.join(self.path, STATE_FILE), "rb") as f:
+                return State.from_json(json.loads(f.read()))
+        except FileNotFoundError:
+            raise ClaveError(f"container {self.id} does not exist") from None
+        except (ValueError, TypeError) as exc:
+            raise ClaveError(f"container {self.id}: corrupt state file ({exc}); use delete --force") from None
+
+    def save(self, state: State) -> None:
+        tmp = os.path.join(self.path, f".{STATE_FILE}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(state.to_json(), f)
+        os.rename(tmp, os.path.join(self.path, STATE_FILE))
+
+    def remove(self) -> None:
+        if not os.path.isdir(self.path):
+            return
+        for name in os.listdir(self.path):
+            try:
+                os.unlink(os.path.join(self.path, name))
+            except IsADirectoryError:
+                pass
+        try:
+            os.rmdir(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def init_alive(state: State) -> bool:
+    if state.pid <= 0:
+        return False
+    stat = proc_stat(state.pid)
+    return stat is not None and stat[0] not in ("Z", "X") and stat[1] == state.pid_start
+
+
+def status(state: State, state_dir: StateDir) -> str:
+    if state.pid <= 0:
+        return "creating"
+    if not init_alive(state):
+        return "stopped"
+    if os.path.exists(state_dir.fifo):
+        return "created"
+    if _frozen(state):
+        return "paused"
+    return "running"
+
+
+def _frozen(state: State) -> bool:
+    path = state.cgroup_paths.get("freezer")
+    try:
+        if path:
+            with open(os.path.join(path, "freezer.state")) as f:
+                return f.read().strip() in ("FROZEN", "FREEZING")
+        path = state.cgroup_paths.get("unified") or state.cgroup_paths.get("")
+        if path:
+            with open(os.path.join(path, "cgroup.freeze")) as f:
+                return f.read().strip() == "1"
+    except OSError:
+        return False
+    return False
+
+
+def oci_state(state: State, state_dir: StateDir, runc_fields: bool = True) -> dict[str, Any]:
+    """The runtime-spec state (plus runc's rootfs/created/owner) for ``clave state`` and hooks."""
+    st = status(state, state_dir)
+    doc: dict[str, Any] = {
+        "ociVersion": state.config.get("ociVersion", OCI_VERSION),
+        "id": state.id,
+        "pid": state.pid if st != "stopped" else 0,
+        "status": st,
+        "bundle": state.bundle,
+    }
+    if runc_fields:
+        doc["rootfs"] = state.rootfs
+        doc["created"] = rfc3339_ns(state.created_ns)
+        doc["owner"] = state.owner
+    if state.annotations:
+        doc["annotations"] = state.annotations
+    return doc
+
+
+def list_ids(root: str) -> list[str]:
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if os.path.isfile(os.path.join(root, n, STATE_FILE)))

@@ -1,0 +1,57 @@
+"""The native handler: isolation from Linux namespaces, cgroups and the process's confinement (what runc does)."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from clave.config import spec as oci
+from clave.errors import ClaveError
+from clave.handlers import Handler
+from clave.linux import spawn
+
+if TYPE_CHECKING:
+    from clave.engine.container import CreateOptions
+    from clave.engine.state import State, StateDir
+
+
+class NativeHandler(Handler):
+    name = "native"
+
+    def spawn(self, state: State, state_dir: StateDir, opts: CreateOptions, cgroup: Any, runtime_hooks: Any) -> int:
+        plan = make_plan(state, state_dir, opts, spawn.native_launch)
+        try:
+            spawn.check_plan(plan)
+            if opts.console_socket:
+                from clave.linux import console
+
+                plan.console_fd = console.connect_socket(opts.console_socket)
+            try:
+                return spawn.spawn(plan, cgroup.add_process, runtime_hooks)
+            finally:
+                if plan.console_fd is not None:
+                    os.close(plan.console_fd)
+        except (spawn.SpawnError, OSError) as exc:
+            raise ClaveError(str(exc)) from None
+        except Exception as exc:
+            if type(exc).__module__.startswith("clave."):
+                raise ClaveError(str(exc)) from None
+            raise
+
+
+def make_plan(state: State, state_dir: StateDir, opts: CreateOptions, launch: Any) -> spawn.InitPlan:
+    """The init plan shared by every handler that runs a Linux process tree."""
+    extra_env = []
+    if opts.listen_fds:
+        extra_env = [f"LISTEN_FDS={opts.listen_fds}", "LISTEN_PID=1"]
+    return spawn.InitPlan(
+        config=state.config,
+        rootfs=state.rootfs,
+        state_dir=state_dir.path,
+        namespaces=oci.namespaces(state.config),
+        cgroup_paths=state.cgroup_paths,
+        no_pivot=opts.no_pivot,
+        keep_fds=opts.listen_fds + opts.preserve_fds,
+        extra_env=extra_env,
+        launch=launch,
+    )

@@ -1,0 +1,77 @@
+"""Container consoles: a pty opened inside the container, its master handed over runc's console socket."""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import os
+import struct
+import termios
+
+TIOCSCTTY = 0x540E
+TIOCSWINSZ = 0x5414
+
+
+class ConsoleError(Exception):
+    """The console could not be set up; one line."""
+
+
+def connect_socket(path: str) -> int:
+    """Connect to the caller's console socket (in the runtime, where its path resolves) -> fd."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise ConsoleError(f"console socket {path}: {exc.strerror}") from None
+    return sock.detach()
+
+
+def send_fd(sock_fd: int, fd: int, name: str) -> None:
+    """Send one message naming the pty, with SCM_RIGHTS carrying ``fd`` (runc's protocol)."""
+    import socket
+
+    sock = socket.socket(fileno=sock_fd)
+    try:
+        sock.sendmsg([name.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+    finally:
+        sock.close()
+
+
+def recv_fd(sock: object) -> int:
+    """Receive a pty master sent by send_fd (used by ``clave run`` and tests)."""
+    import socket
+
+    assert isinstance(sock, socket.socket)
+    fds = array.array("i")
+    _, ancdata, _, _ = sock.recvmsg(4096, socket.CMSG_LEN(fds.itemsize))
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: fds.itemsize])
+    if not fds:
+        raise ConsoleError("console socket message carried no file descriptor")
+    return fds[0]
+
+
+def setup_in_container(sock_fd: int, size: dict[str, int] | None) -> None:
+    """Open a pty from the container's /dev/ptmx, send the master, and make the slave our stdio and
+    controlling terminal. Called by init after pivot_root."""
+    try:
+        master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        fcntl.ioctl(master, termios.TIOCSPTLCK, struct.pack("i", 0))
+        number = struct.unpack("I", fcntl.ioctl(master, termios.TIOCGPTN, b"\0\0\0\0"))[0]
+        slave_path = f"/dev/pts/{number}"
+        slave = os.open(slave_path, os.O_RDWR | os.O_NOCTTY)
+    except OSError as exc:
+        raise ConsoleError(f"open container pty: {exc.strerror}") from None
+    if size and (size.get("height") or size.get("width")):
+        fcntl.ioctl(slave, TIOCSWINSZ, struct.pack("HHHH", size.get("height", 0), size.get("width", 0), 0, 0))
+    send_fd(sock_fd, master, slave_path)
+    os.close(master)
+    for target in (0, 1, 2):
+        os.dup2(slave, target)
+    fcntl.ioctl(0, TIOCSCTTY, 0)
+    if slave > 2:
+        os.close(slave)

@@ -1,0 +1,50 @@
+"""OCI hooks: run each with the container state on stdin, its own args and env, and its timeout."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class HookError(Exception):
+    """A hook failed or timed out; one line naming the hook kind, index and path."""
+
+
+def run_hooks(kind: str, hooks: list[dict[str, Any]], state: dict[str, Any]) -> None:
+    """Run ``hooks`` in order; the first failure raises HookError (callers decide if that is fatal)."""
+    if not hooks:
+        return
+    import subprocess  # only paid for when there are hooks
+
+    payload = json.dumps(state).encode()
+    for index, hook in enumerate(hooks):
+        path = hook["path"]
+        args = hook.get("args") or [path]
+        try:
+            result = subprocess.run(
+                args,
+                executable=path,
+                input=payload,
+                env=_env(hook.get("env", [])),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                timeout=hook.get("timeout"),
+                close_fds=True,
+            )
+        except subprocess.TimeoutExpired:
+            raise HookError(f"{kind} hook #{index} ({path}) timed out after {hook['timeout']}s") from None
+        except OSError as exc:
+            raise HookError(f"{kind} hook #{index} ({path}): {exc.strerror}") from None
+        if result.returncode != 0:
+            detail = result.stderr.decode(errors="replace").strip().splitlines()
+            why = f"exit status {result.returncode}" if result.returncode > 0 else f"signal {-result.returncode}"
+            tail = f": {detail[-1]}" if detail else ""
+            raise HookError(f"{kind} hook #{index} ({path}) failed with {why}{tail}")
+
+
+def _env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        env[key] = value
+    return env

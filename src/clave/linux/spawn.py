@@ -1,0 +1,330 @@
+"""Process choreography for a new container, shared by every handler that runs a Linux process tree.
+
+runtime (clave create)
+  └─ fork → intermediate: joins namespaces by path, creates a user namespace (the runtime writes its id maps),
+            unshares the other new namespaces, forks the init and reports its pid, exits.
+              └─ fork → init (pid 1 of a new pid namespace): builds the rootfs, asks the runtime to run the
+                        prestart/createRuntime hooks, runs createContainer hooks, pivots, reports "ready",
+                        then blocks opening the exec fifo until ``start``; then startContainer hooks and the
+                        handler's ``launch`` (execve for native containers, the PAL for enclaves).
+
+Every step is forked Python: no new interpreter starts for the container. The init never returns.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from clave.linux import hooks as oci_hooks
+from clave.linux import namespaces as ns
+from clave.linux import process as proc
+from clave.linux import rootfs as rfs
+from clave.linux import sys as lsys
+from clave.linux.channel import Channel, ChannelClosed, ChannelError
+
+# Namespaced sysctls and the namespace each needs (runc's validation).
+_SYSCTL_NAMESPACES = (
+    ("kernel.msgmax", "ipc"), ("kernel.msgmnb", "ipc"), ("kernel.msgmni", "ipc"), ("kernel.sem", "ipc"),
+    ("kernel.shmall", "ipc"), ("kernel.shmmax", "ipc"), ("kernel.shmmni", "ipc"),
+    ("kernel.shm_rmid_forced", "ipc"), ("fs.mqueue.", "ipc"), ("net.", "network"),
+    ("kernel.hostname", "uts"), ("kernel.domainname", "uts"),
+)
+
+
+class SpawnError(Exception):
+    """The container could not be created; one line from whichever process failed."""
+
+
+@dataclass
+class InitPlan:
+    """Everything the init needs, decided by the runtime before forking."""
+
+    config: dict[str, Any]
+    rootfs: str
+    state_dir: str
+    namespaces: dict[str, str | None]
+    cgroup_paths: dict[str, str] = field(default_factory=dict)
+    no_pivot: bool = False
+    console_fd: int | None = None
+    keep_fds: int = 0  # fds 3 .. 3+keep_fds-1 go to the process (LISTEN_FDS + --preserve-fds)
+    extra_env: list[str] = field(default_factory=list)
+    # The handler's last step, run in the init after start; never returns.
+    launch: Callable[[InitPlan, dict[str, Any]], None] | None = None
+
+    @property
+    def process(self) -> dict[str, Any]:
+        return self.config.get("process", {})
+
+    @property
+    def linux(self) -> dict[str, Any]:
+        return self.config.get("linux", {})
+
+    def new(self, ns_type: str) -> bool:
+        return ns_type in self.namespaces and self.namespaces[ns_type] is None
+
+
+def check_plan(plan: InitPlan) -> None:
+    """Reject configurations that cannot work before anything is created."""
+    if not plan.new("mount"):
+        raise SpawnError("a new mount namespace is required (linux.namespaces must list 'mount' without a path)")
+    if plan.config.get("hostname") and "uts" not in plan.namespaces:
+        raise SpawnError("unable to set hostname without a private UTS namespace")
+    if plan.config.get("domainname") and "uts" not in plan.namespaces:
+        raise SpawnError("unable to set domainname without a private UTS namespace")
+    for key in plan.linux.get("sysctl", {}):
+        for prefix, needed in _SYSCTL_NAMESPACES:
+            if (key == prefix or (prefix.endswith(".") and key.startswith(prefix))) and needed not in plan.namespaces:
+                raise SpawnError(f"sysctl {key!r} is not allowed: the container has no private {needed} namespace")
+        if not any(key == p or (p.endswith(".") and key.startswith(p)) for p, _ in _SYSCTL_NAMESPACES):
+            raise SpawnError(f"sysctl {key!r} is not in a namespace the container owns; refusing to set it host-wide")
+    if not os.path.isdir(plan.rootfs):
+        raise SpawnError(f"rootfs {plan.rootfs} does not exist or is not a directory")
+
+
+def preload(plan: InitPlan) -> None:
+    """Import, before forking, every module the init will need: after pivot_root the package's files are out
+    of reach. Only what this config uses is imported, so a plain container pays for nothing else."""
+    process = plan.process
+    if process.get("rlimits"):
+        import clave.linux.rlimits  # noqa: F401
+    if process.get("capabilities") is not None:
+        import clave.linux.capabilities  # noqa: F401
+    if plan.linux.get("seccomp"):
+        from clave.linux import seccomp
+
+        seccomp.compile_cached(plan.linux["seccomp"])  # compiled once, in the runtime
+    if process.get("terminal"):
+        import clave.linux.console  # noqa: F401
+    hooks = plan.config.get("hooks", {})
+    if hooks.get("startContainer") or hooks.get("createContainer"):
+        import subprocess  # noqa: F401
+
+
+def spawn(
+    plan: InitPlan,
+    join_cgroup: Callable[[int], None],
+    runtime_hooks: Callable[[int], None],
+) -> int:
+    """Fork the container's init as described above; returns its pid once it is ready for ``start``.
+
+    ``join_cgroup(pid)`` places the intermediate in the container's cgroup before any namespace is created;
+    ``runtime_hooks(init_pid)`` runs the prestart and createRuntime hooks when the init reaches that point.
+    On failure the init is killed and SpawnError raised; the caller removes cgroup and state.
+    """
+    preload(plan)
+    joined = ns.open_paths(plan.namespaces)
+    parent, child = Channel.pair()
+    intermediate = os.fork()
+    if intermediate == 0:
+        parent.close()
+        _run_intermediate(plan, joined, child)  # never returns
+    child.close()
+    for _, fd in joined:
+        os.close(fd)
+    init_pid = 0
+    try:
+        join_cgroup(intermediate)
+        parent.send("go")
+        msg = parent.recv()
+        if msg["t"] == "userns":
+            ns.write_id_maps(intermediate, plan.linux.get("uidMappings", []), plan.linux.get("gidMappings", []))
+            parent.send("mapped")
+            msg = parent.recv()
+        if msg["t"] == "error":
+            raise SpawnError(msg["msg"])
+        init_pid = msg["pid"]
+        os.waitpid(intermediate, 0)
+        intermediate = 0
+        msg = parent.recv()
+        if msg["t"] == "hooks":
+            try:
+                runtime_hooks(init_pid)
+            except Exception as exc:
+                parent.send("abort")
+                raise SpawnError(str(exc)) from None
+            parent.send("continue")
+            msg = parent.recv()
+        if msg["t"] == "error":
+            raise SpawnError(msg["msg"])
+        if msg["t"] != "ready":
+            raise SpawnError(f"container init: protocol error ({msg['t']})")
+        return init_pid
+    except ChannelClosed:
+        raise SpawnError("container init exited unexpectedly during create") from None
+    except BaseException:
+        for pid in (intermediate, init_pid):
+            if pid > 0:
+                _kill_and_reap(pid)
+        raise
+    finally:
+        parent.close()
+
+
+def _kill_and_reap(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass  # not our child (the init belongs to the intermediate until it exits)
+
+
+def _report_and_exit(chan: Channel, exc: BaseException) -> None:
+    try:
+        msg = str(exc) if isinstance(exc, _EXPECTED) else f"{type(exc).__name__}: {exc}"
+        chan.send("error", msg=msg or type(exc).__name__)
+    finally:
+        os._exit(1)
+
+
+def _run_intermediate(plan: InitPlan, joined: list[tuple[str, int]], chan: Channel) -> None:
+    try:
+        lsys.set_pdeathsig(signal.SIGKILL)  # the runtime died: do not linger half-made
+        # Drop every descriptor the runtime had open (its state-dir lock above all): the container must not
+        # hold them. What stays: stdio, the fds handed to the process, and what the choreography needs.
+        needed = {chan.read_fd, chan.write_fd, *(fd for _, fd in joined)}
+        if plan.console_fd is not None:
+            needed.add(plan.console_fd)
+        _close_fds_except(2 + plan.keep_fds, needed)
+        chan.expect("go")
+        ns.join(joined)
+        in_userns = "user" in plan.namespaces
+        if plan.new("user"):
+            lsys.unshare(lsys.CLONE_NEWUSER)
+            chan.send("userns")
+            chan.expect("mapped")
+        if in_userns:
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
+        flags = ns.new_flags(plan.namespaces, exclude=("user",))
+        if flags:
+            lsys.unshare(flags)
+        init = os.fork()
+        if init == 0:
+            _run_init(plan, chan)  # never returns
+        chan.send("pid", pid=init)
+    except BaseException as exc:
+        _report_and_exit(chan, exc)
+    os._exit(0)
+
+
+def _close_fds_except(keep_upto: int, needed: set[int]) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > keep_upto and fd not in needed:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _run_init(plan: InitPlan, chan: Channel) -> None:
+    try:
+        _setup_container(plan, chan)
+        exec_fifo = _wait_for_start(plan)
+    except BaseException as exc:
+        _report_and_exit(chan, exc)
+    # From here the creating runtime is gone: failures go to the exec fifo, which ``start`` reads.
+    try:
+        start_state = {
+            "ociVersion": plan.config.get("ociVersion"), "id": os.path.basename(plan.state_dir),
+            "status": "created", "pid": os.getpid(), "bundle": "", "annotations": plan.config.get("annotations", {}),
+        }
+        oci_hooks.run_hooks("startContainer", plan.config.get("hooks", {}).get("startContainer", []), start_state)
+        assert plan.launch is not None
+        plan.launch(plan, {"exec_fifo": exec_fifo})
+        raise SpawnError("container launch returned")
+    except BaseException as exc:
+        try:
+            os.write(exec_fifo, b"E" + str(exc).encode(errors="replace"))
+        finally:
+            os._exit(1)
+
+
+def _setup_container(plan: InitPlan, chan: Channel) -> None:
+    config = plan.config
+    linux = plan.linux
+    in_userns = "user" in plan.namespaces
+    if plan.process.get("terminal"):
+        os.setsid()
+    rfs.prepare_propagation(plan.rootfs, linux.get("rootfsPropagation"))
+    mounts = config.get("mounts", [])
+    rfs.mount_all(plan.rootfs, mounts, plan.cgroup_paths, in_userns)
+    dev_is_bind = any(
+        m["destination"].rstrip("/") == "/dev" and ("bind" in m.get("options", []) or m.get("type") == "bind")
+        for m in mounts
+    )
+    if not dev_is_bind:
+        rfs.create_devices(plan.rootfs, linux.get("devices", []), in_userns)
+    hooks = config.get("hooks", {})
+    if hooks.get("prestart") or hooks.get("createRuntime"):
+        chan.send("hooks")
+        if chan.recv()["t"] != "continue":
+            os._exit(1)
+    state = {"ociVersion": config.get("ociVersion"), "id": os.path.basename(plan.state_dir),
+             "status": "creating", "pid": os.getpid(), "bundle": "", "annotations": config.get("annotations", {})}
+    oci_hooks.run_hooks("createContainer", hooks.get("createContainer", []), state)
+    for key, value in linux.get("sysctl", {}).items():
+        try:
+            with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
+                f.write(value)
+        except OSError as exc:
+            raise SpawnError(f"sysctl {key}={value}: {exc.strerror}") from None
+    # Keep a handle on the state dir: after pivot_root its path no longer resolves.
+    plan_state_fd = os.open(plan.state_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    plan.config["_state_dir_fd"] = plan_state_fd
+    if plan.no_pivot:
+        rfs.move_root(plan.rootfs)
+    else:
+        rfs.pivot_root(plan.rootfs)
+    rfs.readonly_paths(linux.get("readonlyPaths", []))
+    rfs.mask_paths(linux.get("maskedPaths", []))
+    if config.get("root", {}).get("readonly"):
+        rfs.readonly_root()
+    if config.get("hostname"):
+        lsys.sethostname(config["hostname"])
+    if config.get("domainname"):
+        lsys.setdomainname(config["domainname"])
+    if plan.process.get("terminal"):
+        from clave.linux import console
+
+        assert plan.console_fd is not None
+        console.setup_in_container(plan.console_fd, plan.process.get("consoleSize"))
+        plan.console_fd = None
+    process = plan.process
+    proc.enter_cwd(process.get("cwd", "/"))
+    if plan.launch is native_launch:
+        env = proc.environment(process, plan.extra_env)
+        process["_exec_path"] = proc.find_executable(process["args"][0], env)
+    chan.send("ready")
+
+
+def _wait_for_start(plan: InitPlan) -> int:
+    """Block until ``clave start`` opens the exec fifo; returns the fifo's write fd."""
+    state_fd = plan.config.pop("_state_dir_fd")
+    fd = os.open("exec.fifo", os.O_WRONLY | os.O_CLOEXEC, dir_fd=state_fd)
+    os.close(state_fd)
+    return fd
+
+
+def native_launch(plan: InitPlan, ctx: dict[str, Any]) -> None:
+    """The native handler's last step: confine the process and execve the entrypoint."""
+    process = dict(plan.process)
+    if plan.linux.get("seccomp"):
+        process["_seccomp"] = plan.linux["seccomp"]
+    env = proc.environment(process, plan.extra_env)
+    proc.finalize(process, in_userns="user" in plan.namespaces)
+    proc.mark_fds_cloexec(2 + plan.keep_fds)
+    os.write(ctx["exec_fifo"], b"0")
+    proc.execute(process["_exec_path"], process["args"], env)
+
+
+_EXPECTED = (
+    SpawnError, ChannelError, ns.NamespaceError, rfs.RootfsError, proc.ProcessError, oci_hooks.HookError, OSError,
+)
