@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
-from typing import IO
+
+from clave import fastjson
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import IO
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
@@ -37,9 +41,9 @@ class Logger:
             return
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         if self.fmt == "json":
-            line = json.dumps({"level": level, "msg": msg, "time": stamp})
+            line = fastjson.dumps({"level": level, "msg": msg, "time": stamp}, compact=True)
         else:
-            line = f"time=\"{stamp}\" level={level} msg={json.dumps(msg)}"
+            line = f"time=\"{stamp}\" level={level} msg={fastjson.dumps(msg)}"
         try:
             self._out().write(line + "\n")
         except OSError:

@@ -5,10 +5,12 @@ usage: clave create [--bundle DIR] [--pid-file FILE] [--console-socket SOCK] [--
 
 from __future__ import annotations
 
-from typing import Any
-
 from clave.cli.main import Parsed, need_args
 from clave.cli.options import CREATE_FLAGS, create_options
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 FLAGS = CREATE_FLAGS
 

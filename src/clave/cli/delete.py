@@ -5,10 +5,12 @@ usage: clave delete [--force] ID
 
 from __future__ import annotations
 
-from typing import Any
-
 from clave.cli.main import Parsed, need_args
 from clave.errors import ClaveError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {"force": ("bool", ("f",)), "help": ("bool", ("h",))}
 

@@ -5,10 +5,11 @@ usage: clave kill [--all] ID [SIGNAL]   (SIGNAL as 9, KILL or SIGKILL)
 
 from __future__ import annotations
 
-import signal
-from typing import Any
-
 from clave.cli.main import Parsed, UsageError, need_args
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {"all": ("bool", ("a",)), "help": ("bool", ("h",))}
 
@@ -16,9 +17,10 @@ FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {"all": ("bool", ("a",)), "help"
 def run(parsed: Parsed, ctx: Any) -> int:
     args = need_args(parsed, 1, "kill [--all] ID [SIGNAL]")
     from clave.linux.signals import SignalError, parse_signal
+    from clave.linux.sys import SIGTERM
 
     try:
-        sig = parse_signal(args[1]) if len(args) > 1 else int(signal.SIGTERM)
+        sig = parse_signal(args[1]) if len(args) > 1 else SIGTERM
     except SignalError as exc:
         raise UsageError(str(exc)) from None
     from clave.engine.container import Engine

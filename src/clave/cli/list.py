@@ -6,9 +6,12 @@ usage: clave list [--format table|json] [--quiet]
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from clave.cli.main import Parsed, UsageError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "format": ("str", ("f",)), "quiet": ("bool", ("q",)), "help": ("bool", ("h",)),

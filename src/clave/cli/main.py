@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 from clave.errors import ClaveError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
 
 VERBS = (
     "create", "start", "run", "state", "kill", "delete", "list", "spec", "features",
@@ -55,10 +57,10 @@ class UsageError(ClaveError):
         super().__init__(message, exit_code=1)
 
 
-@dataclass
 class Parsed:
-    flags: dict[str, Any] = field(default_factory=dict)
-    args: list[str] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.flags: dict[str, Any] = {}
+        self.args: list[str] = []
 
 
 def parse_flags(argv: Sequence[str], spec: dict[str, tuple[str, tuple[str, ...]]], where: str) -> Parsed:
@@ -102,12 +104,12 @@ def parse_flags(argv: Sequence[str], spec: dict[str, tuple[str, tuple[str, ...]]
     return out
 
 
-@dataclass
 class Globals:
-    root: str
-    log: Any
-    debug: bool
-    systemd_cgroup: bool
+    def __init__(self, root: str, log: Any, debug: bool, systemd_cgroup: bool) -> None:
+        self.root = root
+        self.log = log
+        self.debug = debug
+        self.systemd_cgroup = systemd_cgroup
 
 
 def main(argv: Sequence[str] | None = None) -> None:

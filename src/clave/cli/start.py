@@ -5,9 +5,11 @@ usage: clave start ID
 
 from __future__ import annotations
 
-from typing import Any
-
 from clave.cli.main import Parsed, need_args
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {"help": ("bool", ("h",))}
 

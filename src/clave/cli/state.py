@@ -6,9 +6,12 @@ usage: clave state ID
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from clave.cli.main import Parsed, need_args
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {"help": ("bool", ("h",))}
 

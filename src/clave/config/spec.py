@@ -7,9 +7,13 @@ violation as one line naming the JSON path.
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any
+
+from clave import fastjson
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 SUPPORTED_OCI_MAJOR = "1."
 
@@ -57,7 +61,7 @@ def load_bundle(bundle: str) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     try:
-        doc = json.loads(raw)
+        doc = fastjson.loads(raw)
     except ValueError as exc:
         raise ConfigError(f"config.json: invalid JSON: {exc}") from None
     validate(doc)

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import os
 import select
-import signal
 import time
-from dataclasses import dataclass
-from typing import Any
 
 from clave.config import spec as oci
 from clave.config.defaults import device_rules
@@ -19,17 +16,25 @@ from clave.engine import state as st
 from clave.errors import ClaveError
 from clave.handlers import Handler, handler_for
 from clave.linux.hooks import HookError, run_hooks
+from clave.linux.sys import SIGKILL
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
-@dataclass
 class CreateOptions:
-    bundle: str
-    pid_file: str | None = None
-    console_socket: str | None = None
-    no_pivot: bool = False
-    preserve_fds: int = 0
-    listen_fds: int = 0
-    detach_check: bool = True  # terminal containers need a console socket (create / run --detach)
+    def __init__(
+        self, bundle: str, pid_file: str | None = None, console_socket: str | None = None, no_pivot: bool = False,
+        preserve_fds: int = 0, listen_fds: int = 0, detach_check: bool = True,
+    ) -> None:
+        self.bundle = bundle
+        self.pid_file = pid_file
+        self.console_socket = console_socket
+        self.no_pivot = no_pivot
+        self.preserve_fds = preserve_fds
+        self.listen_fds = listen_fds
+        self.detach_check = detach_check  # terminal containers need a console socket (create / run --detach)
 
 
 class Engine:
@@ -85,9 +90,9 @@ class Engine:
             sd.lock()
             handler.prepare(state)
             os.mkfifo(sd.fifo, 0o622)
-            sd.save(state)  # pid 0 = "creating": delete --force can clean up after a crash from here on
-            cgroup = self._make_cgroup(state)
-            sd.save(state)
+            cgroup = self._cgroup_for(state)
+            sd.save(state)  # pid 0 = "creating": from here on, delete --force cleans up after a crash
+            self._apply_cgroup(state, cgroup)
             pid = handler.spawn(state, sd, opts, cgroup, lambda init_pid: self._runtime_hooks(state, sd, init_pid))
             state.pid = pid
             stat = st.proc_stat(pid)
@@ -104,20 +109,28 @@ class Engine:
         finally:
             sd.unlock()
 
-    def _make_cgroup(self, state: st.State) -> Any:
+    def _cgroup_for(self, state: st.State) -> Any:
+        """The container's cgroup manager; its paths are known (and recorded) before anything is made."""
+        from clave.linux import cgroups
+
+        try:
+            cgroup = cgroups.cgroup_manager(state.config.get("linux", {}).get("cgroupsPath"), state.id)
+        except cgroups.CgroupError as exc:
+            raise ClaveError(f"cgroup: {exc}") from None
+        state.cgroup_paths = cgroup.paths()
+        return cgroup
+
+    def _apply_cgroup(self, state: st.State, cgroup: Any) -> None:
         from clave.linux import cgroups
 
         linux = state.config.get("linux", {})
         try:
-            cgroup = cgroups.cgroup_manager(linux.get("cgroupsPath"), state.id)
             cgroup.create()
-            state.cgroup_paths = cgroup.paths()
             resources = dict(linux.get("resources", {}))
             resources["devices"] = device_rules(linux)
             cgroup.set(resources)
         except cgroups.CgroupError as exc:
             raise ClaveError(f"cgroup: {exc}") from None
-        return cgroup
 
     def _runtime_hooks(self, state: st.State, sd: st.StateDir, init_pid: int) -> None:
         hooks = state.config.get("hooks", {})
@@ -160,7 +173,7 @@ class Engine:
 
     def _stop_after_failed_start(self, state: st.State, sd: st.StateDir) -> None:
         try:
-            os.kill(state.pid, signal.SIGKILL)
+            os.kill(state.pid, SIGKILL)
         except ProcessLookupError:
             pass
 
@@ -232,14 +245,14 @@ class Engine:
         """Undo create: stop every process, remove the cgroup, the handler's leftovers and the state dir."""
         if state.pid > 0 and st.init_alive(state):
             try:
-                os.kill(state.pid, signal.SIGKILL)
+                os.kill(state.pid, SIGKILL)
             except ProcessLookupError:
                 pass
         if cgroup is None and state.cgroup_paths:
             cgroup = self._cgroup(state)
         if cgroup is not None:
             try:
-                cgroup.kill_all(signal.SIGKILL)
+                cgroup.kill_all(SIGKILL)
                 _wait_gone(lambda: bool(cgroup.pids()))
                 cgroup.destroy()
             except Exception as exc:  # keep cleaning; report what stayed

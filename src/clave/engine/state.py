@@ -7,35 +7,37 @@ cgroup freezer says paused.
 
 from __future__ import annotations
 
-import datetime as _dt
 import fcntl
-import json
 import os
-import re
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
+from clave import fastjson
 from clave.errors import ClaveError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_ROOT = "/run/clave"
 OCI_VERSION = "1.2.0"
 STATE_FILE = "state.json"
 EXEC_FIFO = "exec.fifo"
 
-_ID_RE = re.compile(r"^[\w+\-.]+$")
+_ID_PUNCTUATION = frozenset("+-._")
 
 
 def validate_id(container_id: str) -> None:
+    """runc's rule: letters, digits and + - . _ only; not . or .."""
     if not container_id:
         raise ClaveError("container id cannot be empty")
-    if container_id in (".", "..") or not _ID_RE.match(container_id) or len(container_id) > 1024:
+    valid = all(c.isalnum() or c in _ID_PUNCTUATION for c in container_id) and container_id.isascii()
+    if container_id in (".", "..") or not valid or len(container_id) > 1024:
         raise ClaveError(f"invalid container id {container_id!r}: use letters, digits and + - . _")
 
 
 def rfc3339_ns(t_ns: int) -> str:
     seconds, nanos = divmod(t_ns, 1_000_000_000)
-    stamp = _dt.datetime.fromtimestamp(seconds, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
     return f"{stamp}.{nanos:09d}Z"
 
 
@@ -50,20 +52,27 @@ def proc_stat(pid: int) -> tuple[str, int] | None:
     return fields[0].decode(), int(fields[19])
 
 
-@dataclass
 class State:
-    id: str
-    bundle: str
-    rootfs: str
-    pid: int = 0
-    pid_start: int = 0
-    created_ns: int = field(default_factory=time.time_ns)
-    owner: str = ""
-    annotations: dict[str, str] = field(default_factory=dict)
-    handler: str = "native"
-    cgroup_paths: dict[str, str] = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)  # handler-specific (enclave type, insecure flag...)
+    """What the runtime records about a container (its own file format, not the OCI state)."""
+
+    def __init__(
+        self, id: str, bundle: str, rootfs: str, pid: int = 0, pid_start: int = 0, created_ns: int = 0,
+        owner: str = "", annotations: dict[str, str] | None = None, handler: str = "native",
+        cgroup_paths: dict[str, str] | None = None, config: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.id = id
+        self.bundle = bundle
+        self.rootfs = rootfs
+        self.pid = pid
+        self.pid_start = pid_start  # /proc start time: tells a recycled pid from our init
+        self.created_ns = created_ns or time.time_ns()
+        self.owner = owner
+        self.annotations = annotations or {}
+        self.handler = handler
+        self.cgroup_paths = cgroup_paths or {}
+        self.config = config or {}
+        self.extra = extra or {}  # handler-specific (enclave type, insecure flag...)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -108,7 +117,7 @@ class StateDir:
     def load(self) -> State:
         try:
             with open(os.path.join(self.path, STATE_FILE), "rb") as f:
-                return State.from_json(json.loads(f.read()))
+                return State.from_json(fastjson.loads(f.read()))
         except FileNotFoundError:
             raise ClaveError(f"container {self.id} does not exist") from None
         except (ValueError, TypeError) as exc:
@@ -117,7 +126,7 @@ class StateDir:
     def save(self, state: State) -> None:
         tmp = os.path.join(self.path, f".{STATE_FILE}.tmp")
         with open(tmp, "w") as f:
-            json.dump(state.to_json(), f)
+            f.write(fastjson.dumps(state.to_json(), compact=True))
         os.rename(tmp, os.path.join(self.path, STATE_FILE))
 
     def remove(self) -> None:

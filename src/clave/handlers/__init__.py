@@ -7,11 +7,14 @@ the enclave or VM machinery.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from clave.engine.container import CreateOptions
     from clave.engine.state import State, StateDir
+
 
 HANDLERS: dict[str, str] = {
     "native": "clave.handlers.native:NativeHandler",

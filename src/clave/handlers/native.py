@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
 
 from clave.config import spec as oci
 from clave.errors import ClaveError
 from clave.handlers import Handler
 from clave.linux import spawn
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from clave.engine.container import CreateOptions
     from clave.engine.state import State, StateDir
+
 
 
 class NativeHandler(Handler):

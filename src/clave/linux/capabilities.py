@@ -15,7 +15,10 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping, Sequence
 
 
 class CapabilityError(Exception):
@@ -95,7 +98,7 @@ class CapabilitySets:
 
 def parse(caps: Mapping[str, Sequence[str] | None]) -> CapabilitySets:
     """Validate OCI `process.capabilities` and turn it into masks; absent sets are empty, as in runc."""
-    if not isinstance(caps, Mapping):
+    if not isinstance(caps, dict):
         raise CapabilityError("process.capabilities must be an object")
     top = last_cap()
     masks = {}

@@ -6,9 +6,13 @@ inherited across fork; all ends are close-on-exec, so the parent sees EOF once t
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any
+
+from clave import fastjson
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class ChannelClosed(Exception):
@@ -32,7 +36,7 @@ class Channel:
         )
 
     def send(self, kind: str, **fields: Any) -> None:
-        data = json.dumps({"t": kind, **fields}).encode() + b"\n"
+        data = fastjson.dumps({"t": kind, **fields}).encode() + b"\n"
         while data:
             written = os.write(self.write_fd, data)
             data = data[written:]
@@ -44,7 +48,7 @@ class Channel:
                 raise ChannelClosed()
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
-        msg: dict[str, Any] = json.loads(line)
+        msg: dict[str, Any] = fastjson.loads(line)
         return msg
 
     def expect(self, kind: str) -> dict[str, Any]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from clave import fastjson
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class HookError(Exception):
@@ -16,7 +19,7 @@ def run_hooks(kind: str, hooks: list[dict[str, Any]], state: dict[str, Any]) -> 
         return
     import subprocess  # only paid for when there are hooks
 
-    payload = json.dumps(state).encode()
+    payload = fastjson.dumps(state).encode()
     for index, hook in enumerate(hooks):
         path = hook["path"]
         args = hook.get("args") or [path]

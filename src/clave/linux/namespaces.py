@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from clave.linux import sys as lsys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 CLONE_FLAGS: dict[str, int] = {
     "user": lsys.CLONE_NEWUSER,

@@ -8,9 +8,12 @@ set the remaining capability sets, no_new_privs, seccomp last, then execve.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from clave.linux import sys as lsys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PR_SET_KEEPCAPS = 8

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import errno
 import resource
-from collections.abc import Iterable, Mapping
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
 
 
 class RlimitError(Exception):

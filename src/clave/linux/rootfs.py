@@ -7,9 +7,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Any
 
 from clave.linux import sys as lsys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 # option -> (clear, set) flags; mount(8) names as the runtime spec lists them.
 _FLAG_OPTIONS: dict[str, tuple[bool, int]] = {

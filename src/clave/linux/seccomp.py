@@ -25,9 +25,12 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
-from collections.abc import Iterable
 
 from clave.linux import syscall_table
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds to import on the container start path

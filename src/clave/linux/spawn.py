@@ -14,10 +14,6 @@ Every step is forked Python: no new interpreter starts for the container. The in
 from __future__ import annotations
 
 import os
-import signal
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 from clave.linux import hooks as oci_hooks
 from clave.linux import namespaces as ns
@@ -25,6 +21,11 @@ from clave.linux import process as proc
 from clave.linux import rootfs as rfs
 from clave.linux import sys as lsys
 from clave.linux.channel import Channel, ChannelClosed, ChannelError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 # Namespaced sysctls and the namespace each needs (runc's validation).
 _SYSCTL_NAMESPACES = (
@@ -39,21 +40,25 @@ class SpawnError(Exception):
     """The container could not be created; one line from whichever process failed."""
 
 
-@dataclass
 class InitPlan:
     """Everything the init needs, decided by the runtime before forking."""
 
-    config: dict[str, Any]
-    rootfs: str
-    state_dir: str
-    namespaces: dict[str, str | None]
-    cgroup_paths: dict[str, str] = field(default_factory=dict)
-    no_pivot: bool = False
-    console_fd: int | None = None
-    keep_fds: int = 0  # fds 3 .. 3+keep_fds-1 go to the process (LISTEN_FDS + --preserve-fds)
-    extra_env: list[str] = field(default_factory=list)
-    # The handler's last step, run in the init after start; never returns.
-    launch: Callable[[InitPlan, dict[str, Any]], None] | None = None
+    def __init__(
+        self, config: dict[str, Any], rootfs: str, state_dir: str, namespaces: dict[str, str | None],
+        cgroup_paths: dict[str, str] | None = None, no_pivot: bool = False, keep_fds: int = 0,
+        extra_env: list[str] | None = None, launch: Callable[[InitPlan, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.rootfs = rootfs
+        self.state_dir = state_dir
+        self.namespaces = namespaces
+        self.cgroup_paths = cgroup_paths or {}
+        self.no_pivot = no_pivot
+        self.console_fd: int | None = None
+        self.keep_fds = keep_fds  # fds 3 .. 3+keep_fds-1 go to the process (LISTEN_FDS + --preserve-fds)
+        self.extra_env = extra_env or []
+        # The handler's last step, run in the init after start; never returns.
+        self.launch = launch
 
     @property
     def process(self) -> dict[str, Any]:
@@ -166,7 +171,7 @@ def spawn(
 
 def _kill_and_reap(pid: int) -> None:
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, lsys.SIGKILL)
     except ProcessLookupError:
         pass
     try:
@@ -185,7 +190,7 @@ def _report_and_exit(chan: Channel, exc: BaseException) -> None:
 
 def _run_intermediate(plan: InitPlan, joined: list[tuple[str, int]], chan: Channel) -> None:
     try:
-        lsys.set_pdeathsig(signal.SIGKILL)  # the runtime died: do not linger half-made
+        lsys.set_pdeathsig(lsys.SIGKILL)  # the runtime died: do not linger half-made
         # Drop every descriptor the runtime had open (its state-dir lock above all): the container must not
         # hold them. What stays: stdio, the fds handed to the process, and what the choreography needs.
         needed = {chan.read_fd, chan.write_fd, *(fd for _, fd in joined)}

@@ -1,0 +1,78 @@
+"""JSON for the hot path, straight from CPython's C accelerator (``_json``).
+
+``import json`` pulls in ``re`` and ``enum`` (about 10 ms on these machines) only for its pure-Python
+fallbacks; every container start reads config.json and writes state, so the runtime's hot path uses the same
+C scanner and encoder directly. Output is identical to ``json.dumps`` with default settings (compact
+separators optional). Pretty-printing stays with the ``json`` module, off the hot path.
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+try:
+    import _json
+except ImportError:  # another Python implementation: use the standard module
+    _json = None
+
+
+class _ScannerContext:
+    """The attributes ``_json.make_scanner`` reads, with json.loads' defaults."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    memo: dict[str, str] = {}
+
+    @staticmethod
+    def parse_constant(name: str) -> float:
+        return {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}[name]
+
+
+_WHITESPACE = " \t\n\r"
+
+
+class JSONDecodeError(ValueError):
+    pass
+
+
+def loads(data: str | bytes) -> Any:
+    if _json is None:
+        import json
+
+        return json.loads(data)
+    text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
+    scan = _json.make_scanner(_ScannerContext)
+    start = len(text) - len(text.lstrip(_WHITESPACE))
+    try:
+        value, end = scan(text, start)
+    except StopIteration as exc:
+        raise JSONDecodeError(f"Expecting value: char {exc.value}") from None
+    except ValueError as exc:  # _json raises json.JSONDecodeError, a ValueError, with position info
+        raise JSONDecodeError(str(exc)) from None
+    finally:
+        _ScannerContext.memo.clear()
+    rest = text[end:].strip(_WHITESPACE)
+    if rest:
+        raise JSONDecodeError(f"Extra data: char {end}")
+    return value
+
+
+def dumps(obj: Any, compact: bool = False) -> str:
+    if _json is None:
+        import json
+
+        return json.dumps(obj, separators=(",", ":") if compact else None)
+
+    def unsupported(o: Any) -> Any:
+        raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
+
+    encoder = _json.make_encoder(
+        {}, unsupported, _json.encode_basestring_ascii, None,
+        ":" if compact else ": ", "," if compact else ", ", False, False, True,
+    )
+    return "".join(encoder(obj, 0))
