@@ -22,12 +22,15 @@ $(VENV)/.stamp: pyproject.toml .deps-stamp
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m compileall -q src >/dev/null  # the runtime's start-up time depends on cached bytecode
 	@touch $@
 
 demo: venv
+	$(PY) -m compileall -q src >/dev/null
 	$(PY) demo/run_demo.py
 
-test: venv
+test: venv lint
+	$(PY) -m compileall -q src >/dev/null
 	$(PY) -m pytest -q -ra
 
 lint: venv

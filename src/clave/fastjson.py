@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 try:
     import _json
 except ImportError:  # another Python implementation: use the standard module
-    _json = None
+    _json = None  # type: ignore[assignment]
 
 
 class _ScannerContext:
@@ -46,7 +46,7 @@ def loads(data: str | bytes) -> Any:
 
         return json.loads(data)
     text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
-    scan = _json.make_scanner(_ScannerContext)
+    scan = _json.make_scanner(_ScannerContext)  # type: ignore[arg-type]
     start = len(text) - len(text.lstrip(_WHITESPACE))
     try:
         value, end = scan(text, start)

@@ -143,7 +143,7 @@ def run(argv: Sequence[str]) -> int:
         module = importlib.import_module(f"clave.cli.{verb}")
         verb_parsed = parse_flags(rest, module.FLAGS, verb)
         if verb_parsed.flags.get("help"):
-            print(module.__doc__.strip())
+            print((module.__doc__ or verb).strip())
             return 0
         ctx = Globals(
             root=parsed.flags.get("root") or "/run/clave",

@@ -6,9 +6,10 @@ import array
 import fcntl
 import os
 import struct
-import termios
 
 TIOCSCTTY = 0x540E
+TIOCSPTLCK = 0x40045431  # _IOW('T', 0x31, int)
+TIOCGPTN = 0x80045430  # _IOR('T', 0x30, unsigned int)
 TIOCSWINSZ = 0x5414
 
 
@@ -60,8 +61,8 @@ def setup_in_container(sock_fd: int, size: dict[str, int] | None) -> None:
     controlling terminal. Called by init after pivot_root."""
     try:
         master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-        fcntl.ioctl(master, termios.TIOCSPTLCK, struct.pack("i", 0))
-        number = struct.unpack("I", fcntl.ioctl(master, termios.TIOCGPTN, b"\0\0\0\0"))[0]
+        fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
+        number = struct.unpack("I", fcntl.ioctl(master, TIOCGPTN, b"\0\0\0\0"))[0]
         slave_path = f"/dev/pts/{number}"
         slave = os.open(slave_path, os.O_RDWR | os.O_NOCTTY)
     except OSError as exc:

@@ -89,7 +89,6 @@ def finalize(process: dict[str, Any], in_userns: bool = False) -> None:
     caps = process.get("capabilities")
     seccomp_cfg = process.get("_seccomp")  # the linux.seccomp section, attached by the caller
     no_new_privs = bool(process.get("noNewPrivileges"))
-    capabilities = None
     if caps is not None:
         from clave.linux import capabilities
 
@@ -116,7 +115,6 @@ def finalize(process: dict[str, Any], in_userns: bool = False) -> None:
         raise ProcessError(f"set user {uid}:{gid}: {exc.strerror}") from None
     if caps is not None:
         lsys.prctl(PR_SET_KEEPCAPS, 0)
-        assert capabilities is not None
         try:
             capabilities.apply_sets(caps)
         except capabilities.CapabilityError as exc:
