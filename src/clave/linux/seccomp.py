@@ -581,15 +581,46 @@ def load_filter(program: bytes, flags: Iterable[str] = (), listener: bool = Fals
 
 
 _cache: dict[str, tuple[bytes, bool]] = {}
+# Compiled programs are cached on disk by content, so a container start rarely compiles at all.
+CACHE_DIR = "/run/clave/seccomp"
+_COMPILER_VERSION = b"clave-seccomp-1"  # bump when the compiler's output changes
 
 
 def compile_cached(seccomp: dict[str, Any]) -> tuple[bytes, bool]:
-    """(program, needs a listener), memoized on the config's text (the shim runs many containers)."""
-    key = repr(seccomp)
-    hit = _cache.get(key)
+    """(program, needs a listener), memoized in-process and on disk on the config's text."""
+    from clave import fastjson
+
+    text = fastjson.dumps(seccomp, compact=True)
+    hit = _cache.get(text)
     if hit is None:
-        hit = _cache[key] = _compile(seccomp)
+        hit = _cache[text] = _disk_cached(text, seccomp)
     return hit
+
+
+def _disk_cached(text: str, seccomp: dict[str, Any]) -> tuple[bytes, bool]:
+    try:
+        from _sha256 import sha256
+    except ImportError:  # pragma: no cover - other Python builds
+        from hashlib import sha256
+    digest = sha256(_COMPILER_VERSION + os.uname().machine.encode() + text.encode()).hexdigest()
+    path = f"{CACHE_DIR}/{digest}.bpf"
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if data[:1] in (b"0", b"1") and (len(data) - 1) % 8 == 0:
+            return data[1:], data[:1] == b"1"
+    except OSError:
+        pass
+    program, notify = _compile(seccomp)
+    try:
+        os.makedirs(CACHE_DIR, mode=0o700, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write((b"1" if notify else b"0") + program)
+        os.rename(tmp, path)
+    except OSError:
+        pass  # a read-only /run only costs the compile next time
+    return program, notify
 
 
 def apply(seccomp: dict[str, Any]) -> int | None:
