@@ -1,0 +1,274 @@
+"""Fixtures for the native runtime conformance suite: real containers, run as root through the `clave` CLI.
+
+Every test gets its own ``--root`` state dir, bundle dir and container-id prefix; the teardown force-deletes
+whatever the test left and then asserts nothing of it remains: no state dir, cgroup, mount or process.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CLAVE = str(Path(sys.executable).with_name("clave"))
+BUSYBOX = "/bin/busybox"
+CGROUP_ROOT = "/sys/fs/cgroup"
+PR_SET_CHILD_SUBREAPER = 36
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the runtime suite runs containers: needs root")
+
+
+def _prctl(option: int, value: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, value, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _subreaper() -> Iterator[None]:
+    """Act as containerd's shim does: a subreaper, so a created container's init becomes our child."""
+    if os.geteuid() != 0:
+        yield
+        return
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    yield
+    _prctl(PR_SET_CHILD_SUBREAPER, 0)
+
+
+@pytest.fixture(scope="session")
+def shared_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One busybox rootfs for the whole session; bundles point root.path at it when they do not write to it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    if not os.path.exists(BUSYBOX):
+        pytest.skip(f"{BUSYBOX} missing: install Debian's busybox-static")
+    from clave.tools.bundles import make_busybox_rootfs
+
+    path = tmp_path_factory.mktemp("busybox") / "rootfs"
+    make_busybox_rootfs(str(path))
+    return path
+
+
+def base_config(args: list[str]) -> dict[str, Any]:
+    """`clave spec`'s defaults, without a terminal, with a writable root and a /out bind for results."""
+    from clave.config.defaults import default_spec
+
+    config = default_spec()
+    config["process"]["args"] = args
+    config["process"]["terminal"] = False
+    config["root"]["readonly"] = False
+    return config
+
+
+class Bundle:
+    """A bundle dir with a config.json; ``out`` is a host dir the container sees read-write at /out."""
+
+    def __init__(self, path: Path, shared_rootfs: Path) -> None:
+        self.path = path
+        self.out = path / "out"
+        self.out.mkdir(parents=True)
+        self.shared_rootfs = shared_rootfs
+        self.config = base_config(["true"])
+        self.config["root"]["path"] = str(shared_rootfs)
+        self.config["mounts"].append(
+            {"destination": "/out", "type": "bind", "source": str(self.out), "options": ["rbind", "rw"]}
+        )
+
+    @property
+    def process(self) -> dict[str, Any]:
+        proc: dict[str, Any] = self.config["process"]
+        return proc
+
+    @property
+    def linux(self) -> dict[str, Any]:
+        linux: dict[str, Any] = self.config["linux"]
+        return linux
+
+    def args(self, *args: str) -> Bundle:
+        self.process["args"] = list(args)
+        return self
+
+    def sh(self, script: str) -> Bundle:
+        return self.args("sh", "-c", script)
+
+    def private_rootfs(self) -> Path:
+        """Give this bundle its own copy of the rootfs (for tests that write to it)."""
+        dest = self.path / "rootfs"
+        shutil.copytree(self.shared_rootfs, dest, symlinks=True)
+        self.config["root"]["path"] = "rootfs"
+        return dest
+
+    @property
+    def rootfs(self) -> Path:
+        path = Path(self.config["root"]["path"])
+        return path if path.is_absolute() else self.path / path
+
+    def write(self, config: dict[str, Any] | None = None) -> Path:
+        target = self.path / "config.json"
+        target.write_text(json.dumps(self.config if config is None else config, indent=1))
+        return target
+
+    def clone_config(self) -> dict[str, Any]:
+        return copy.deepcopy(self.config)
+
+
+class Clave:
+    """Runs the CLI with this test's --root and a JSON --log, from the bundle dir."""
+
+    def __init__(self, root: Path, log: Path, bundle: Bundle, prefix: str) -> None:
+        self.root = root
+        self.log = log
+        self.bundle = bundle
+        self.prefix = prefix
+        self.inits: list[int] = []
+
+    def id(self, name: str = "c") -> str:
+        return f"{self.prefix}-{name}"
+
+    def __call__(self, *args: str, check: bool = True, input: bytes | None = None, timeout: float = 30,
+                 env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+        cmd = [CLAVE, "--root", str(self.root), "--log", str(self.log), "--log-format", "json", *args]
+        capture = "stdout" not in kwargs and "stderr" not in kwargs
+        result = subprocess.run(cmd, input=input, capture_output=capture, timeout=timeout,
+                                cwd=self.bundle.path, env=env, **kwargs)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} exited {result.returncode}: {result.stderr!r}")
+        return result
+
+    def fail(self, *args: str, **kwargs: Any) -> str:
+        """Run a command that must fail: one error line on stderr and a JSON error line in the log."""
+        self.log.write_text("")
+        result = self(*args, check=False, **kwargs)
+        assert result.returncode != 0, f"{' '.join(args)} unexpectedly succeeded"
+        lines = result.stderr.decode().strip().splitlines()
+        assert len(lines) == 1, f"expected one error line, got {lines!r}"
+        errors = [json.loads(line) for line in self.log.read_text().splitlines()]
+        errors = [e for e in errors if e["level"] == "error"]
+        assert errors, "no error line in --log"
+        assert errors[-1]["msg"] and errors[-1]["time"]
+        return lines[0]
+
+    def create(self, cid: str, *extra: str, **kwargs: Any) -> int:
+        """`clave create`; the container keeps create's stdout/stderr, so they go to files, not pipes."""
+        pid_file = self.bundle.path / f"{cid}.pid"
+        self.bundle.write()
+        with open(self.bundle.path / f"{cid}.stdout", "wb") as out, open(self.bundle.path / f"{cid}.stderr", "wb") as err:
+            result = self("create", "--bundle", str(self.bundle.path), "--pid-file", str(pid_file), *extra, cid,
+                          check=False, stdin=subprocess.DEVNULL, stdout=out, stderr=err, **kwargs)
+        if result.returncode != 0:
+            raise AssertionError(f"create exited {result.returncode}: {self.stderr(cid)!r}")
+        pid = int(pid_file.read_text())
+        self.inits.append(pid)
+        return pid
+
+    def stdout(self, cid: str) -> str:
+        return (self.bundle.path / f"{cid}.stdout").read_text()
+
+    def stderr(self, cid: str) -> str:
+        return (self.bundle.path / f"{cid}.stderr").read_text()
+
+    def state(self, cid: str) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(self("state", cid).stdout)
+        return doc
+
+    def run(self, *extra: str, cid: str | None = None, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+        self.bundle.write()
+        return self("run", "--bundle", str(self.bundle.path), *extra, cid or self.id("run"), check=False, **kwargs)
+
+    def output(self, *extra: str, **kwargs: Any) -> str:
+        """`clave run` the bundle; asserts exit 0 and returns stdout."""
+        result = self.run(*extra, **kwargs)
+        assert result.returncode == 0, f"run exited {result.returncode}: {result.stderr!r}"
+        return result.stdout.decode()
+
+
+def reap(pid: int, timeout: float = 5.0) -> int | None:
+    """Wait for a container init that we (the subreaper) inherited; returns its wait status."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return None
+        if done == pid:
+            return status
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} did not exit")
+
+
+def reap_zombies() -> None:
+    """Reap inits of failed creates that were re-parented to us (the caller reaps, as the spec says)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def leftovers(root: Path, token: str, paths: list[Path]) -> list[str]:
+    """Everything a container named with ``token`` could leave behind on the host."""
+    found = []
+    if root.exists():
+        found += [f"state: {root / n}" for n in os.listdir(root)]
+    for dirpath, dirnames, _ in os.walk(CGROUP_ROOT):
+        found += [f"cgroup: {dirpath}/{d}" for d in dirnames if token in d]
+    with open("/proc/self/mountinfo") as f:
+        mountinfo = f.read()
+    found += [f"mount: {p}" for p in paths if f" {p}" in mountinfo]
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    continue  # exited; reaping it is the caller's job
+            with open(f"/proc/{pid}/cgroup") as f:
+                if token in f.read():
+                    found.append(f"process: {pid}")
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture
+def bundle(tmp_path: Path, shared_rootfs: Path) -> Bundle:
+    return Bundle(tmp_path / "bundle", shared_rootfs)
+
+
+@pytest.fixture
+def clave(tmp_path: Path, bundle: Bundle) -> Iterator[Clave]:
+    token = "ct" + secrets.token_hex(4)
+    cli = Clave(tmp_path / "state", tmp_path / "log.json", bundle, token)
+    yield cli
+    remaining = os.listdir(cli.root) if cli.root.exists() else []
+    for cid in remaining:
+        cli("delete", "--force", cid, check=False)
+    for pid in cli.inits:
+        reap(pid)
+    reap_zombies()
+    found = leftovers(cli.root, token, [bundle.path, bundle.rootfs])
+    assert not found, f"left behind: {found}"
+
+
+@pytest.fixture
+def assert_clean(clave: Clave, bundle: Bundle) -> Any:
+    """Call after a failure point: nothing of the test's containers may remain."""
+
+    def check() -> None:
+        reap_zombies()
+        found = leftovers(clave.root, clave.prefix, [bundle.path, bundle.rootfs])
+        assert not found, f"left behind: {found}"
+
+    return check
