@@ -21,7 +21,7 @@ FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
 def run(parsed: Parsed, ctx: Any) -> int:
     from clave.engine.container import Engine
 
-    states = Engine(ctx.root, ctx.log).list()
+    states = Engine(ctx.root, ctx.log).list_states()
     fmt = parsed.flags.get("format", "table")
     if parsed.flags.get("quiet"):
         for s in states:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 VERBS = (
     "create", "start", "run", "state", "kill", "delete", "list", "spec", "features",
+    "exec", "ps", "pause", "resume", "update", "events",
 )
 # flag name -> (kind, aliases); kind is "str", "int" or "bool".
 GLOBAL_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -41,7 +42,10 @@ commands:
   run       create and run a container    state     output the state of a container
   kill      send a signal to the init     delete    delete a container and its resources
   list      list containers               spec      write a new config.json
-  features  show what clave supports
+  features  show what clave supports        exec      run a process in a running container
+  ps        list a container's processes   pause     freeze a container
+  resume    thaw a paused container        update    change a container's resources
+  events    stats and OOM events
 
 global options:
   --root DIR         state directory (default /run/clave)

@@ -59,12 +59,10 @@ def run(parsed: Parsed, ctx: Any) -> int:
             console.close_listener()
     if detach:
         return 0
-    pid = state.pid
-    for sig in _FORWARDED:
-        signal.signal(sig, lambda num, _frame: _forward(pid, num))
+    forward_signals(state.pid)
     if console is not None:
         console.start_copying()
-    status = _wait(pid)
+    status = wait_for(state.pid)
     if console is not None:
         console.finish()
     if not parsed.flags.get("keep"):
@@ -81,6 +79,11 @@ def _wants_terminal(bundle: str) -> bool:
         return False  # create reports it
 
 
+def forward_signals(pid: int) -> None:
+    for sig in _FORWARDED:
+        signal.signal(sig, lambda num, _frame: _forward(pid, num))
+
+
 def _forward(pid: int, num: int) -> None:
     try:
         os.kill(pid, num)
@@ -88,7 +91,7 @@ def _forward(pid: int, num: int) -> None:
         pass
 
 
-def _wait(pid: int) -> int:
+def wait_for(pid: int) -> int:
     """Reap children until the init exits; returns its status the shell way."""
     while True:
         try:

@@ -37,6 +37,17 @@ class CreateOptions:
         self.detach_check = detach_check  # terminal containers need a console socket (create / run --detach)
 
 
+class ExecOptions:
+    def __init__(
+        self, console_socket: str | None = None, pid_file: str | None = None, preserve_fds: int = 0,
+        ignore_paused: bool = False,
+    ) -> None:
+        self.console_socket = console_socket
+        self.pid_file = pid_file
+        self.preserve_fds = preserve_fds
+        self.ignore_paused = ignore_paused
+
+
 class Engine:
     def __init__(self, root: str = st.DEFAULT_ROOT, log: Any = None) -> None:
         self.root = root
@@ -182,7 +193,7 @@ class Engine:
         sd = st.StateDir(self.root, container_id)
         return st.oci_state(sd.load(), sd)
 
-    def list(self) -> list[dict[str, Any]]:
+    def list_states(self) -> list[dict[str, Any]]:
         out = []
         for cid in st.list_ids(self.root):
             sd = st.StateDir(self.root, cid)
@@ -241,6 +252,118 @@ class Engine:
         finally:
             sd.unlock()
 
+    # ---------------------------------------------------------------- exec
+    def exec(self, container_id: str, process: dict[str, Any], opts: ExecOptions) -> int:
+        """Start ``process`` in the running container; returns its pid once it has exec'd."""
+        from clave.linux import enter, spawn
+
+        sd, state = self._open(container_id)
+        try:
+            status = st.status(state, sd)
+            if status == "paused" and not opts.ignore_paused:
+                raise ClaveError(f"container {container_id} is paused; resume it first (or --ignore-paused)")
+            if status not in ("created", "running", "paused"):
+                raise ClaveError(f"cannot exec in a {status} container")
+            linux = state.config.get("linux", {})
+            try:
+                spawn.check_lsm(process, {})
+            except spawn.SpawnError as exc:
+                raise ClaveError(str(exc)) from None
+            process = dict(process)
+            if linux.get("seccomp"):
+                process["_seccomp"] = linux["seccomp"]
+            types = [n["type"] for n in linux.get("namespaces", [])]
+            cgroup = self._cgroup(state)
+            console_fd = None
+            if process.get("terminal"):
+                from clave.linux import console
+
+                if not opts.console_socket:
+                    raise ClaveError("cannot allocate tty if clave will detach without setting console socket")
+                console_fd = console.connect_socket(opts.console_socket)
+            try:
+                pid = enter.enter(state.pid, types, process, cgroup.add_process, console_fd, opts.preserve_fds)
+            except (enter.EnterError, OSError) as exc:
+                raise ClaveError(str(exc)) from None
+            finally:
+                if console_fd is not None:
+                    os.close(console_fd)
+            if opts.pid_file:
+                _write_pid_file(opts.pid_file, pid)
+            return pid
+        finally:
+            sd.unlock()
+
+    # ---------------------------------------------------------------- ps / pause / resume / update / stats
+    def pids(self, container_id: str) -> list[int]:
+        sd, state = self._open(container_id)
+        try:
+            if st.status(state, sd) == "stopped":
+                return []
+            return sorted(self._cgroup(state).pids())
+        finally:
+            sd.unlock()
+
+    def pause(self, container_id: str) -> None:
+        sd, state = self._open(container_id)
+        try:
+            status = st.status(state, sd)
+            if status != "running":
+                raise ClaveError(f"container {container_id} is not running (status {status})")
+            self._cgroup(state).freeze()
+        finally:
+            sd.unlock()
+
+    def resume(self, container_id: str) -> None:
+        sd, state = self._open(container_id)
+        try:
+            status = st.status(state, sd)
+            if status != "paused":
+                raise ClaveError(f"container {container_id} is not paused (status {status})")
+            self._cgroup(state).thaw()
+        finally:
+            sd.unlock()
+
+    def update(self, container_id: str, resources: dict[str, Any]) -> None:
+        """Apply new cgroup resources to a live container and record them."""
+        from clave.linux import cgroups
+
+        sd, state = self._open(container_id)
+        try:
+            status = st.status(state, sd)
+            if status == "stopped":
+                raise ClaveError(f"cannot update a stopped container {container_id}")
+            try:
+                self._cgroup(state).set(resources)
+            except cgroups.CgroupError as exc:
+                raise ClaveError(f"cgroup: {exc}") from None
+            merged = state.config.setdefault("linux", {}).setdefault("resources", {})
+            for key, value in resources.items():
+                merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+            sd.save(state)
+        finally:
+            sd.unlock()
+
+    def stats(self, container_id: str) -> dict[str, Any]:
+        """runc's ``events --stats`` data: cgroup statistics plus the network interfaces of the container."""
+        sd, state = self._open(container_id)
+        try:
+            if st.status(state, sd) == "stopped":
+                raise ClaveError(f"container {container_id} is not running")
+            data: dict[str, Any] = self._cgroup(state).stats()
+            data["network_interfaces"] = _network_interfaces(state.pid)
+            return data
+        finally:
+            sd.unlock()
+
+    def oom_kills(self, container_id: str) -> int:
+        sd, state = self._open(container_id)
+        try:
+            count: int = self._cgroup(state).oom_kill_count()
+            return count
+        finally:
+            sd.unlock()
+
     def _destroy(self, state: st.State, sd: st.StateDir, cgroup: Any) -> None:
         """Undo create: stop every process, remove the cgroup, the handler's leftovers and the state dir."""
         if state.pid > 0 and st.init_alive(state):
@@ -268,6 +391,27 @@ def _wait_gone(busy: Any, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while busy() and time.monotonic() < deadline:
         time.sleep(0.005)
+
+
+def _network_interfaces(pid: int) -> list[dict[str, Any]]:
+    """Counters of every interface in the container's network namespace, seen through its init's /proc."""
+    try:
+        with open(f"/proc/{pid}/net/dev") as f:
+            lines = f.read().splitlines()[2:]
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        name, _, counters = line.partition(":")
+        v = [int(x) for x in counters.split()]
+        if len(v) < 12:
+            continue
+        out.append({
+            "name": name.strip(),
+            "rx_bytes": v[0], "rx_packets": v[1], "rx_errors": v[2], "rx_dropped": v[3],
+            "tx_bytes": v[8], "tx_packets": v[9], "tx_errors": v[10], "tx_dropped": v[11],
+        })
+    return out
 
 
 def _write_pid_file(path: str, pid: int) -> None:
@@ -309,4 +453,4 @@ def _release_init(fifo: str, state: st.State) -> str | None:
     return message or "container init failed"
 
 
-__all__ = ["CreateOptions", "Engine", "Handler"]
+__all__ = ["CreateOptions", "Engine", "ExecOptions", "Handler"]

@@ -86,8 +86,22 @@ def check_plan(plan: InitPlan) -> None:
                 raise SpawnError(f"sysctl {key!r} is not allowed: the container has no private {needed} namespace")
         if not any(key == p or (p.endswith(".") and key.startswith(p)) for p, _ in _SYSCTL_NAMESPACES):
             raise SpawnError(f"sysctl {key!r} is not in a namespace the container owns; refusing to set it host-wide")
+    check_lsm(plan.process, plan.linux)
     if not os.path.isdir(plan.rootfs):
         raise SpawnError(f"rootfs {plan.rootfs} does not exist or is not a directory")
+
+
+def check_lsm(process: dict[str, Any], linux: dict[str, Any]) -> None:
+    """AppArmor and SELinux settings are refused on hosts without that LSM, never silently ignored."""
+    if process.get("apparmorProfile") and not os.path.isdir("/sys/kernel/security/apparmor"):
+        raise SpawnError(f"apparmor profile {process['apparmorProfile']!r} requested, but AppArmor is not enabled "
+                         "on this host")
+    for where, label in (("process.selinuxLabel", process.get("selinuxLabel")),
+                         ("linux.mountLabel", linux.get("mountLabel"))):
+        if label and not os.path.isdir("/sys/fs/selinux"):
+            raise SpawnError(f"{where} {label!r} requested, but SELinux is not enabled on this host")
+    if process.get("apparmorProfile") or process.get("selinuxLabel") or linux.get("mountLabel"):
+        raise SpawnError("AppArmor/SELinux labels are not supported by clave yet")
 
 
 def preload(plan: InitPlan) -> None:

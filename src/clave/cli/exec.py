@@ -1,0 +1,140 @@
+"""exec: run a new process inside a running container.
+
+usage: clave exec [--process FILE | COMMAND ARGS...] [--tty] [--console-socket SOCK] [--detach] [--pid-file FILE]
+                  [--env K=V]... [--cwd DIR] [--user UID[:GID]] [--additional-gids GID]... [--cap CAP]...
+                  [--no-new-privs] [--preserve-fds N] [--ignore-paused] ID [COMMAND ARGS...]
+Without --detach, waits for the process and exits with its status.
+"""
+
+from __future__ import annotations
+
+import os
+
+from clave import fastjson
+from clave.cli.main import Parsed, UsageError, need_args
+from clave.errors import ClaveError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "process": ("str", ("p",)),
+    "tty": ("bool", ("t",)),
+    "console-socket": ("str", ()),
+    "detach": ("bool", ("d",)),
+    "pid-file": ("str", ()),
+    "env": ("list", ("e",)),
+    "cwd": ("str", ()),
+    "user": ("str", ("u",)),
+    "additional-gids": ("list", ("g",)),
+    "cap": ("list", ("c",)),
+    "no-new-privs": ("bool", ()),
+    "preserve-fds": ("int", ()),
+    "ignore-paused": ("bool", ()),
+    "process-label": ("str", ()),
+    "apparmor": ("str", ()),
+    "cgroup": ("str", ()),
+    "help": ("bool", ("h",)),
+}
+
+
+def build_process(parsed: Parsed, config: dict[str, Any]) -> dict[str, Any]:
+    """The process to start: --process FILE as given, or the container's process with the flags applied."""
+    flags = parsed.flags
+    if flags.get("process"):
+        try:
+            with open(flags["process"], "rb") as f:
+                given = fastjson.loads(f.read())
+        except OSError as exc:
+            raise ClaveError(f"process file {flags['process']}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ClaveError(f"process file {flags['process']}: invalid JSON: {exc}") from None
+        from clave.config.spec import ConfigError, _validate_process
+
+        try:
+            _validate_process(given, "process")
+        except ConfigError as exc:
+            raise ClaveError(str(exc).replace("config.json", flags["process"], 1)) from None
+        return dict(given)
+    args = parsed.args[1:]
+    if not args:
+        raise UsageError("exec needs a command (after the container id) or --process FILE")
+    base = config.get("process", {})
+    process: dict[str, Any] = {
+        "args": args,
+        "env": list(base.get("env", [])) + list(flags.get("env", [])),
+        "cwd": flags.get("cwd") or base.get("cwd", "/"),
+        "terminal": flags.get("tty", False),
+        "user": dict(base.get("user", {})),
+    }
+    for key in ("capabilities", "rlimits", "noNewPrivileges", "oomScoreAdj", "apparmorProfile", "selinuxLabel"):
+        if key in base:
+            process[key] = base[key]
+    if flags.get("user"):
+        uid, _, gid = flags["user"].partition(":")
+        try:
+            process["user"] = {"uid": int(uid), "gid": int(gid) if gid else 0}
+        except ValueError:
+            raise UsageError(f"--user must be UID[:GID] in numbers, got {flags['user']!r}") from None
+    if flags.get("additional-gids"):
+        process["user"]["additionalGids"] = [int(g) for g in flags["additional-gids"]]
+    if flags.get("cap"):
+        caps = {k: list(v) for k, v in process.get("capabilities", {}).items()}
+        for cap in flags["cap"]:
+            for kind in ("bounding", "effective", "permitted", "inheritable", "ambient"):
+                if cap not in caps.setdefault(kind, []):
+                    caps[kind].append(cap)
+        process["capabilities"] = caps
+    if flags.get("no-new-privs"):
+        process["noNewPrivileges"] = True
+    return process
+
+
+def run(parsed: Parsed, ctx: Any) -> int:
+    args = need_args(parsed, 1, "exec [options] ID COMMAND [ARGS...]")
+    from clave.engine import state as st
+    from clave.engine.container import Engine, ExecOptions
+    from clave.linux import sys as lsys
+
+    container_id = args[0]
+    state = st.StateDir(ctx.root, container_id)
+    config = state.load().config if os.path.isdir(state.path) else {}
+    process = build_process(parsed, config)
+    detach = parsed.flags.get("detach", False)
+    console_socket = parsed.flags.get("console-socket")
+    tty = None
+    if process.get("terminal") and not console_socket:
+        if detach:
+            raise ClaveError("cannot allocate tty if clave will detach without setting console socket")
+        from clave.cli.tty import Console
+
+        tty = Console()
+        console_socket = tty.socket_path
+    if not process.get("terminal") and console_socket:
+        raise ClaveError("cannot use console socket if clave will not detach or allocate tty")
+    preserve = parsed.flags.get("preserve-fds", 0)
+    from clave.cli.options import _reserve_fds
+
+    _reserve_fds(3 + preserve)
+    if not detach:
+        lsys.set_child_subreaper()
+    opts = ExecOptions(console_socket, parsed.flags.get("pid-file"), preserve, parsed.flags.get("ignore-paused", False))
+    try:
+        pid = Engine(ctx.root, ctx.log).exec(container_id, process, opts)
+        if tty is not None:
+            tty.accept()
+    finally:
+        if tty is not None:
+            tty.close_listener()
+    if detach:
+        return 0
+    from clave.cli.run import forward_signals, wait_for
+
+    forward_signals(pid)
+    if tty is not None:
+        tty.start_copying()
+    status = wait_for(pid)
+    if tty is not None:
+        tty.finish()
+    return status
