@@ -52,8 +52,16 @@ def loads(data: str | bytes) -> Any:
         value, end = scan(text, start)
     except StopIteration as exc:
         raise JSONDecodeError(f"Expecting value: char {exc.value}") from None
-    except ValueError as exc:  # _json raises json.JSONDecodeError, a ValueError, with position info
-        raise JSONDecodeError(str(exc)) from None
+    except (ValueError, SystemError):
+        # _json builds its error from json.decoder, and fails with SystemError when that is not yet
+        # imported: let the standard module describe the error (only the error path pays for it).
+        import json
+
+        try:
+            json.loads(text)
+        except ValueError as exc:
+            raise JSONDecodeError(str(exc)) from None
+        raise
     finally:
         _ScannerContext.memo.clear()
     rest = text[end:].strip(_WHITESPACE)

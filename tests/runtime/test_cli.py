@@ -102,7 +102,9 @@ def test_log_text_format(clave: Clave, tmp_path: Path) -> None:
 def test_bad_global_flags(clave: Clave) -> None:
     result = subprocess.run([CLAVE, "--log-format", "xml", "list"], capture_output=True, text=True)
     assert result.returncode != 0 and result.stderr.count("\n") == 1 and "log format" in result.stderr
-    assert "flag provided but not defined" in clave.fail("--bogus", "list")
+    result = subprocess.run([CLAVE, "--bogus", "list"], capture_output=True, text=True)
+    assert result.returncode != 0 and "flag provided but not defined" in result.stderr
+    assert "flag provided but not defined" in clave.fail("list", "--bogus")
     assert "unknown command" in clave.fail("frobnicate")
 
 
