@@ -103,12 +103,15 @@ class Engine:
             os.mkfifo(sd.fifo, 0o622)
             cgroup = self._cgroup_for(state)
             sd.save(state)  # pid 0 = "creating": from here on, delete --force cleans up after a crash
+            _pause_point("after-state-dir")
             self._apply_cgroup(state, cgroup)
+            _pause_point("after-cgroup")
             pid = handler.spawn(state, sd, opts, cgroup, lambda init_pid: self._runtime_hooks(state, sd, init_pid))
             state.pid = pid
             stat = st.proc_stat(pid)
             state.pid_start = stat[1] if stat else 0
             sd.save(state)
+            _pause_point("before-pid-file")
             if opts.pid_file:
                 _write_pid_file(opts.pid_file, pid)
             return state
@@ -385,6 +388,12 @@ class Engine:
         except Exception as exc:
             self._warn(f"{state.handler} handler cleanup: {exc}")
         sd.remove()
+
+
+def _pause_point(step: str) -> None:
+    """Fault-injection tests only: stop here (SIGSTOP) when CLAVE_TEST_PAUSE_AT names this step of create."""
+    if os.environ.get("CLAVE_TEST_PAUSE_AT") == step:
+        os.kill(os.getpid(), 19)  # SIGSTOP: the test then kills clave with SIGKILL
 
 
 def _wait_gone(busy: Any, timeout: float = 5.0) -> None:

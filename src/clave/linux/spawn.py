@@ -118,6 +118,8 @@ def preload(plan: InitPlan) -> None:
         seccomp.compile_cached(plan.linux["seccomp"])  # compiled once, in the runtime
     if process.get("terminal"):
         import clave.linux.console  # noqa: F401
+    if plan.linux.get("personality"):
+        import clave.linux.procattrs  # noqa: F401
     hooks = plan.config.get("hooks", {})
     if hooks.get("startContainer") or hooks.get("createContainer"):
         import subprocess  # noqa: F401
@@ -158,6 +160,7 @@ def spawn(
         init_pid = msg["pid"]
         os.waitpid(intermediate, 0)
         intermediate = 0
+        pause_point("after-fork")
         msg = parent.recv()
         if msg["t"] == "hooks":
             try:
@@ -167,6 +170,7 @@ def spawn(
                 raise SpawnError(str(exc)) from None
             parent.send("continue")
             msg = parent.recv()
+        pause_point("after-hooks")
         if msg["t"] == "error":
             raise SpawnError(msg["msg"])
         if msg["t"] != "ready":
@@ -181,6 +185,12 @@ def spawn(
         raise
     finally:
         parent.close()
+
+
+def pause_point(step: str) -> None:
+    """Fault-injection tests only: stop here (SIGSTOP) when CLAVE_TEST_PAUSE_AT names this step of create."""
+    if os.environ.get("CLAVE_TEST_PAUSE_AT") == step:
+        os.kill(os.getpid(), 19)  # SIGSTOP: the test then kills clave with SIGKILL
 
 
 def _kill_and_reap(pid: int) -> None:
@@ -310,6 +320,13 @@ def _setup_container(plan: InitPlan, chan: Channel) -> None:
         lsys.sethostname(config["hostname"])
     if config.get("domainname"):
         lsys.setdomainname(config["domainname"])
+    if linux.get("personality"):
+        from clave.linux import procattrs
+
+        try:
+            procattrs.personality(linux["personality"])
+        except procattrs.ProcAttrError as exc:
+            raise SpawnError(str(exc)) from None
     if plan.process.get("terminal"):
         from clave.linux import console
 
