@@ -320,13 +320,6 @@ def _setup_container(plan: InitPlan, chan: Channel) -> None:
         lsys.sethostname(config["hostname"])
     if config.get("domainname"):
         lsys.setdomainname(config["domainname"])
-    if linux.get("personality"):
-        from clave.linux import procattrs
-
-        try:
-            procattrs.personality(linux["personality"])
-        except procattrs.ProcAttrError as exc:
-            raise SpawnError(str(exc)) from None
     if plan.process.get("terminal"):
         from clave.linux import console
 
@@ -356,6 +349,11 @@ def native_launch(plan: InitPlan, ctx: dict[str, Any]) -> None:
         process["_seccomp"] = plan.linux["seccomp"]
     env = proc.environment(process, plan.extra_env)
     proc.finalize(process, in_userns="user" in plan.namespaces)
+    if plan.linux.get("personality"):
+        from clave.linux import procattrs
+
+        # Last: seccomp and capset look up syscall numbers by uname's machine, which LINUX32 changes.
+        procattrs.personality(plan.linux["personality"])
     proc.mark_fds_cloexec(2 + plan.keep_fds)
     os.write(ctx["exec_fifo"], b"0")
     proc.execute(process["_exec_path"], process["args"], env)
