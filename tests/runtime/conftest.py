@@ -14,6 +14,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,17 +49,21 @@ def _subreaper() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def shared_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One busybox rootfs for the whole session; bundles point root.path at it when they do not write to it."""
+def shared_rootfs() -> Iterator[Path]:
+    """One busybox rootfs for the whole session; bundles point root.path at it when they do not write to it.
+
+    It lives outside pytest's 0700 temp tree so a user namespace's mapped root can reach it."""
     if os.geteuid() != 0:
         pytest.skip("needs root")
     if not os.path.exists(BUSYBOX):
         pytest.skip(f"{BUSYBOX} missing: install Debian's busybox-static")
     from clave.tools.bundles import make_busybox_rootfs
 
-    path = tmp_path_factory.mktemp("busybox") / "rootfs"
-    make_busybox_rootfs(str(path))
-    return path
+    base = Path(tempfile.mkdtemp(prefix="clave-rootfs-"))
+    base.chmod(0o755)
+    make_busybox_rootfs(str(base / "rootfs"))
+    yield base / "rootfs"
+    shutil.rmtree(base)
 
 
 def base_config(args: list[str]) -> dict[str, Any]:

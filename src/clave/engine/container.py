@@ -101,6 +101,7 @@ class Engine:
             sd.lock()
             handler.prepare(state)
             os.mkfifo(sd.fifo, 0o622)
+            os.chown(sd.fifo, *_host_root_ids(config))  # the init opens it as the container's root
             cgroup = self._cgroup_for(state)
             sd.save(state)  # pid 0 = "creating": from here on, delete --force cleans up after a crash
             _pause_point("after-state-dir")
@@ -421,6 +422,20 @@ def _network_interfaces(pid: int) -> list[dict[str, Any]]:
             "tx_bytes": v[8], "tx_packets": v[9], "tx_errors": v[10], "tx_dropped": v[11],
         })
     return out
+
+
+def _host_root_ids(config: dict[str, Any]) -> tuple[int, int]:
+    """The host uid and gid the container's root maps to (0, 0 without a user namespace)."""
+    linux = config.get("linux", {})
+    ids = []
+    for key in ("uidMappings", "gidMappings"):
+        host = 0
+        for m in linux.get(key, []):
+            if m["containerID"] <= 0 < m["containerID"] + m["size"]:
+                host = m["hostID"] - m["containerID"]
+                break
+        ids.append(host)
+    return ids[0], ids[1]
 
 
 def _write_pid_file(path: str, pid: int) -> None:

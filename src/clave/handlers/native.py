@@ -57,4 +57,5 @@ def make_plan(state: State, state_dir: StateDir, opts: CreateOptions, launch: An
         keep_fds=opts.listen_fds + opts.preserve_fds,
         extra_env=extra_env,
         launch=launch,
+        bundle=state.bundle,
     )

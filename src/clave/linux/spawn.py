@@ -47,10 +47,14 @@ class InitPlan:
         self, config: dict[str, Any], rootfs: str, state_dir: str, namespaces: dict[str, str | None],
         cgroup_paths: dict[str, str] | None = None, no_pivot: bool = False, keep_fds: int = 0,
         extra_env: list[str] | None = None, launch: Callable[[InitPlan, dict[str, Any]], None] | None = None,
+        bundle: str = "",
     ) -> None:
         self.config = config
+        self.bundle = bundle  # for the state hooks get
         self.rootfs = rootfs
         self.state_dir = state_dir
+        # Opened by the runtime: the init may lack the rights to resolve the path (user namespaces).
+        self.state_dir_fd = -1
         self.namespaces = namespaces
         self.cgroup_paths = cgroup_paths or {}
         self.no_pivot = no_pivot
@@ -138,6 +142,7 @@ def spawn(
     """
     preload(plan)
     joined = ns.open_paths(plan.namespaces)
+    plan.state_dir_fd = os.open(plan.state_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     parent, child = Channel.pair()
     intermediate = os.fork()
     if intermediate == 0:
@@ -146,6 +151,7 @@ def spawn(
     child.close()
     for _, fd in joined:
         os.close(fd)
+    os.close(plan.state_dir_fd)
     init_pid = 0
     try:
         join_cgroup(intermediate)
@@ -217,7 +223,7 @@ def _run_intermediate(plan: InitPlan, joined: list[tuple[str, int]], chan: Chann
         lsys.set_pdeathsig(lsys.SIGKILL)  # the runtime died: do not linger half-made
         # Drop every descriptor the runtime had open (its state-dir lock above all): the container must not
         # hold them. What stays: stdio, the fds handed to the process, and what the choreography needs.
-        needed = {chan.read_fd, chan.write_fd, *(fd for _, fd in joined)}
+        needed = {chan.read_fd, chan.write_fd, plan.state_dir_fd, *(fd for _, fd in joined)}
         if plan.console_fd is not None:
             needed.add(plan.console_fd)
         _close_fds_except(2 + plan.keep_fds, needed)
@@ -263,7 +269,7 @@ def _run_init(plan: InitPlan, chan: Channel) -> None:
     try:
         start_state = {
             "ociVersion": plan.config.get("ociVersion"), "id": os.path.basename(plan.state_dir),
-            "status": "created", "pid": os.getpid(), "bundle": "", "annotations": plan.config.get("annotations", {}),
+            "status": "created", "pid": os.getpid(), "bundle": plan.bundle, "annotations": plan.config.get("annotations", {}),
         }
         oci_hooks.run_hooks("startContainer", plan.config.get("hooks", {}).get("startContainer", []), start_state)
         assert plan.launch is not None
@@ -297,7 +303,7 @@ def _setup_container(plan: InitPlan, chan: Channel) -> None:
         if chan.recv()["t"] != "continue":
             os._exit(1)
     state = {"ociVersion": config.get("ociVersion"), "id": os.path.basename(plan.state_dir),
-             "status": "creating", "pid": os.getpid(), "bundle": "", "annotations": config.get("annotations", {})}
+             "status": "creating", "pid": os.getpid(), "bundle": plan.bundle, "annotations": config.get("annotations", {})}
     oci_hooks.run_hooks("createContainer", hooks.get("createContainer", []), state)
     for key, value in linux.get("sysctl", {}).items():
         try:
@@ -305,9 +311,6 @@ def _setup_container(plan: InitPlan, chan: Channel) -> None:
                 f.write(value)
         except OSError as exc:
             raise SpawnError(f"sysctl {key}={value}: {exc.strerror}") from None
-    # Keep a handle on the state dir: after pivot_root its path no longer resolves.
-    plan_state_fd = os.open(plan.state_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    plan.config["_state_dir_fd"] = plan_state_fd
     if plan.no_pivot:
         rfs.move_root(plan.rootfs)
     else:
@@ -336,9 +339,8 @@ def _setup_container(plan: InitPlan, chan: Channel) -> None:
 
 def _wait_for_start(plan: InitPlan) -> int:
     """Block until ``clave start`` opens the exec fifo; returns the fifo's write fd."""
-    state_fd = plan.config.pop("_state_dir_fd")
-    fd = os.open("exec.fifo", os.O_WRONLY | os.O_CLOEXEC, dir_fd=state_fd)
-    os.close(state_fd)
+    fd = os.open("exec.fifo", os.O_WRONLY | os.O_CLOEXEC, dir_fd=plan.state_dir_fd)
+    os.close(plan.state_dir_fd)
     return fd
 
 
