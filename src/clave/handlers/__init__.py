@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 HANDLERS: dict[str, str] = {
     "native": "clave.handlers.native:NativeHandler",
+    "enclave": "clave.handlers.enclave:EnclaveHandler",
 }
 
 
@@ -38,8 +39,11 @@ class Handler:
 
 
 def select_handler_name(config: dict[str, Any]) -> str:
-    """Which handler a config asks for. Enclave and VM containers are recognised by their own settings."""
-    return "native"
+    """Which handler a config asks for. Enclave containers are recognised by rune's settings (ENCLAVE_TYPE in
+    the process env, or the enclave.type annotation)."""
+    from clave.enclave.config import is_enclave
+
+    return "enclave" if is_enclave(config) else "native"
 
 
 def handler_for(config: dict[str, Any], name: str | None = None) -> Handler:

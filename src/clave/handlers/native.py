@@ -17,12 +17,14 @@ if TYPE_CHECKING:
     from clave.engine.state import State, StateDir
 
 
-
 class NativeHandler(Handler):
     name = "native"
 
     def spawn(self, state: State, state_dir: StateDir, opts: CreateOptions, cgroup: Any, runtime_hooks: Any) -> int:
-        plan = make_plan(state, state_dir, opts, spawn.native_launch)
+        return self.spawn_plan(make_plan(state, state_dir, opts, spawn.native_launch), opts, cgroup, runtime_hooks)
+
+    def spawn_plan(self, plan: spawn.InitPlan, opts: CreateOptions, cgroup: Any, runtime_hooks: Any) -> int:
+        """Fork the init for ``plan``, with the console socket connected; errors become one-line ClaveErrors."""
         try:
             spawn.check_plan(plan)
             if opts.console_socket:

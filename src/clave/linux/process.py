@@ -144,8 +144,18 @@ def _load_seccomp(cfg: dict[str, Any]) -> None:
         raise ProcessError(str(exc)) from None
 
 
+def reset_signals() -> None:
+    """Python ignores SIGPIPE and SIGXFSZ; ignored dispositions survive execve, so give the container the
+    defaults its programs expect (``yes | head`` must end)."""
+    import _signal
+
+    for sig in (_signal.SIGPIPE, _signal.SIGXFSZ):
+        _signal.signal(sig, _signal.SIG_DFL)
+
+
 def execute(path: str, args: list[str], env: dict[str, str]) -> None:
     """execve; only returns by raising ProcessError."""
+    reset_signals()
     try:
         os.execve(path, args, env)
     except OSError as exc:

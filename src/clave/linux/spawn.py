@@ -47,7 +47,7 @@ class InitPlan:
         self, config: dict[str, Any], rootfs: str, state_dir: str, namespaces: dict[str, str | None],
         cgroup_paths: dict[str, str] | None = None, no_pivot: bool = False, keep_fds: int = 0,
         extra_env: list[str] | None = None, launch: Callable[[InitPlan, dict[str, Any]], None] | None = None,
-        bundle: str = "",
+        bundle: str = "", before_pivot: Callable[[InitPlan], None] | None = None,
     ) -> None:
         self.config = config
         self.bundle = bundle  # for the state hooks get
@@ -63,6 +63,9 @@ class InitPlan:
         self.extra_env = extra_env or []
         # The handler's last step, run in the init after start; never returns.
         self.launch = launch
+        # The handler's preparation in the init while host paths still resolve (load an enclave runtime...).
+        self.before_pivot = before_pivot
+        self.handler_state: Any = None  # what before_pivot leaves for launch
 
     @property
     def process(self) -> dict[str, Any]:
@@ -311,6 +314,8 @@ def _setup_container(plan: InitPlan, chan: Channel) -> None:
                 f.write(value)
         except OSError as exc:
             raise SpawnError(f"sysctl {key}={value}: {exc.strerror}") from None
+    if plan.before_pivot is not None:
+        plan.before_pivot(plan)
     if plan.no_pivot:
         rfs.move_root(plan.rootfs)
     else:
