@@ -6,10 +6,9 @@ container's, built by the same layers.
 
 from __future__ import annotations
 
+import _signal
 import os
 import threading
-
-import _signal
 
 from clave.enclave import config as enclave_config
 from clave.enclave.runtime import EnclaveError, EnclaveRuntime

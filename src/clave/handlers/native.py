@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     from clave.engine.container import CreateOptions
     from clave.engine.state import State, StateDir
+    from clave.linux.spawn import InitPlan
 
 
 class NativeHandler(Handler):
@@ -23,7 +24,7 @@ class NativeHandler(Handler):
     def spawn(self, state: State, state_dir: StateDir, opts: CreateOptions, cgroup: Any, runtime_hooks: Any) -> int:
         return self.spawn_plan(make_plan(state, state_dir, opts, spawn.native_launch), opts, cgroup, runtime_hooks)
 
-    def spawn_plan(self, plan: spawn.InitPlan, opts: CreateOptions, cgroup: Any, runtime_hooks: Any) -> int:
+    def spawn_plan(self, plan: InitPlan, opts: CreateOptions, cgroup: Any, runtime_hooks: Any) -> int:
         """Fork the init for ``plan``, with the console socket connected; errors become one-line ClaveErrors."""
         try:
             spawn.check_plan(plan)
