@@ -84,3 +84,15 @@ def dumps(obj: Any, compact: bool = False) -> str:
         ":" if compact else ": ", "," if compact else ", ", False, False, True,
     )
     return "".join(encoder(obj, 0))
+
+
+def dumps_indented(obj: Any, indent: str = "  ", _level: int = 0) -> str:
+    """``json.dumps(obj, indent=2)``'s output (what runc's state prints), built on the C encoder for scalars."""
+    pad = indent * (_level + 1)
+    if isinstance(obj, dict) and obj:
+        items = [f"{pad}{dumps(str(k))}: {dumps_indented(v, indent, _level + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + indent * _level + "}"
+    if isinstance(obj, list) and obj:
+        items = [pad + dumps_indented(v, indent, _level + 1) for v in obj]
+        return "[\n" + ",\n".join(items) + "\n" + indent * _level + "]"
+    return dumps(obj)

@@ -22,6 +22,11 @@ class Logger:
         self.threshold = LEVELS["debug"] if debug else LEVELS["info"]
         self._stream: IO[str] | None = None
 
+    def touch(self) -> None:
+        """Create the log file now, as runc does: callers read it after a failure even if nothing was logged."""
+        if not self.to_stderr:
+            self._out()
+
     @property
     def to_stderr(self) -> bool:
         return self.path in (None, "", "/dev/stderr")

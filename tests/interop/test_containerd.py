@@ -170,9 +170,6 @@ def test_detached_task_listed_killed_and_deleted(containerd: Containerd, clave: 
     _assert_nothing_left(containerd, container_id, init_pid)
 
 
-@pytest.mark.xfail(reason="clave kill on a stopped container prints 'container ID is not running (status stopped)'; "
-                          "the runc.v2 shim maps only runc's 'container not running' (or 'no such process') to "
-                          "NotFound 'process already finished', ctr gets 'unknown error after kill'; runc: not found")
 def test_kill_after_exit_reports_process_already_finished(containerd: Containerd, clave: Path,
                                                           busybox_rootfs: Path) -> None:
     container_id = _new_id("late")

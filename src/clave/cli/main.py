@@ -129,6 +129,7 @@ def run(argv: Sequence[str]) -> int:
         log = Logger(parsed.flags.get("log"), parsed.flags.get("log-format", "text"), parsed.flags.get("debug", False))
         if parsed.flags.get("log-format", "text") not in ("text", "json"):
             raise UsageError(f"invalid log format {parsed.flags['log-format']!r}: use text or json")
+        log.touch()
         if parsed.flags.get("version"):
             from clave import __version__
             from clave.engine.state import OCI_VERSION

@@ -5,8 +5,8 @@ usage: clave state ID
 
 from __future__ import annotations
 
-import json
 
+from clave import fastjson
 from clave.cli.main import Parsed, need_args
 
 TYPE_CHECKING = False
@@ -20,5 +20,5 @@ def run(parsed: Parsed, ctx: Any) -> int:
     (container_id, *_) = need_args(parsed, 1, "state ID")
     from clave.engine.container import Engine
 
-    print(json.dumps(Engine(ctx.root, ctx.log).state(container_id), indent=2))
+    print(fastjson.dumps_indented(Engine(ctx.root, ctx.log).state(container_id)))
     return 0

@@ -213,14 +213,15 @@ class Engine:
         try:
             status = st.status(state, sd)
             if status not in ("created", "running", "paused"):
-                raise ClaveError(f"container {container_id} is not running (status {status})")
+                # containerd matches "container not running" to treat the kill as already done.
+                raise ClaveError(f"container not running: {container_id} is {status}")
             if all_processes:
                 self._cgroup(state).kill_all(sig)
                 return
             try:
                 os.kill(state.pid, sig)
             except ProcessLookupError:
-                raise ClaveError(f"container {container_id} is not running") from None
+                raise ClaveError(f"container not running: {container_id}") from None
         finally:
             sd.unlock()
 
