@@ -16,8 +16,7 @@ FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {"all": ("bool", ("a",)), "help"
 
 def run(parsed: Parsed, ctx: Any) -> int:
     args = need_args(parsed, 1, "kill [--all] ID [SIGNAL]")
-    from clave.linux.signals import SignalError, parse_signal
-    from clave.linux.sys import SIGTERM
+    from clave.linux.signals import SIGTERM, SignalError, parse_signal
 
     try:
         sig = parse_signal(args[1]) if len(args) > 1 else SIGTERM

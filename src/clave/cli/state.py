@@ -5,7 +5,6 @@ usage: clave state ID
 
 from __future__ import annotations
 
-
 from clave import fastjson
 from clave.cli.main import Parsed, need_args
 

@@ -16,7 +16,7 @@ from clave.engine import state as st
 from clave.errors import ClaveError
 from clave.handlers import Handler, handler_for
 from clave.linux.hooks import HookError, run_hooks
-from clave.linux.sys import SIGKILL
+from clave.linux.signals import SIGKILL
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

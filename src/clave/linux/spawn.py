@@ -270,11 +270,8 @@ def _run_init(plan: InitPlan, chan: Channel) -> None:
         _report_and_exit(chan, exc)
     # From here the creating runtime is gone: failures go to the exec fifo, which ``start`` reads.
     try:
-        start_state = {
-            "ociVersion": plan.config.get("ociVersion"), "id": os.path.basename(plan.state_dir),
-            "status": "created", "pid": os.getpid(), "bundle": plan.bundle, "annotations": plan.config.get("annotations", {}),
-        }
-        oci_hooks.run_hooks("startContainer", plan.config.get("hooks", {}).get("startContainer", []), start_state)
+        start_hooks = plan.config.get("hooks", {}).get("startContainer", [])
+        oci_hooks.run_hooks("startContainer", start_hooks, _hook_state(plan, "created"))
         assert plan.launch is not None
         plan.launch(plan, {"exec_fifo": exec_fifo})
         raise SpawnError("container launch returned")
@@ -283,6 +280,14 @@ def _run_init(plan: InitPlan, chan: Channel) -> None:
             os.write(exec_fifo, b"E" + str(exc).encode(errors="replace"))
         finally:
             os._exit(1)
+
+
+def _hook_state(plan: InitPlan, status: str) -> dict[str, Any]:
+    """The state the init's own hooks get on stdin (the init is the container's pid 1 on the host side too)."""
+    return {
+        "ociVersion": plan.config.get("ociVersion"), "id": os.path.basename(plan.state_dir), "status": status,
+        "pid": os.getpid(), "bundle": plan.bundle, "annotations": plan.config.get("annotations", {}),
+    }
 
 
 def _setup_container(plan: InitPlan, chan: Channel) -> None:
@@ -305,9 +310,7 @@ def _setup_container(plan: InitPlan, chan: Channel) -> None:
         chan.send("hooks")
         if chan.recv()["t"] != "continue":
             os._exit(1)
-    state = {"ociVersion": config.get("ociVersion"), "id": os.path.basename(plan.state_dir),
-             "status": "creating", "pid": os.getpid(), "bundle": plan.bundle, "annotations": config.get("annotations", {})}
-    oci_hooks.run_hooks("createContainer", hooks.get("createContainer", []), state)
+    oci_hooks.run_hooks("createContainer", hooks.get("createContainer", []), _hook_state(plan, "creating"))
     for key, value in linux.get("sysctl", {}).items():
         try:
             with open("/proc/sys/" + key.replace(".", "/"), "w") as f:

@@ -126,6 +126,4 @@ def set_child_subreaper() -> None:
 def set_pdeathsig(sig: int) -> None:
     prctl(PR_SET_PDEATHSIG, sig)
 
-# Signal numbers (Linux, every architecture Clave runs on); the signal module would import enum.
-SIGKILL = 9
-SIGTERM = 15
+from clave.linux.signals import SIGKILL, SIGTERM  # noqa: E402,F401  (re-exported for the process layers)
