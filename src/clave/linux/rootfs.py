@@ -135,6 +135,43 @@ def prepare_propagation(rootfs: str, propagation: str | None) -> None:
     flag = PROPAGATION_OPTIONS[propagation] if propagation else lsys.MS_SLAVE | lsys.MS_REC
     lsys.mount(None, "/", None, flag)
     lsys.mount(rootfs, rootfs, "bind", lsys.MS_BIND | lsys.MS_REC)
+    # pivot_root refuses a shared parent mount. Made private only now, the rootfs keeps the requested
+    # propagation (a bind of a shared mount joins its peer group).
+    parent = _parent_mount_point(rootfs)
+    if parent is not None:
+        lsys.mount(None, parent, None, lsys.MS_PRIVATE)
+
+
+def _mountinfo() -> list[list[str]]:
+    """/proc/self/mountinfo as fields: id, parent id, dev, root, mount point, options, optional fields."""
+    with open("/proc/self/mountinfo") as f:
+        return [line.split(" - ")[0].split() for line in f]
+
+
+def _is_shared(entry: list[str]) -> bool:
+    return any(field.startswith("shared:") for field in entry[6:])
+
+
+def _top_mount(path: str, entries: list[list[str]]) -> list[str] | None:
+    on_path = [e for e in entries if _unescape(e[4]) == path]
+    return on_path[-1] if on_path else None
+
+
+def _parent_mount_point(path: str) -> str | None:
+    """The mount point under the topmost mount at ``path``, if that parent mount is shared."""
+    entries = _mountinfo()
+    top = _top_mount(path, entries)
+    parent = next((e for e in entries if top is not None and e[0] == top[1]), None)
+    if parent is None or not _is_shared(parent):
+        return None
+    return _unescape(parent[4])
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal."""
+    if "\\" not in field:
+        return field
+    return field.encode().decode("unicode_escape").encode("latin-1").decode()
 
 
 def mount_all(rootfs: str, mounts: list[dict[str, Any]], cgroup_paths: dict[str, str], in_userns: bool) -> None:
@@ -267,13 +304,26 @@ def _make_device(rootfs: str, dev: dict[str, Any], in_userns: bool) -> None:
 
 
 def pivot_root(rootfs: str) -> None:
-    """Switch to rootfs and detach the host's root so nothing of it stays reachable."""
-    os.chdir(rootfs)
-    lsys.pivot_root(".", ".")
-    # The old root now sits on top of "."; keep unmounts from propagating to the host, then detach it.
-    lsys.mount(None, ".", None, lsys.MS_SLAVE | lsys.MS_REC)
-    lsys.umount(".", lsys.MNT_DETACH)
+    """Switch to rootfs and detach the host's root so nothing of it stays reachable. The rootfs keeps its
+    propagation (rootfsPropagation), though pivot_root refuses a shared one: it is private meanwhile."""
+    top = _top_mount(rootfs, _mountinfo())
+    shared = top is not None and _is_shared(top)
+    if shared:
+        lsys.mount(None, rootfs, None, lsys.MS_PRIVATE)
+    old_root = os.open("/", os.O_DIRECTORY | os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.chdir(rootfs)
+        lsys.pivot_root(".", ".")
+        # The old root now sits on top of the new one. "." must name it, not the new root (a path walk
+        # of "." does not cross mounts): keep its unmounts from reaching the host, then detach it.
+        os.fchdir(old_root)
+        lsys.mount(None, ".", None, lsys.MS_SLAVE | lsys.MS_REC)
+        lsys.umount(".", lsys.MNT_DETACH)
+    finally:
+        os.close(old_root)
     os.chdir("/")
+    if shared:
+        lsys.mount(None, "/", None, lsys.MS_SHARED)
 
 
 def move_root(rootfs: str) -> None:
