@@ -66,6 +66,7 @@ class InitPlan:
         # The handler's preparation in the init while host paths still resolve (load an enclave runtime...).
         self.before_pivot = before_pivot
         self.handler_state: Any = None  # what before_pivot leaves for launch
+        self.host_pid = 0
 
     @property
     def process(self) -> dict[str, Any]:
@@ -286,11 +287,13 @@ def _hook_state(plan: InitPlan, status: str) -> dict[str, Any]:
     """The state the init's own hooks get on stdin (the init is the container's pid 1 on the host side too)."""
     return {
         "ociVersion": plan.config.get("ociVersion"), "id": os.path.basename(plan.state_dir), "status": status,
-        "pid": os.getpid(), "bundle": plan.bundle, "annotations": plan.config.get("annotations", {}),
+        "pid": plan.host_pid, "bundle": plan.bundle, "annotations": plan.config.get("annotations", {}),
     }
 
 
 def _setup_container(plan: InitPlan, chan: Channel) -> None:
+    # Our pid as the runtime sees it (hooks get it): the host's /proc still answers before pivot_root.
+    plan.host_pid = int(os.readlink("/proc/self"))
     config = plan.config
     linux = plan.linux
     in_userns = "user" in plan.namespaces
