@@ -100,6 +100,10 @@ class Engine:
         try:
             sd.lock()
             handler.prepare(state)
+            enclave = state.extra.get("enclave")
+            if enclave and enclave["insecure"]:
+                self._warn(f"container {container_id}: enclave type {enclave['type']} is INSECURE: no hardware "
+                           "TEE protects it (software isolation only)")
             os.mkfifo(sd.fifo, 0o622)
             os.chown(sd.fifo, *_host_root_ids(config))  # the init opens it as the container's root
             cgroup = self._cgroup_for(state)

@@ -193,6 +193,9 @@ def oci_state(state: State, state_dir: StateDir, runc_fields: bool = True) -> di
         doc["owner"] = state.owner
     if state.annotations:
         doc["annotations"] = state.annotations
+    enclave = state.extra.get("enclave")
+    if enclave:  # Clave's addition: what isolates an enclave container, and whether hardware protects it
+        doc["enclave"] = {"type": enclave["type"], "insecure": enclave["insecure"]}
     return doc
 
 
