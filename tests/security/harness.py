@@ -82,6 +82,18 @@ class Runner:
         return subprocess.run([CLAVE, "--root", str(self.root), *args], capture_output=True, text=True,
                               timeout=timeout, env=env, cwd=cwd, stdin=subprocess.DEVNULL)
 
+    def create(self, container_id: str, bundle: Path, *args: str, env: dict[str, str] | None = None) -> str:
+        """`clave create`; returns its stderr ("" on success). The container's process inherits create's stdio,
+        so stdout goes to /dev/null and stderr to a file: a pipe would stay open as long as the container."""
+        err_path = bundle / "create.err"
+        with open(err_path, "w+") as err:
+            code = subprocess.call([CLAVE, "--root", str(self.root), "create", "--bundle", str(bundle), *args,
+                                    container_id], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                   env=env, timeout=30)
+            err.seek(0)
+            message = err.read().strip()
+        return "" if code == 0 else message or f"clave create exited with {code}"
+
     def run(self, container_id: str, config: dict[str, Any]) -> subprocess.CompletedProcess[str]:
         """`clave run` in the foreground: the container's output and exit status."""
         bundle = self.bundle(container_id, config)
