@@ -30,11 +30,15 @@ struct pal_exec_args { int pid; int *exit_value; };
 
 static char log_path[256] = "/pal.log";
 static int fail_exec;
-static volatile pid_t child = -1;
+static volatile pid_t children[16];
 #if PAL_API_VERSION >= 2
-static char *saved_path;
-static char **saved_argv, **saved_env;
-static struct pal_stdio_fds saved_stdio;
+struct process {
+	char *path;
+	char **argv, **env;
+	struct pal_stdio_fds stdio;
+};
+static struct process processes[16];
+static int nprocesses;
 #endif
 
 static void record(const char *fmt, ...)
@@ -99,11 +103,11 @@ static int do_init(const struct pal_attr_t *attr)
 	return 0;
 }
 
-static int run(char *path, char **argv, char **env, struct pal_stdio_fds *stdio, int *exit_value)
+static int run(int slot, char *path, char **argv, char **env, struct pal_stdio_fds *stdio, int *exit_value)
 {
 	if (fail_exec)
 		return -ENOEXEC;
-	child = fork();
+	pid_t child = fork();
 	if (child < 0)
 		return -errno;
 	if (child == 0) {
@@ -116,9 +120,11 @@ static int run(char *path, char **argv, char **env, struct pal_stdio_fds *stdio,
 			execv(path, argv);
 		_exit(127);
 	}
+	children[slot] = child;
 	int status = 0;
 	while (waitpid(child, &status, 0) < 0 && errno == EINTR)
 		;
+	children[slot] = 0;
 	*exit_value = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 	record("pal_exec done exit_value=%d", *exit_value);
 	return 0;
@@ -163,7 +169,7 @@ int pal_exec(char *path, char *argv[], struct pal_stdio_fds *stdio, int *exit_co
 {
 	record("pal_exec path=%s stdio=%d,%d,%d", path, stdio->stdin, stdio->stdout, stdio->stderr);
 	record_strings("argv", argv);
-	return run(path, argv, NULL, stdio, exit_code);
+	return run(0, path, argv, NULL, stdio, exit_code);
 }
 #else
 int pal_create_process(struct pal_create_process_args *args)
@@ -172,27 +178,33 @@ int pal_create_process(struct pal_create_process_args *args)
 	       args->stdio->stderr);
 	record_strings("argv", args->argv);
 	record_strings("env", args->env);
-	saved_path = strdup(args->path);
-	saved_argv = copy_strings(args->argv);
-	saved_env = copy_strings(args->env);
-	saved_stdio = *args->stdio;
-	*args->pid = 42;
+	if (nprocesses == 16)
+		return -EAGAIN;
+	struct process *p = &processes[nprocesses];
+	p->path = strdup(args->path);
+	p->argv = copy_strings(args->argv);
+	p->env = copy_strings(args->env);
+	p->stdio = *args->stdio;
+	*args->pid = 42 + nprocesses++;
 	return 0;
 }
 
 int pal_exec(struct pal_exec_args *args)
 {
 	record("pal_exec pid=%d", args->pid);
-	if (args->pid != 42)
+	int slot = args->pid - 42;
+	if (slot < 0 || slot >= nprocesses)
 		return -EINVAL;
-	return run(saved_path, saved_argv, saved_env, &saved_stdio, args->exit_value);
+	struct process *p = &processes[slot];
+	return run(slot, p->path, p->argv, p->env, &p->stdio, args->exit_value);
 }
 
 int pal_kill(int pid, int sig)
 {
 	record("pal_kill pid=%d sig=%d", pid, sig);
-	if (child > 0)
-		kill(child, sig);
+	for (int slot = 0; slot < 16; slot++)
+		if (children[slot] > 0 && (pid == -1 || pid == 42 + slot))
+			kill(children[slot], sig);
 	return 0;
 }
 #endif

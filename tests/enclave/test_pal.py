@@ -232,3 +232,40 @@ def test_without_enclave_type_it_is_a_native_container(env: Env) -> None:
     result = env.clave("run", "--bundle", str(env.bundle), "native")
     assert result.returncode == 0 and result.stdout.strip() == "native"
     assert "INSECURE" not in result.stderr
+
+
+def _wait_for_call(env: Env, call: str) -> None:
+    deadline = time.monotonic() + 5
+    while call not in env.calls():
+        assert time.monotonic() < deadline, f"no {call!r} in {env.calls()}"
+        time.sleep(0.02)
+
+
+def test_exec_creates_a_new_enclave_process(env: Env, pal_dir: Path) -> None:
+    env.config(["/bin/sleep", "30"], pal_dir / "liberpal-skeleton-v2.so")
+    assert env.clave("run", "--detach", "--bundle", str(env.bundle), "ex").returncode == 0
+    _wait_for_call(env, "pal_exec pid=42")
+    result = env.clave("exec", "ex", "/bin/sh", "-c", "echo from exec; exit 6")
+    assert result.returncode == 6, result.stderr
+    assert result.stdout.strip() == "from exec"
+    calls = env.calls()
+    assert "pal_exec pid=43" in calls and "pal_exec done exit_value=6" in calls
+    # Detached: the pid file names a proxy that stands for the enclave process and relays signals to it.
+    pid_file = env.bundle / "exec.pid"
+    assert env.clave("exec", "--detach", "--pid-file", str(pid_file), "ex", "/bin/sleep", "30").returncode == 0
+    proxy = int(pid_file.read_text())
+    _wait_for_call(env, "pal_exec pid=44")
+    os.kill(proxy, 15)
+    _wait_for_call(env, "pal_kill pid=44 sig=15")
+    _wait_for_call(env, "pal_exec done exit_value=143")
+    assert env.clave("kill", "ex", "KILL").returncode == 0
+
+
+def test_exec_into_a_v1_enclave_is_refused(env: Env, pal_dir: Path) -> None:
+    env.config(["/bin/sleep", "30"], pal_dir / "liberpal-skeleton-v1.so")
+    assert env.clave("run", "--detach", "--bundle", str(env.bundle), "ex1").returncode == 0
+    _wait_for_call(env, "pal_exec path=/bin/sleep stdio=0,1,2")
+    result = env.clave("exec", "ex1", "/bin/true")
+    assert result.returncode != 0
+    assert "PAL API v2 or later" in result.stderr
+    assert env.clave("kill", "ex1", "KILL").returncode == 0

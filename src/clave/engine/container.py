@@ -273,6 +273,17 @@ class Engine:
                 raise ClaveError(f"container {container_id} is paused; resume it first (or --ignore-paused)")
             if status not in ("created", "running", "paused"):
                 raise ClaveError(f"cannot exec in a {status} container")
+            if state.handler == "enclave":
+                if process.get("terminal"):
+                    raise ClaveError("exec with a terminal into an enclave container is not supported")
+                from clave.handlers.enclave import exec_in_enclave
+                from clave.linux.process import environment
+
+                env = [f"{k}={v}" for k, v in environment(process).items()]
+                pid = exec_in_enclave(sd.path, process, env)
+                if opts.pid_file:
+                    _write_pid_file(opts.pid_file, pid)
+                return pid
             linux = state.config.get("linux", {})
             try:
                 spawn.check_lsm(process, {})

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import _signal
 import os
+import select
+import socket
 import threading
 
 from clave.enclave import config as enclave_config
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
 # Signals the init forwards to the enclave. Not the ones the kernel or the C runtime keep for themselves
 # (KILL, STOP), not synchronous faults, not SIGCHLD (a PAL may wait for its own children).
 FORWARDED_SIGNALS = (1, 2, 3, 6, 10, 12, 13, 14, 15, 18, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30)
+# The init listens here for `clave exec`: a new process in the same enclave runtime instance (PAL v2+).
+AGENT_SOCKET = "enclave.sock"
 
 
 class EnclaveHandler(NativeHandler):
@@ -88,12 +92,15 @@ def load_enclave_runtime(plan: spawn.InitPlan) -> None:
         runtime.prepare(plan.rootfs, plan.config)
     except EnclaveError as exc:
         raise spawn.SpawnError(str(exc)) from None
-    plan.handler_state = (settings, runtime)
+    agent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    agent.bind(os.path.join(plan.state_dir, AGENT_SOCKET))  # before pivot_root, where the path resolves
+    agent.listen(16)
+    plan.handler_state = (settings, runtime, agent)
 
 
 def enclave_launch(plan: spawn.InitPlan, ctx: dict[str, Any]) -> None:
     """After start: pal_init, confinement, then the entrypoint through the PAL with signals forwarded."""
-    settings, runtime = plan.handler_state
+    settings, runtime, agent = plan.handler_state
     process = dict(plan.process)
     if plan.linux.get("seccomp"):
         process["_seccomp"] = plan.linux["seccomp"]
@@ -105,12 +112,13 @@ def enclave_launch(plan: spawn.InitPlan, ctx: dict[str, Any]) -> None:
     pid = runtime.create_process(args[0], args, [f"{k}={v}" for k, v in env.items()], (0, 1, 2))
     os.write(ctx["exec_fifo"], b"0")
     os.close(ctx["exec_fifo"])
-    os._exit(run_forwarding_signals(runtime, pid))
+    os._exit(run_forwarding_signals(runtime, pid, agent))
 
 
-def run_forwarding_signals(runtime: EnclaveRuntime, pid: int) -> int:
+def run_forwarding_signals(runtime: EnclaveRuntime, pid: int, agent: socket.socket | None = None) -> int:
     """Run the enclave process in a worker thread; the main thread forwards signals as pal_kill(-1, sig)
-    (Python runs signal handlers only in the main thread, and only between bytecodes)."""
+    (Python runs signal handlers only in the main thread, and only between bytecodes) and serves `clave exec`
+    requests on the agent socket."""
     result: dict[str, Any] = {}
 
     def worker() -> None:
@@ -132,7 +140,13 @@ def run_forwarding_signals(runtime: EnclaveRuntime, pid: int) -> int:
     thread = threading.Thread(target=worker, name="enclave-exec", daemon=True)
     thread.start()
     while thread.is_alive():
-        thread.join(0.05)
+        if agent is None:
+            thread.join(0.05)
+            continue
+        ready, _, _ = select.select([agent], [], [], 0.05)
+        if ready:
+            conn, _ = agent.accept()
+            _serve_agent_request(runtime, conn)
     try:
         runtime.destroy()
     except EnclaveError as exc:
@@ -140,5 +154,141 @@ def run_forwarding_signals(runtime: EnclaveRuntime, pid: int) -> int:
     if "error" in result:
         os.write(2, f"clave: enclave: {result['error']}\n".encode())
         return 1
-    code: int = result.get("code", 1)
+    return _exit_status(result.get("code", 1))
+
+
+def _exit_status(code: int) -> int:
     return code & 0xFF if code >= 0 else 128 + (-code & 0x7F)
+
+
+def _send(conn: socket.socket, **message: Any) -> None:
+    from clave import fastjson
+
+    conn.sendall(fastjson.dumps(message).encode() + b"\n")
+
+
+def _serve_agent_request(runtime: EnclaveRuntime, conn: socket.socket) -> None:
+    """One request: ``exec`` (with the process's stdio as SCM_RIGHTS) or ``kill``. create_process runs here,
+    in the main thread; the process itself runs in a thread that reports its exit on the connection."""
+    from clave import fastjson
+
+    fds: list[int] = []
+    try:
+        conn.settimeout(5)
+        data, fds = _recv_with_fds(conn)
+        request = fastjson.loads(data)
+        if request.get("op") == "kill":
+            runtime.kill(int(request["pid"]), int(request["sig"]))
+            _send(conn, ok=True)
+            conn.close()
+            return
+        if runtime.api_version < 2:
+            raise EnclaveError("exec needs an enclave runtime with PAL API v2 or later (this one is v1)")
+        if len(fds) != 3:
+            raise EnclaveError("exec request must carry stdin, stdout and stderr")
+        pid = runtime.create_process(request["args"][0], request["args"], request.get("env", []),
+                                     (fds[0], fds[1], fds[2]))
+        _send(conn, pid=pid)
+    except Exception as exc:
+        try:
+            _send(conn, error=str(exc))
+        except OSError:
+            pass
+        conn.close()
+        for fd in fds:
+            os.close(fd)
+        return
+
+    def run_exec() -> None:
+        try:
+            message: dict[str, Any] = {"exit": _exit_status(runtime.exec(pid))}
+        except Exception as exc:
+            message = {"error": str(exc)}
+        finally:
+            for fd in fds:
+                os.close(fd)
+        try:
+            _send(conn, **message)
+        except OSError:
+            pass
+        conn.close()
+
+    threading.Thread(target=run_exec, name=f"enclave-exec-{pid}", daemon=True).start()
+
+
+def _recv_with_fds(conn: socket.socket) -> tuple[bytes, list[int]]:
+    import array
+
+    fds = array.array("i")
+    data, ancdata, _, _ = conn.recvmsg(65536, socket.CMSG_LEN(3 * fds.itemsize))
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data.rstrip(b"\n"), list(fds)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The `clave exec` side: a proxy process stands for the enclave process on the host, so callers (containerd's
+# shim, podman) can wait for it, signal it and read its exit status as for any exec'd process.
+
+def exec_in_enclave(state_dir: str, process: dict[str, Any], env: list[str]) -> int:
+    """Fork the proxy; returns its pid once the enclave process exists. The proxy exits with the enclave
+    process's status and forwards signals to it as pal_kill(pid, sig)."""
+    read_fd, write_fd = os.pipe()
+    proxy = os.fork()
+    if proxy == 0:
+        os.close(read_fd)
+        _run_proxy(os.path.join(state_dir, AGENT_SOCKET), process, env, write_fd)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        report = pipe.read()
+    if not report.startswith(b"ok"):
+        os.waitpid(proxy, 0)
+        raise ClaveError(report.decode(errors="replace") or "enclave exec failed")
+    return proxy
+
+
+def _run_proxy(path: str, process: dict[str, Any], env: list[str], report_fd: int) -> None:
+    import array
+
+    from clave import fastjson
+
+    code = 1
+    try:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(path)
+        except OSError as exc:
+            raise EnclaveError(f"enclave agent {path}: {exc.strerror}") from None
+        request = fastjson.dumps({"op": "exec", "args": process["args"], "env": env, "cwd": process.get("cwd", "/")})
+        conn.sendmsg([request.encode() + b"\n"],
+                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
+        reader = conn.makefile("rb")
+        first = fastjson.loads(reader.readline() or b'{"error": "enclave agent closed the connection"}')
+        if "error" in first:
+            raise EnclaveError(first["error"])
+        enclave_pid = int(first["pid"])
+
+        def forward(sig: int, _frame: object) -> None:
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as kill_conn:
+                    kill_conn.connect(path)
+                    kill_conn.sendall(fastjson.dumps({"op": "kill", "pid": enclave_pid, "sig": sig}).encode() + b"\n")
+                    kill_conn.recv(4096)
+            except OSError:
+                pass
+
+        for sig in FORWARDED_SIGNALS:
+            _signal.signal(sig, forward)
+        os.write(report_fd, b"ok")
+        os.close(report_fd)
+        report_fd = -1
+        last = fastjson.loads(reader.readline() or b'{"exit": 137}')
+        code = int(last.get("exit", 1))
+        if "error" in last:
+            os.write(2, f"clave: enclave: {last['error']}\n".encode())
+    except Exception as exc:
+        if report_fd >= 0:
+            os.write(report_fd, str(exc).encode())
+    finally:
+        os._exit(code)
