@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 VERBS = (
     "create", "start", "run", "state", "kill", "delete", "list", "spec", "features",
-    "exec", "ps", "pause", "resume", "update", "events",
+    "exec", "ps", "pause", "resume", "update", "events", "check", "enclave",
 )
 # flag name -> (kind, aliases); kind is "str", "int" or "bool".
 GLOBAL_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -45,7 +45,8 @@ commands:
   features  show what clave supports        exec      run a process in a running container
   ps        list a container's processes   pause     freeze a container
   resume    thaw a paused container        update    change a container's resources
-  events    stats and OOM events
+  events    stats and OOM events           check     what this host supports
+  enclave   keygen / sign / measure WebAssembly enclave modules
 
 global options:
   --root DIR         state directory (default /run/clave)

@@ -1,0 +1,107 @@
+"""check: report what this host supports: cgroups, seccomp, enclave types, attesters, VM acceleration.
+
+usage: clave check [--format text|json]
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from clave import fastjson
+from clave.cli.main import Parsed, UsageError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {"format": ("str", ("f",)), "help": ("bool", ("h",))}
+
+
+def enclave_types() -> dict[str, str]:
+    from clave.enclave import config as enclave_config
+
+    report = {}
+    for kind, devices in enclave_config.HARDWARE_DEVICES.items():
+        found = enclave_config.devices_present(kind)
+        report[kind] = f"supported ({', '.join(found)})" if found else f"no: none of {', '.join(devices)}"
+    try:
+        import importlib.util
+
+        wasm = importlib.util.find_spec("wasmtime") is not None
+    except (ImportError, ValueError):
+        wasm = False
+    report["wasm"] = "supported (insecure: software isolation)" if wasm else "no: wasmtime is not installed"
+    report["software"] = "supported (insecure: development only)"
+    return report
+
+
+def attesters() -> dict[str, str]:
+    from clave.attestation import registry
+    from clave.attestation.base import AttesterUnavailable
+
+    report = {}
+    for cls in registry.attesters():
+        try:
+            cls().available()
+            report[cls.name] = "available"
+        except AttesterUnavailable as exc:
+            report[cls.name] = f"unavailable: {exc}"
+        except Exception as exc:  # a plugin that cannot even probe says why
+            report[cls.name] = f"unavailable: {exc}"
+    return report
+
+
+def vm_acceleration() -> str:
+    """KVM when /dev/kvm answers the KVM API, else QEMU's software emulation (TCG) if QEMU is installed."""
+    import fcntl
+
+    qemu = shutil.which("qemu-system-x86_64")
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            version = fcntl.ioctl(fd, 0xAE00)  # KVM_GET_API_VERSION
+        finally:
+            os.close(fd)
+        kvm = f"kvm (API {version})"
+    except OSError:
+        kvm = ""
+    pvm_host = os.path.exists("/sys/module/kvm_pvm") or os.path.exists("/sys/module/pvm")
+    if kvm and pvm_host:
+        kvm += " [PVM host: standard guest kernels do not run under it; TCG is used]"
+        return f"{kvm}; qemu: {'tcg' if qemu else 'not installed'}"
+    if kvm:
+        return kvm
+    return "tcg (software emulation)" if qemu else "none: qemu-system-x86_64 is not installed"
+
+
+def report() -> dict[str, Any]:
+    from clave.linux import cgroups
+
+    return {
+        "cgroups": cgroups.detect_mode(),
+        "seccomp": os.path.exists("/proc/sys/kernel/seccomp/actions_avail"),
+        "lsm": {"apparmor": os.path.isdir("/sys/kernel/security/apparmor"), "selinux": os.path.isdir("/sys/fs/selinux")},
+        "handlers": {"native": "supported", "enclave": "supported", "vm": "not available in this version"},
+        "enclave_types": enclave_types(),
+        "attesters": attesters(),
+        "vm_acceleration": vm_acceleration(),
+    }
+
+
+def run(parsed: Parsed, ctx: Any) -> int:
+    fmt = parsed.flags.get("format", "text")
+    doc = report()
+    if fmt == "json":
+        print(fastjson.dumps_indented(doc))
+    elif fmt == "text":
+        for key, value in doc.items():
+            if isinstance(value, dict):
+                print(f"{key}:")
+                for name, what in value.items():
+                    print(f"  {name:<18} {what}")
+            else:
+                print(f"{key:<20} {value}")
+    else:
+        raise UsageError(f"invalid format option {fmt!r}: use text or json")
+    return 0
