@@ -81,7 +81,10 @@ def report() -> dict[str, Any]:
     return {
         "cgroups": cgroups.detect_mode(),
         "seccomp": os.path.exists("/proc/sys/kernel/seccomp/actions_avail"),
-        "lsm": {"apparmor": os.path.isdir("/sys/kernel/security/apparmor"), "selinux": os.path.isdir("/sys/fs/selinux")},
+        "lsm": {
+            "apparmor": os.path.isdir("/sys/kernel/security/apparmor"),
+            "selinux": os.path.isdir("/sys/fs/selinux"),
+        },
         "handlers": {"native": "supported", "enclave": "supported", "vm": "not available in this version"},
         "enclave_types": enclave_types(),
         "attesters": attesters(),
