@@ -1,0 +1,31 @@
+"""ttrpc, containerd's lightweight RPC over unix sockets: framing, client, server, streams and status codes.
+
+One implementation shared by the containerd shim and the VM agent. Payloads are protobuf bytes; the message
+classes are in ``clave.proto.generated``.
+
+    server = Server()
+    server.register("example.Echo", {"Say": lambda ctx, data: data})
+    server.start(server.listen("unix:///run/example.sock"))
+    with Client.connect("unix:///run/example.sock") as client:
+        client.call("example.Echo", "Say", b"hi", timeout=1.0)
+"""
+
+from __future__ import annotations
+
+from clave.ttrpc._frame import MAX_MESSAGE, unix_address
+from clave.ttrpc.client import Client, ClientStream
+from clave.ttrpc.errors import Code, TtrpcError
+from clave.ttrpc.server import Context, Server, ServerStream, typed
+
+__all__ = [
+    "MAX_MESSAGE",
+    "Client",
+    "ClientStream",
+    "Code",
+    "Context",
+    "Server",
+    "ServerStream",
+    "TtrpcError",
+    "typed",
+    "unix_address",
+]

@@ -1,0 +1,66 @@
+"""ttrpc errors: gRPC status codes carried as google.rpc.Status in every Response."""
+
+from __future__ import annotations
+
+from clave.proto.generated.google_rpc import Status
+
+
+class Code:
+    """gRPC status codes (google.rpc.Code)."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+    NAMES = {
+        0: "OK",
+        1: "Canceled",
+        2: "Unknown",
+        3: "InvalidArgument",
+        4: "DeadlineExceeded",
+        5: "NotFound",
+        6: "AlreadyExists",
+        7: "PermissionDenied",
+        8: "ResourceExhausted",
+        9: "FailedPrecondition",
+        10: "Aborted",
+        11: "OutOfRange",
+        12: "Unimplemented",
+        13: "Internal",
+        14: "Unavailable",
+        15: "DataLoss",
+        16: "Unauthenticated",
+    }
+
+
+class TtrpcError(Exception):
+    """A call failed with a non-OK status. Handlers raise it to return that status to the client."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{Code.NAMES.get(self.code, f'code {self.code}')}: {self.message}"
+
+    def to_status(self) -> Status:
+        return Status(code=self.code, message=self.message)
+
+    @classmethod
+    def from_status(cls, status: Status) -> TtrpcError:
+        return cls(status.code, status.message)
