@@ -403,12 +403,11 @@ def _syscall_targets(em: _Emitter, profile: _Profile, arch: str) -> dict[int, in
                 pos = rets.get(value)
                 targets[nr] = pos if pos is not None else rets.setdefault(value, em.ret(value))
             continue
-        unconditional = {value for value, conds in rules if not conds}
-        if len(unconditional) > 1:
-            name = next(n for n, v in syscall_table.TABLES[arch].items() if v == nr)
-            raise SeccompError(f"seccomp: syscall {name} has conflicting unconditional actions")
+        # Several unconditional rules: the first one in profile order wins, as in libseccomp (which runc and crun
+        # use); podman's default profile both allows and refuses setns, sethostname, ... this way.
+        unconditional = [value for value, conds in rules if not conds]
         conditional = [rule for rule in rules if rule[1]]
-        fallback = unconditional.pop() if unconditional else default
+        fallback = unconditional[0] if unconditional else default
         if conditional:
             targets[nr] = _emit_rules(em, conditional, em.ret(fallback), wide)
         elif fallback != default:
