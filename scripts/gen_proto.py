@@ -578,7 +578,7 @@ class ModuleWriter:
         L += ["", "    def encode(self) -> bytes:"]
         if msg.fields:
             L.append("        _out: list[bytes] = []")
-            for f in msg.fields:
+            for f in sorted(msg.fields, key=lambda f: f.number):  # field order, as protoc's encoders emit
                 L += ["        " + s for s in self.encode_field(f)]
             L.append('        return b"".join(_out)')
         else:
@@ -701,6 +701,14 @@ def generate(proto_dir: Path = PROTO_DIR) -> dict[str, str]:
         '"""Message classes generated from protos/ (one module per protobuf package)."""\n'
     )
     return out
+
+
+def generate_text_module(text: str, name: str) -> str:
+    """Module source for a single self-contained .proto text (used by tests to exercise every field type)."""
+    proto = Parser(tokenize(text, name), name).parse()
+    schema = Schema([proto])
+    schema.resolve()
+    return ModuleWriter(schema, proto.package, [proto]).render()
 
 
 def main(argv: list[str] | None = None) -> int:
