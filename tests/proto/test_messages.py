@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -78,9 +79,8 @@ def build_ours(schema: object, full_name: str, depth: int = 0) -> Message:
 
 @pytest.fixture(scope="module")
 def schema() -> object:
-    files = [
-        gen.Parser(gen.tokenize(p.read_text(), p.name), p.name).parse() for p in sorted((REPO / "protos").rglob("*.proto"))
-    ]
+    paths = sorted((REPO / "protos").rglob("*.proto"))
+    files = [gen.Parser(gen.tokenize(p.read_text(), p.name), p.name).parse() for p in paths]
     s = gen.Schema(files)
     s.resolve()
     return s
@@ -209,7 +209,7 @@ message AllTypes {
 
 
 @pytest.fixture(scope="module")
-def official(tmp_path_factory: pytest.TempPathFactory) -> types.SimpleNamespace:
+def official(tmp_path_factory: pytest.TempPathFactory) -> Iterator[types.SimpleNamespace]:
     pytest.importorskip("google.protobuf", reason="Google's protobuf is not installed (reference only)")
     protoc = pytest.importorskip("grpc_tools.protoc", reason="grpcio-tools is not installed (reference only)")
     include = Path(protoc.__file__).parent / "_proto"
