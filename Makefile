@@ -23,6 +23,7 @@ $(VENV)/.stamp: pyproject.toml .deps-stamp
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m compileall -q src >/dev/null  # the runtime's start-up time depends on cached bytecode
+	$(PY) -m clave.tools.launcher  # `clave` without the site scan (see src/clave/tools/launcher.py)
 	@touch $@
 
 demo: venv
@@ -38,7 +39,7 @@ lint: venv
 	$(VENV)/bin/mypy src
 
 bench: venv
-	$(PY) bench/run.py
+	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .deps-stamp

@@ -5,8 +5,7 @@ usage: clave list [--format table|json] [--quiet]
 
 from __future__ import annotations
 
-import json
-
+from clave import fastjson
 from clave.cli.main import Parsed, UsageError
 
 TYPE_CHECKING = False
@@ -27,7 +26,7 @@ def run(parsed: Parsed, ctx: Any) -> int:
         for s in states:
             print(s["id"])
     elif fmt == "json":
-        print(json.dumps(states))
+        print(fastjson.dumps(states))
     elif fmt == "table":
         rows = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")]
         rows += [(s["id"], str(s["pid"]), s["status"], s["bundle"], s["created"], s["owner"]) for s in states]
