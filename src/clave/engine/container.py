@@ -27,8 +27,10 @@ class CreateOptions:
     def __init__(
         self, bundle: str, pid_file: str | None = None, console_socket: str | None = None, no_pivot: bool = False,
         preserve_fds: int = 0, listen_fds: int = 0, detach_check: bool = True,
+        stdio: tuple[int, int, int] | None = None,
     ) -> None:
         self.bundle = bundle
+        self.stdio = stdio  # the container's stdin/stdout/stderr; None: this process's own (the CLI's way)
         self.pid_file = pid_file
         self.console_socket = console_socket
         self.no_pivot = no_pivot
@@ -40,8 +42,9 @@ class CreateOptions:
 class ExecOptions:
     def __init__(
         self, console_socket: str | None = None, pid_file: str | None = None, preserve_fds: int = 0,
-        ignore_paused: bool = False,
+        ignore_paused: bool = False, stdio: tuple[int, int, int] | None = None,
     ) -> None:
+        self.stdio = stdio  # as CreateOptions.stdio
         self.console_socket = console_socket
         self.pid_file = pid_file
         self.preserve_fds = preserve_fds
@@ -302,7 +305,8 @@ class Engine:
                     raise ClaveError("cannot allocate tty if clave will detach without setting console socket")
                 console_fd = console.connect_socket(opts.console_socket)
             try:
-                pid = enter.enter(state.pid, types, process, cgroup.add_process, console_fd, opts.preserve_fds)
+                pid = enter.enter(state.pid, types, process, cgroup.add_process, console_fd, opts.preserve_fds,
+                                  stdio=opts.stdio)
             except (enter.EnterError, OSError) as exc:
                 raise ClaveError(str(exc)) from None
             finally:

@@ -50,7 +50,7 @@ def make_plan(state: State, state_dir: StateDir, opts: CreateOptions, launch: An
     extra_env = []
     if opts.listen_fds:
         extra_env = [f"LISTEN_FDS={opts.listen_fds}", "LISTEN_PID=1"]
-    return spawn.InitPlan(
+    plan = spawn.InitPlan(
         config=state.config,
         rootfs=state.rootfs,
         state_dir=state_dir.path,
@@ -62,3 +62,5 @@ def make_plan(state: State, state_dir: StateDir, opts: CreateOptions, launch: An
         launch=launch,
         bundle=state.bundle,
     )
+    plan.stdio = opts.stdio
+    return plan

@@ -47,6 +47,7 @@ def enter(
     console_fd: int | None = None,
     keep_fds: int = 0,
     extra_env: list[str] | None = None,
+    stdio: tuple[int, int, int] | None = None,
 ) -> int:
     """Start ``process`` (an OCI process object, ``_seccomp`` attached when confined) inside the container
     whose init is ``init_pid``; returns its pid once it has exec'd."""
@@ -67,7 +68,7 @@ def enter(
     joiner = os.fork()
     if joiner == 0:
         parent.close()
-        _run_joiner(joined, child, process, console_fd, keep_fds, extra_env or [], in_userns)
+        _run_joiner(joined, child, process, console_fd, keep_fds, extra_env or [], in_userns, stdio)
     child.close()
     for _, fd in joined:
         os.close(fd)
@@ -103,16 +104,16 @@ def enter(
 
 def _run_joiner(
     joined: list[tuple[str, int]], chan: Channel, process: dict[str, Any], console_fd: int | None,
-    keep_fds: int, extra_env: list[str], in_userns: bool,
+    keep_fds: int, extra_env: list[str], in_userns: bool, stdio: tuple[int, int, int] | None,
 ) -> None:
-    from clave.linux.spawn import _close_fds_except, _report_and_exit
+    from clave.linux.spawn import _report_and_exit, close_fds_except
 
     try:
         lsys.set_pdeathsig(lsys.SIGKILL)
         needed = {chan.read_fd, chan.write_fd, *(fd for _, fd in joined)}
         if console_fd is not None:
             needed.add(console_fd)
-        _close_fds_except(2 + keep_fds, needed)
+        close_fds_except(2 + keep_fds, needed, stdio)
         chan.expect("go")
         ns.join(joined)
         pid = os.fork()

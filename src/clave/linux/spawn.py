@@ -59,6 +59,7 @@ class InitPlan:
         self.cgroup_paths = cgroup_paths or {}
         self.no_pivot = no_pivot
         self.console_fd: int | None = None
+        self.stdio: tuple[int, int, int] | None = None  # the container's stdio, when not the runtime's own
         self.keep_fds = keep_fds  # fds 3 .. 3+keep_fds-1 go to the process (LISTEN_FDS + --preserve-fds)
         self.extra_env = extra_env or []
         # The handler's last step, run in the init after start; never returns.
@@ -230,7 +231,7 @@ def _run_intermediate(plan: InitPlan, joined: list[tuple[str, int]], chan: Chann
         needed = {chan.read_fd, chan.write_fd, plan.state_dir_fd, *(fd for _, fd in joined)}
         if plan.console_fd is not None:
             needed.add(plan.console_fd)
-        _close_fds_except(2 + plan.keep_fds, needed)
+        close_fds_except(2 + plan.keep_fds, needed, plan.stdio)
         chan.expect("go")
         ns.join(joined)
         in_userns = "user" in plan.namespaces
@@ -253,7 +254,13 @@ def _run_intermediate(plan: InitPlan, joined: list[tuple[str, int]], chan: Chann
     os._exit(0)
 
 
-def _close_fds_except(keep_upto: int, needed: set[int]) -> None:
+def close_fds_except(keep_upto: int, needed: set[int], stdio: tuple[int, int, int] | None = None) -> None:
+    """Close every fd above ``keep_upto`` that is not ``needed``; first make ``stdio`` (fds an in-process
+    caller such as the shim chose for the container) our 0, 1 and 2."""
+    if stdio is not None:
+        moved = [os.dup(fd) for fd in stdio]  # dup first: a chosen fd may itself be 0, 1 or 2
+        for target, fd in enumerate(moved):
+            os.dup2(fd, target)
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd > keep_upto and fd not in needed:
