@@ -38,12 +38,13 @@ from clave.ttrpc.errors import Code, TtrpcError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
-    from typing import Any
+    from typing import Any, TypeVar
 
     from clave.proto import Message
 
     Handler = Callable[["Context", bytes], bytes]
     StreamHandler = Callable[["Context", "ServerStream"], bytes | None]
+    Req = TypeVar("Req", bound=Message)
 
 
 class Context:
@@ -72,10 +73,10 @@ class Context:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
 
-def typed(request_type: type[Message]) -> Callable[[Callable[[Context, Message], Message]], Handler]:
+def typed(request_type: type[Req]) -> Callable[[Callable[[Context, Req], Message]], Handler]:
     """Decorator turning ``fn(ctx, request_message) -> response_message`` into a bytes handler."""
 
-    def wrap(fn: Callable[[Context, Message], Message]) -> Handler:
+    def wrap(fn: Callable[[Context, Req], Message]) -> Handler:
         def handler(ctx: Context, data: bytes) -> bytes:
             try:
                 request = request_type.decode(data)
