@@ -114,6 +114,23 @@ class Shim:
         if hasattr(self, "log_fd"):
             os.close(self.log_fd)
         shutil.rmtree(SHIM_RUNC_ROOT / self.namespace, ignore_errors=True)
+        # After a failed test a `runc init` may be left in the container's cgroups; and on hybrid hosts runc
+        # leaves the unified cgroup of a deleted container behind.
+        cgroups = [*Path("/sys/fs/cgroup").glob(f"*/{self.id}"), Path("/sys/fs/cgroup") / self.id]
+        for cgroup in cgroups:
+            if not cgroup.is_dir():
+                continue
+            for pid in (cgroup / "cgroup.procs").read_text().split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            for _ in range(50):
+                try:
+                    cgroup.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.02)
 
 
 @pytest.fixture
@@ -170,6 +187,7 @@ def test_container_lifecycle_and_events(shim: Shim) -> None:
     spec["process"]["terminal"] = False
     spec["process"]["args"] = ["/bin/busybox", "sh", "-c", "echo hello from runc; exit 3"]
     spec["root"] = {"path": "rootfs", "readonly": True}
+    spec["linux"]["cgroupsPath"] = f"/{shim.id}"
     (shim.bundle / "config.json").write_text(json.dumps(spec))
     stdout = shim.workdir / "stdout.txt"
 
