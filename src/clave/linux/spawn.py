@@ -352,6 +352,13 @@ def _setup_container(plan: InitPlan, chan: Channel) -> None:
     if plan.launch is native_launch:
         env = proc.environment(process, plan.extra_env)
         process["_exec_path"] = proc.find_executable(process["args"][0], env)
+    if process.get("rlimits"):  # before "ready", as runc does: a limit that cannot be set fails create
+        from clave.linux import rlimits
+
+        try:
+            rlimits.apply(process["rlimits"])
+        except rlimits.RlimitError as exc:
+            raise SpawnError(str(exc)) from None
     chan.send("ready")
 
 
