@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -362,3 +364,34 @@ def test_many_sequential_calls_are_fast(client: Client) -> None:
         client.call(task.TaskService.NAME, "State", payload, timeout=5)
     per_call = (time.perf_counter() - started) / 200
     assert per_call < 0.005, f"{per_call * 1e6:.0f} us per round trip"
+
+
+def test_require_same_user_refuses_other_users() -> None:
+    server = Server(require_same_user=True)
+    server.register(SVC, {"Echo": echo})
+    name = f"@clave-ttrpc-peer-{os.getpid()}-{time.monotonic_ns()}"
+    server.start(server.listen(name))
+    try:
+        with Client.connect(name) as c:
+            assert c.call(SVC, "Echo", b"same user", timeout=5) == b"same user"
+        probe = (
+            "import sys; from clave.ttrpc import Client, TtrpcError\n"
+            "try:\n"
+            f"    Client.connect({name!r}).call({SVC!r}, 'Echo', b'x', timeout=5)\n"
+            "except TtrpcError as e:\n"
+            "    print(e)\n"
+            "    sys.exit(e.code)\n"
+        )
+        src = str(Path(__file__).resolve().parents[2] / "src")
+        env = {"PYTHONPATH": src, "PATH": "/usr/bin:/bin"}
+        try:
+            result = subprocess.run([sys.executable, "-c", probe], user=65534, env=env, capture_output=True, timeout=20)
+        except PermissionError:
+            pytest.skip("cannot switch to uid 65534 here")
+        if result.returncode not in (0, Code.UNAVAILABLE):
+            pytest.skip(f"the probe cannot run as uid 65534: {result.stderr.decode()[-200:]}")
+        # connected (abstract sockets have no permissions), then dropped before any response
+        assert result.returncode == Code.UNAVAILABLE
+        assert "connection closed" in result.stdout.decode()
+    finally:
+        server.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import _queue
 import _socket
 import os
+import struct
 import threading
 import time
 
@@ -311,10 +312,22 @@ def _status_of(error: Exception, ctx: Context) -> Status:
     return Status(code=Code.INTERNAL, message=f"{ctx.method}: {type(error).__name__}: {error}")
 
 
-class Server:
-    """Serve registered ttrpc services on unix sockets."""
+def peer_uid(sock: _socket.socket) -> int:
+    """The uid of the process at the other end of a unix socket (SO_PEERCRED: pid, uid, gid)."""
+    return _PEERCRED.unpack(sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _PEERCRED.size))[1]
 
-    def __init__(self) -> None:
+
+_PEERCRED = struct.Struct("3i")
+
+
+class Server:
+    """Serve registered ttrpc services on unix sockets.
+
+    ``require_same_user`` refuses connections from processes of other users (root excepted), as containerd's
+    shims do: abstract sockets have no file permissions to keep other users out."""
+
+    def __init__(self, require_same_user: bool = False) -> None:
+        self._require_same_user = require_same_user
         self._services: dict[str, dict[str, Handler]] = {}
         self._stream_handlers: dict[tuple[str, str], StreamHandler] = {}
         self._workers = _Workers()
@@ -375,7 +388,11 @@ class Server:
                     return
                 time.sleep(0.01)  # e.g. EMFILE: keep serving those already connected
                 continue
-            conn = _Connection(self, _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, fd))
+            sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, fd)
+            if self._require_same_user and peer_uid(sock) not in (0, os.geteuid()):
+                sock.close()
+                continue
+            conn = _Connection(self, sock)
             with self._lock:
                 if self._closed:
                     conn.close()
