@@ -16,7 +16,10 @@ import pytest
 
 from clave.proto import DecodeError, Message, message_class
 from clave.proto._wire import read_varint, unzigzag, varint, zigzag
-from clave.proto.generated import containerd_events, containerd_task_v2, google_protobuf, io_containerd_cgroups_v1
+from clave.proto.generated import containerd_events as containerd_events
+from clave.proto.generated import containerd_task_v2 as containerd_task_v2
+from clave.proto.generated import google_protobuf as google_protobuf
+from clave.proto.generated import io_containerd_cgroups_v1 as io_containerd_cgroups_v1
 from clave.proto.generated._registry import MESSAGES
 
 REPO = Path(__file__).resolve().parents[2]
