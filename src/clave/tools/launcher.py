@@ -11,7 +11,7 @@ import os
 import sys
 import sysconfig
 
-SCRIPTS = {"clave": "clave.cli.main"}
+SCRIPTS = {"clave": "clave.cli.main", "containerd-shim-clave-v2": "clave.shim.main"}
 
 
 def import_paths() -> list[str]:

@@ -1,0 +1,156 @@
+"""A process's stdio as containerd hands it to a shim: FIFO paths, ``file://`` and ``binary://`` log URIs, or
+a terminal whose master the shim copies to and from the FIFOs."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import subprocess
+
+
+class ProcessIO:
+    """The three fds the container gets, plus what the shim keeps (copy threads, logging binaries)."""
+
+    def __init__(self, stdin: str, stdout: str, stderr: str, terminal: bool) -> None:
+        self.paths = (stdin, stdout, stderr)
+        self.terminal = terminal
+        self.container_fds: tuple[int, int, int] | None = None
+        self._opened: list[int] = []
+        self._logger: subprocess.Popen[bytes] | None = None
+        self.master = -1
+        self._stdin_fd = -1
+
+    # -- plain (non-terminal) IO: the container writes straight into the FIFOs or log files
+    def open(self) -> tuple[int, int, int]:
+        stdin, stdout, stderr = self.paths
+        null = self._track(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
+        if stdout.startswith("binary://"):
+            out_fd, err_fd = self._start_logger(stdout)
+        else:
+            out_fd = self._open_output(stdout) if stdout else null
+            err_fd = self._open_output(stderr) if stderr else null
+        in_fd = self._open_input(stdin) if stdin else null
+        self.container_fds = (in_fd, out_fd, err_fd)
+        return self.container_fds
+
+    def _track(self, fd: int) -> int:
+        self._opened.append(fd)
+        return fd
+
+    def _open_input(self, path: str) -> int:
+        # O_NONBLOCK so opening cannot hang when the writer is late; the container then reads blocking.
+        fd = self._track(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+        os.set_blocking(fd, True)
+        self._stdin_fd = fd
+        return fd
+
+    def _open_output(self, uri: str) -> int:
+        if uri.startswith("file://"):
+            path = uri[len("file://"):]
+            os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+            return self._track(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640))
+        # A FIFO: O_RDWR never blocks on open, and containerd's reader is already there.
+        return self._track(os.open(uri, os.O_RDWR | os.O_CLOEXEC))
+
+    def _start_logger(self, uri: str) -> tuple[int, int]:
+        """binary:///path?k=v: containerd's logging-binary protocol. The binary gets the container's stdout on
+        fd 3, stderr on fd 4, and closes fd 5 once it is ready."""
+        import subprocess
+        from urllib.parse import parse_qsl, urlsplit
+
+        parts = urlsplit(uri)
+        args = [a for kv in parse_qsl(parts.query) for a in kv]
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        env = dict(os.environ)
+
+        def child_fds() -> None:
+            for target, fd in ((3, out_r), (4, err_r), (5, ready_w)):
+                os.dup2(fd, target)
+
+        self._logger = subprocess.Popen([parts.path, *args], env=env, preexec_fn=child_fds,
+                                        pass_fds=(3, 4, 5), close_fds=True)
+        for fd in (out_r, err_r, ready_w):
+            os.close(fd)
+        os.read(ready_r, 1)  # returns when the binary closes fd 5 (ready) or exits
+        os.close(ready_r)
+        return self._track(out_w), self._track(err_w)
+
+    # -- terminal IO: the shim owns the pty master and copies
+    def attach_master(self, master: int) -> None:
+        self.master = master
+        stdin, stdout, _ = self.paths
+        if stdin:
+            src = os.open(stdin, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            os.set_blocking(src, True)
+            self._stdin_fd = src
+            self._opened.append(src)
+            threading.Thread(target=_copy, args=(src, master), daemon=True, name="tty-in").start()
+        if stdout:
+            dst = os.open(stdout, os.O_RDWR | os.O_CLOEXEC)
+            self._opened.append(dst)
+            threading.Thread(target=_copy, args=(master, dst), daemon=True, name="tty-out").start()
+
+    def resize(self, width: int, height: int) -> None:
+        if self.master >= 0:
+            import fcntl
+            import struct
+
+            fcntl.ioctl(self.master, 0x5414, struct.pack("HHHH", height, width, 0, 0))  # TIOCSWINSZ
+
+    def close_stdin(self) -> None:
+        if self._stdin_fd >= 0:
+            try:
+                os.close(self._stdin_fd)
+                self._opened.remove(self._stdin_fd)
+            except (OSError, ValueError):
+                pass
+            self._stdin_fd = -1
+
+    def after_start(self) -> None:
+        """The container has its copies: drop the shim's (so readers see EOF when the container exits)."""
+        if not self.terminal:
+            for fd in self._opened:
+                if fd != self._stdin_fd:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            self._opened = [self._stdin_fd] if self._stdin_fd >= 0 else []
+
+    def close(self) -> None:
+        for fd in self._opened:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._opened = []
+        if self.master >= 0:
+            try:
+                os.close(self.master)
+            except OSError:
+                pass
+            self.master = -1
+        if self._logger is not None:
+            try:
+                self._logger.wait(timeout=2)
+            except Exception:
+                self._logger.kill()
+
+
+def _copy(src: int, dst: int) -> None:
+    while True:
+        try:
+            data = os.read(src, 65536)
+        except OSError:
+            return
+        if not data:
+            return
+        try:
+            os.write(dst, data)
+        except OSError:
+            return

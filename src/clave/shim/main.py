@@ -1,0 +1,196 @@
+"""``containerd-shim-clave-v2``: the shim v2 bootstrap and server.
+
+containerd runs ``containerd-shim-clave-v2 -namespace NS -address ADDR -publish-binary BIN -id ID start`` in
+the bundle directory. ``start`` finds or starts the shim that serves this container (one per pod: containers
+sharing ``io.kubernetes.cri.sandbox-id`` share a shim), prints only its socket address and exits; the server
+it started keeps running as a daemon with the listening socket on fd 3. ``delete`` cleans up after a shim that
+died, printing a protobuf DeleteResponse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+
+SOCKET_DIR = "/run/containerd/s"
+SANDBOX_ANNOTATION = "io.kubernetes.cri.sandbox-id"
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+
+class Flags:
+    def __init__(self) -> None:
+        self.namespace = ""
+        self.address = ""
+        self.publish_binary = ""
+        self.id = ""
+        self.bundle = ""
+        self.debug = False
+        self.action = ""
+
+
+def parse(argv: Sequence[str]) -> Flags:
+    flags = Flags()
+    names = {"namespace": "namespace", "address": "address", "publish-binary": "publish_binary", "id": "id",
+             "bundle": "bundle"}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, value = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and key in names:
+            if not eq:
+                i += 1
+                value = argv[i] if i < len(argv) else ""
+            setattr(flags, names[key], value)
+        elif arg.startswith("-") and key in ("debug", "v"):
+            flags.debug = True
+        elif not arg.startswith("-"):
+            flags.action = arg
+        else:
+            raise SystemExit(f"containerd-shim-clave-v2: unknown flag {arg}")
+        i += 1
+    if not flags.namespace:
+        raise SystemExit("containerd-shim-clave-v2: -namespace is required")
+    return flags
+
+
+def socket_address(containerd_address: str, namespace: str, group_id: str) -> str:
+    digest = hashlib.sha256(os.path.join(containerd_address, namespace, group_id).encode()).hexdigest()
+    return f"unix://{SOCKET_DIR}/{digest}"
+
+
+def _group_id(bundle: str, container_id: str) -> str:
+    """Containers of one pod share the sandbox's shim."""
+    from clave import fastjson
+
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            annotations = fastjson.loads(f.read()).get("annotations", {})
+    except (OSError, ValueError):
+        return container_id
+    return annotations.get(SANDBOX_ANNOTATION) or container_id
+
+
+def start(flags: Flags) -> int:
+    """Print the address of the shim for this container, starting it if needed."""
+    import socket
+    import subprocess
+
+    bundle = os.getcwd()
+    address = socket_address(flags.address, flags.namespace, _group_id(bundle, flags.id))
+    path = address[len("unix://"):]
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)  # a live shim for this pod: reuse it
+        probe.close()
+        _write(os.path.join(bundle, "address"), address)
+        sys.stdout.write(address)
+        return 0
+    except OSError:
+        probe.close()
+        if os.path.exists(path):
+            os.unlink(path)  # a dead shim's socket
+    os.makedirs(SOCKET_DIR, mode=0o711, exist_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    os.chmod(path, 0o600)
+    listener.listen(128)
+    args = [sys.argv[0], "-namespace", flags.namespace, "-id", flags.id, "-address", flags.address]
+    if flags.publish_binary:
+        args += ["-publish-binary", flags.publish_binary]
+    if flags.debug:
+        args.append("-debug")
+    os.dup2(listener.fileno(), 3)  # containerd's convention: the server's listener is fd 3
+    with open(os.path.join(bundle, "shim.log"), "ab") as log:
+        child = subprocess.Popen(args, cwd=bundle, stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(3,),
+                                 start_new_session=True)
+    if listener.fileno() != 3:
+        os.close(3)
+    listener.close()
+    _write(os.path.join(bundle, "shim.pid"), str(child.pid))
+    _write(os.path.join(bundle, "address"), address)
+    sys.stdout.write(address)
+    return 0
+
+
+def _write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.rename(tmp, path)
+
+
+def serve(flags: Flags) -> int:
+    """The daemon: serve containerd.task.v2.Task on fd 3 until Shutdown."""
+    import socket
+    import threading
+
+    from clave.linux import sys as lsys
+    from clave.proto.generated.containerd_task_v2 import TaskService as TaskDescriptor
+    from clave.shim.events import Publisher
+    from clave.shim.service import TaskService
+    from clave.ttrpc import Server
+
+    lsys.set_child_subreaper()
+    listener = socket.socket(fileno=3)
+    done = threading.Event()
+    ttrpc_address = os.environ.get("TTRPC_ADDRESS") or (flags.address + ".ttrpc" if flags.address else "")
+    publisher = Publisher(ttrpc_address, flags.namespace) if ttrpc_address else None
+    service = TaskService(flags.namespace, publisher, done.set)
+    service.reaper.start()
+    server = Server()
+    server.register_service(TaskDescriptor, service)
+    server.start(listener)
+    done.wait()
+    if publisher is not None:
+        publisher.close()
+    server.close()
+    try:
+        os.unlink(listener.getsockname())
+    except (OSError, TypeError):
+        pass
+    return 0
+
+
+def delete(flags: Flags) -> int:
+    """Clean up after a dead shim: force-delete the container and print a DeleteResponse."""
+    from clave.engine.container import Engine
+    from clave.errors import ClaveError
+    from clave.proto.generated.containerd_task_v2 import DeleteResponse
+    from clave.proto.generated.google_protobuf import Timestamp
+    from clave.shim.service import _unmount
+
+    bundle = flags.bundle or os.getcwd()
+    engine = Engine(f"/run/containerd/clave/{flags.namespace}")
+    pid = 0
+    try:
+        pid = engine.state(flags.id).get("pid", 0)
+    except ClaveError:
+        pass
+    try:
+        engine.delete(flags.id, force=True)
+    except ClaveError:
+        pass
+    rootfs = os.path.join(bundle, "rootfs")
+    if os.path.ismount(rootfs):
+        _unmount(rootfs)
+    sys.stdout.buffer.write(DeleteResponse(pid=pid, exit_status=137, exited_at=Timestamp.now()).encode())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    flags = parse(sys.argv[1:] if argv is None else argv)
+    if flags.action == "start":
+        sys.exit(start(flags))
+    if flags.action == "delete":
+        sys.exit(delete(flags))
+    if flags.action:
+        raise SystemExit(f"containerd-shim-clave-v2: unknown action {flags.action!r}")
+    sys.exit(serve(flags))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,413 @@
+"""The ``containerd.task.v2.Task`` service over the Clave engine, called in-process (no runtime binary per call).
+
+One shim serves every container of a pod. Each container has an init process and any number of exec'd
+processes; their exits come from the reaper, which the shim is as a subreaper.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from clave import fastjson
+from clave.engine.container import CreateOptions, Engine, ExecOptions
+from clave.errors import ClaveError
+from clave.proto.generated import containerd_events as ev
+from clave.proto.generated import containerd_task_v2 as task
+from clave.proto.generated import containerd_v1_types as types
+from clave.proto.generated.google_protobuf import Any as AnyMessage
+from clave.proto.generated.google_protobuf import Empty, Timestamp
+from clave.shim.io import ProcessIO
+from clave.shim.reaper import Exit, Reaper
+from clave.ttrpc import Code, TtrpcError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from clave.shim.events import Publisher
+    from clave.ttrpc import Context
+
+VERSION = "2"
+
+
+class Process:
+    """An init or exec'd process as the shim tracks it."""
+
+    def __init__(self, container_id: str, exec_id: str, io: ProcessIO, spec: dict[str, Any] | None = None) -> None:
+        self.container_id = container_id
+        self.exec_id = exec_id
+        self.io = io
+        self.spec = spec
+        self.pid = 0
+        self.exit: Exit | None = None
+        self.exited = threading.Event()
+        self.console: Any = None
+
+    @property
+    def status(self) -> int:
+        if self.exit is not None:
+            return types.Status.STOPPED
+        return types.Status.RUNNING if self.pid else types.Status.CREATED
+
+
+class Container:
+    def __init__(self, container_id: str, bundle: str, init: Process, mounted_rootfs: str | None) -> None:
+        self.id = container_id
+        self.bundle = bundle
+        self.init = init
+        self.execs: dict[str, Process] = {}
+        self.mounted_rootfs = mounted_rootfs
+        self.oom_kills = 0
+
+    def process(self, exec_id: str) -> Process:
+        if not exec_id:
+            return self.init
+        try:
+            return self.execs[exec_id]
+        except KeyError:
+            raise TtrpcError(Code.NOT_FOUND, f"process {exec_id} not found in container {self.id}") from None
+
+
+def _status_error(exc: ClaveError) -> TtrpcError:
+    text = str(exc)
+    if "does not exist" in text:
+        return TtrpcError(Code.NOT_FOUND, text)
+    if "already exists" in text:
+        return TtrpcError(Code.ALREADY_EXISTS, text)
+    if "not running" in text or "cannot" in text or "not paused" in text:
+        return TtrpcError(Code.FAILED_PRECONDITION, text)
+    return TtrpcError(Code.UNKNOWN, text)
+
+
+class TaskService:
+    def __init__(self, namespace: str, publisher: Publisher | None, on_shutdown: Any) -> None:
+        self.namespace = namespace
+        self.engine = Engine(f"/run/containerd/clave/{namespace}")
+        self.publisher = publisher
+        self.containers: dict[str, Container] = {}
+        self.by_pid: dict[int, Process] = {}
+        self.early_exits: dict[int, Exit] = {}
+        self.lock = threading.RLock()
+        self.reaper = Reaper(self._on_exit)
+        self.on_shutdown = on_shutdown
+
+    # -- helpers
+    def _publish(self, event: Any) -> None:
+        if self.publisher is not None:
+            self.publisher.publish(event)
+
+    def _container(self, container_id: str) -> Container:
+        try:
+            return self.containers[container_id]
+        except KeyError:
+            raise TtrpcError(Code.NOT_FOUND, f"container {container_id} not found") from None
+
+    def _on_exit(self, exit: Exit) -> None:
+        with self.lock:
+            process = self.by_pid.pop(exit.pid, None)
+            if process is None:
+                self.early_exits[exit.pid] = exit  # exited before we recorded its pid
+                return
+            self._finish(process, exit)
+
+    def _finish(self, process: Process, exit: Exit) -> None:
+        process.exit = exit
+        if not process.exec_id:
+            # The init is gone: the container's exec'd processes die with its pid namespace.
+            container = self.containers.get(process.container_id)
+            if container is not None:
+                self._check_oom(container)
+        process.io.close()
+        process.exited.set()
+        self._publish(ev.TaskExit(container_id=process.container_id, id=process.exec_id or process.container_id,
+                                  pid=exit.pid, exit_status=exit.status, exited_at=Timestamp.from_ns(exit.at_ns)))
+
+    def _check_oom(self, container: Container) -> None:
+        try:
+            count = self.engine.oom_kills(container.id)
+        except ClaveError:
+            return
+        if count > container.oom_kills:
+            container.oom_kills = count
+            self._publish(ev.TaskOOM(container_id=container.id))
+
+    def _track(self, process: Process, pid: int) -> None:
+        with self.lock:
+            process.pid = pid
+            early = self.early_exits.pop(pid, None)
+            if early is not None:
+                self._finish(process, early)
+            else:
+                self.by_pid[pid] = process
+
+    # -- the service
+    def state(self, ctx: Context, req: task.StateRequest) -> task.StateResponse:
+        container = self._container(req.id)
+        process = container.process(req.exec_id)
+        status = process.status
+        if not req.exec_id and status == types.Status.RUNNING:
+            try:
+                if self.engine.state(req.id)["status"] == "paused":
+                    status = types.Status.PAUSED
+            except ClaveError:
+                pass
+        stdin, stdout, stderr = process.io.paths
+        resp = task.StateResponse(id=req.id, bundle=container.bundle, pid=process.pid, status=status, stdin=stdin,
+                                  stdout=stdout, stderr=stderr, terminal=process.io.terminal, exec_id=req.exec_id)
+        if process.exit is not None:
+            resp.exit_status = process.exit.status
+            resp.exited_at = Timestamp.from_ns(process.exit.at_ns)
+        return resp
+
+    def create(self, ctx: Context, req: task.CreateTaskRequest) -> task.CreateTaskResponse:
+        if req.checkpoint:
+            raise TtrpcError(Code.UNIMPLEMENTED, "checkpoint/restore is not supported by clave")
+        with self.lock:
+            if req.id in self.containers:
+                raise TtrpcError(Code.ALREADY_EXISTS, f"container {req.id} already exists")
+        mounted = _mount_rootfs(req.bundle, req.rootfs)
+        io = ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal)
+        init = Process(req.id, "", io)
+        console = None
+        try:
+            opts = CreateOptions(bundle=req.bundle)
+            if req.terminal:
+                from clave.cli.tty import Console
+
+                console = Console()
+                opts.console_socket = console.socket_path
+            else:
+                opts.stdio = io.open()
+            with self.reaper.exclusive:
+                state = self.engine.create(req.id, opts)
+            if console is not None:
+                console.accept()
+                io.attach_master(console.master)
+            io.after_start()
+        except ClaveError as exc:
+            io.close()
+            _unmount(mounted)
+            raise _status_error(exc) from None
+        finally:
+            if console is not None:
+                console.close_listener()
+        container = Container(req.id, req.bundle, init, mounted)
+        with self.lock:
+            self.containers[req.id] = container
+        self._track(init, state.pid)
+        self._publish(ev.TaskCreate(container_id=req.id, bundle=req.bundle, rootfs=list(req.rootfs),
+                                    io=ev.TaskIO(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr,
+                                                 terminal=req.terminal),
+                                    checkpoint=req.checkpoint, pid=state.pid))
+        return task.CreateTaskResponse(pid=state.pid)
+
+    def start(self, ctx: Context, req: task.StartRequest) -> task.StartResponse:
+        container = self._container(req.id)
+        if not req.exec_id:
+            try:
+                with self.reaper.exclusive:
+                    self.engine.start(req.id)
+            except ClaveError as exc:
+                raise _status_error(exc) from None
+            self._publish(ev.TaskStart(container_id=req.id, pid=container.init.pid))
+            return task.StartResponse(pid=container.init.pid)
+        process = container.process(req.exec_id)
+        spec = process.spec or {}
+        console = None
+        try:
+            opts = ExecOptions()
+            if process.io.terminal:
+                from clave.cli.tty import Console
+
+                console = Console()
+                opts.console_socket = console.socket_path
+            else:
+                opts.stdio = process.io.open()
+            with self.reaper.exclusive:
+                pid = self.engine.exec(req.id, spec, opts)
+            if console is not None:
+                console.accept()
+                process.io.attach_master(console.master)
+            process.io.after_start()
+        except ClaveError as exc:
+            process.io.close()
+            raise _status_error(exc) from None
+        finally:
+            if console is not None:
+                console.close_listener()
+        self._track(process, pid)
+        self._publish(ev.TaskExecStarted(container_id=req.id, exec_id=req.exec_id, pid=pid))
+        return task.StartResponse(pid=pid)
+
+    def delete(self, ctx: Context, req: task.DeleteRequest) -> task.DeleteResponse:
+        container = self._container(req.id)
+        process = container.process(req.exec_id)
+        if req.exec_id:
+            if process.exit is None and process.pid:
+                raise TtrpcError(Code.FAILED_PRECONDITION, f"process {req.exec_id} is still running")
+            container.execs.pop(req.exec_id, None)
+        else:
+            try:
+                with self.reaper.exclusive:
+                    self.engine.delete(req.id, force=process.exit is None)
+            except ClaveError as exc:
+                if "does not exist" not in str(exc):
+                    raise _status_error(exc) from None
+            process.io.close()
+            _unmount(container.mounted_rootfs)
+            with self.lock:
+                self.containers.pop(req.id, None)
+        exit = process.exit
+        resp = task.DeleteResponse(pid=process.pid, exit_status=exit.status if exit else 137,
+                                   exited_at=Timestamp.from_ns(exit.at_ns) if exit else Timestamp.now())
+        if not req.exec_id:
+            self._publish(ev.TaskDelete(container_id=req.id, pid=process.pid, exit_status=resp.exit_status,
+                                        exited_at=resp.exited_at, id=req.id))
+        return resp
+
+    def pids(self, ctx: Context, req: task.PidsRequest) -> task.PidsResponse:
+        self._container(req.id)
+        try:
+            pids = self.engine.pids(req.id)
+        except ClaveError as exc:
+            raise _status_error(exc) from None
+        container = self.containers[req.id]
+        execs = {p.pid: p.exec_id for p in container.execs.values() if p.pid}
+        processes = []
+        for pid in pids:
+            info = types.ProcessInfo(pid=pid)
+            if pid in execs:
+                info.info = AnyMessage(type_url="types.containerd.io/clave/exec-id", value=execs[pid].encode())
+            processes.append(info)
+        return task.PidsResponse(processes=processes)
+
+    def pause(self, ctx: Context, req: task.PauseRequest) -> Empty:
+        self._engine_call(self.engine.pause, req.id)
+        self._publish(ev.TaskPaused(container_id=req.id))
+        return Empty()
+
+    def resume(self, ctx: Context, req: task.ResumeRequest) -> Empty:
+        self._engine_call(self.engine.resume, req.id)
+        self._publish(ev.TaskResumed(container_id=req.id))
+        return Empty()
+
+    def checkpoint(self, ctx: Context, req: task.CheckpointTaskRequest) -> Empty:
+        raise TtrpcError(Code.UNIMPLEMENTED, "checkpoint is not supported by clave")
+
+    def kill(self, ctx: Context, req: task.KillRequest) -> Empty:
+        container = self._container(req.id)
+        process = container.process(req.exec_id)
+        if process.exit is not None:
+            raise TtrpcError(Code.NOT_FOUND, "process already finished")
+        if req.exec_id:
+            try:
+                os.kill(process.pid, req.signal)
+            except ProcessLookupError:
+                raise TtrpcError(Code.NOT_FOUND, "process already finished") from None
+            return Empty()
+        try:
+            self.engine.kill(req.id, req.signal, all_processes=req.all)
+        except ClaveError as exc:
+            if "not running" in str(exc):
+                raise TtrpcError(Code.NOT_FOUND, "process already finished") from None
+            raise _status_error(exc) from None
+        return Empty()
+
+    def exec(self, ctx: Context, req: task.ExecProcessRequest) -> Empty:
+        container = self._container(req.id)
+        if req.exec_id in container.execs:
+            raise TtrpcError(Code.ALREADY_EXISTS, f"exec {req.exec_id} already exists")
+        try:
+            spec = fastjson.loads(req.spec.value) if req.spec is not None else {}
+        except ValueError as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"exec spec: {exc}") from None
+        if not spec.get("args"):
+            raise TtrpcError(Code.INVALID_ARGUMENT, "exec spec: process.args is empty")
+        spec["terminal"] = req.terminal
+        container.execs[req.exec_id] = Process(req.id, req.exec_id,
+                                               ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal), spec)
+        self._publish(ev.TaskExecAdded(container_id=req.id, exec_id=req.exec_id))
+        return Empty()
+
+    def resize_pty(self, ctx: Context, req: task.ResizePtyRequest) -> Empty:
+        process = self._container(req.id).process(req.exec_id)
+        process.io.resize(req.width, req.height)
+        return Empty()
+
+    def close_io(self, ctx: Context, req: task.CloseIORequest) -> Empty:
+        process = self._container(req.id).process(req.exec_id)
+        if req.stdin:
+            process.io.close_stdin()
+        return Empty()
+
+    def update(self, ctx: Context, req: task.UpdateTaskRequest) -> Empty:
+        self._container(req.id)
+        try:
+            resources = fastjson.loads(req.resources.value) if req.resources is not None else {}
+        except ValueError as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"resources: {exc}") from None
+        self._engine_call(self.engine.update, req.id, resources)
+        return Empty()
+
+    def wait(self, ctx: Context, req: task.WaitRequest) -> task.WaitResponse:
+        process = self._container(req.id).process(req.exec_id)
+        process.exited.wait()
+        assert process.exit is not None
+        return task.WaitResponse(exit_status=process.exit.status, exited_at=Timestamp.from_ns(process.exit.at_ns))
+
+    def stats(self, ctx: Context, req: task.StatsRequest) -> task.StatsResponse:
+        from clave.shim.metrics import to_metrics
+
+        self._container(req.id)
+        stats = self._engine_call(self.engine.stats, req.id)
+        return task.StatsResponse(stats=AnyMessage.pack(to_metrics(stats)))
+
+    def connect(self, ctx: Context, req: task.ConnectRequest) -> task.ConnectResponse:
+        container = self.containers.get(req.id)
+        return task.ConnectResponse(shim_pid=os.getpid(), task_pid=container.init.pid if container else 0,
+                                    version=VERSION)
+
+    def shutdown(self, ctx: Context, req: task.ShutdownRequest) -> Empty:
+        with self.lock:
+            if self.containers and not req.now:
+                return Empty()
+        threading.Timer(0.05, self.on_shutdown).start()  # after this reply has gone out
+        return Empty()
+
+    def _engine_call(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except ClaveError as exc:
+            raise _status_error(exc) from None
+
+
+def _mount_rootfs(bundle: str, mounts: list[Any]) -> str | None:
+    """Mount the rootfs containerd prepared (snapshots) at <bundle>/rootfs; none with ``ctr run --rootfs``."""
+    if not mounts:
+        return None
+    from clave.linux import rootfs as rfs
+    from clave.linux import sys as lsys
+
+    target = os.path.join(bundle, "rootfs")
+    os.makedirs(target, exist_ok=True)
+    for mount in mounts:
+        flags, _, data = rfs.parse_options(list(mount.options))
+        try:
+            if mount.type == "bind" or flags & lsys.MS_BIND:
+                lsys.mount(mount.source, target, None, flags | lsys.MS_BIND)
+            else:
+                lsys.mount(mount.source, target, mount.type, flags, data or None)
+        except OSError as exc:
+            raise TtrpcError(Code.INTERNAL, f"mount rootfs ({mount.type} {mount.source}): {exc}") from None
+    return target
+
+
+def _unmount(target: str | None) -> None:
+    if target:
+        from clave.linux import sys as lsys
+
+        try:
+            lsys.umount(target, lsys.MNT_DETACH)
+        except OSError:
+            pass
