@@ -11,6 +11,7 @@ import _queue
 import _socket
 import os
 import struct
+import sys
 import threading
 import time
 
@@ -162,7 +163,10 @@ class _Workers:
             with self._lock:
                 self._idle -= 1
                 self._queued -= 1
-            fn(*args)
+            try:
+                fn(*args)
+            except Exception as e:  # handler errors become statuses earlier; this is a failed reply
+                sys.stderr.write(f"ttrpc: worker: {type(e).__name__}: {e}\n")
 
 
 class _Connection:
