@@ -44,7 +44,8 @@ def shim_pids(namespace: str, container_id: str | None = None) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if not argv or not os.path.basename(argv[0]).startswith(b"containerd-shim"):
+        # A Python shim runs as its interpreter: look at the script too.
+        if not any(os.path.basename(a).startswith(b"containerd-shim") for a in argv[:3]):
             continue
         args = [a.decode(errors="replace") for a in argv]
         if not _flag_value(args, "-namespace") == namespace:
@@ -162,8 +163,10 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]
     log_path = base / "containerd.log"
     namespace = f"clave-test-{uuid.uuid4().hex[:8]}"
     with open(log_path, "wb") as log:
+        # containerd finds shims (containerd-shim-clave-v2) on its PATH: put the test interpreter's bin first.
+        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}")
         daemon = subprocess.Popen(["containerd", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL)
+                                  stdin=subprocess.DEVNULL, env=env)
     instance = Containerd(str(base / "containerd.sock"), namespace, base / "state", log_path)
     try:
         _wait_until_answering(instance, daemon)

@@ -195,22 +195,23 @@ class TaskService:
         container = Container(req.id, req.bundle, init, mounted)
         with self.lock:
             self.containers[req.id] = container
-        self._track(init, state.pid)
-        self._publish(ev.TaskCreate(container_id=req.id, bundle=req.bundle, rootfs=list(req.rootfs),
-                                    io=ev.TaskIO(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr,
-                                                 terminal=req.terminal),
-                                    checkpoint=req.checkpoint, pid=state.pid))
+            self._track(init, state.pid)
+            self._publish(ev.TaskCreate(container_id=req.id, bundle=req.bundle, rootfs=list(req.rootfs),
+                                        io=ev.TaskIO(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr,
+                                                     terminal=req.terminal),
+                                        checkpoint=req.checkpoint, pid=state.pid))
         return task.CreateTaskResponse(pid=state.pid)
 
     def start(self, ctx: Context, req: task.StartRequest) -> task.StartResponse:
         container = self._container(req.id)
         if not req.exec_id:
-            try:
-                with self.reaper.exclusive:
+            # Holding the lock keeps the reaper from announcing an exit before the start.
+            with self.reaper.exclusive, self.lock:
+                try:
                     self.engine.start(req.id)
-            except ClaveError as exc:
-                raise _status_error(exc) from None
-            self._publish(ev.TaskStart(container_id=req.id, pid=container.init.pid))
+                except ClaveError as exc:
+                    raise _status_error(exc) from None
+                self._publish(ev.TaskStart(container_id=req.id, pid=container.init.pid))
             return task.StartResponse(pid=container.init.pid)
         process = container.process(req.exec_id)
         spec = process.spec or {}
@@ -236,8 +237,9 @@ class TaskService:
         finally:
             if console is not None:
                 console.close_listener()
-        self._track(process, pid)
-        self._publish(ev.TaskExecStarted(container_id=req.id, exec_id=req.exec_id, pid=pid))
+        with self.lock:  # exec-started before the exit the reaper may already hold
+            self._publish(ev.TaskExecStarted(container_id=req.id, exec_id=req.exec_id, pid=pid))
+            self._track(process, pid)
         return task.StartResponse(pid=pid)
 
     def delete(self, ctx: Context, req: task.DeleteRequest) -> task.DeleteResponse:

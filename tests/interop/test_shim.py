@@ -1,0 +1,191 @@
+"""containerd-shim-clave-v2 under a real containerd: `ctr run --runtime io.containerd.clave.v2`, tty and not,
+exec, ps, pause/resume, metrics, kill, delete, events in order, one shim per pod, enclave containers."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import Containerd, shim_pids  # tests/interop is not a package: its conftest is top-level
+
+RUNTIME = "io.containerd.clave.v2"
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def _run(containerd: Containerd, rootfs: Path, flags: list[str], cid: str, *command: str,
+         timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """`ctr run --rootfs`: flags first, then the rootfs path (--rootfs is a switch), the id and the command."""
+    return containerd.ctr("run", "--runtime", RUNTIME, *flags, "--rootfs", str(rootfs), cid, *command,
+                          timeout=timeout)
+
+
+def _wait_for(predicate: object, what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _status(containerd: Containerd, container_id: str) -> str:
+    for line in containerd.ctr("task", "ls").stdout.splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == container_id:
+            return fields[-1]
+    return ""
+
+
+def _assert_gone(containerd: Containerd, container_id: str) -> None:
+    _wait_for(lambda: not shim_pids(containerd.namespace, container_id), "the shim to exit")
+    state = Path(f"/run/containerd/clave/{containerd.namespace}/{container_id}")
+    assert not state.exists(), f"engine state left: {state}"
+    assert containerd.cgroups(container_id) == []
+
+
+def test_run_rm_output_and_exit_code(containerd: Containerd, busybox_rootfs: Path) -> None:
+    cid = _id("rm")
+    result = _run(containerd, busybox_rootfs, ["--rm"], cid, "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert result.returncode == 7, result.stderr
+    assert result.stdout == "out\n"
+    assert "err" in result.stderr
+    _assert_gone(containerd, cid)
+
+
+def test_detached_task_verbs(containerd: Containerd, busybox_rootfs: Path) -> None:
+    cid = _id("verbs")
+    assert _run(containerd, busybox_rootfs, ["-d"], cid, "sleep", "300").returncode == 0
+    try:
+        assert _status(containerd, cid) == "RUNNING"
+        exec_result = containerd.ctr("task", "exec", "--exec-id", "e1", cid, "sh", "-c", "echo in exec; exit 5")
+        assert exec_result.returncode == 5 and exec_result.stdout == "in exec\n", exec_result.stderr
+        ps = containerd.ctr("task", "ps", cid, check=True).stdout.split()
+        assert any(p.isdigit() for p in ps)
+        containerd.ctr("task", "pause", cid, check=True)
+        assert _status(containerd, cid) == "PAUSED"
+        containerd.ctr("task", "resume", cid, check=True)
+        assert _status(containerd, cid) == "RUNNING"
+        metrics = containerd.ctr("task", "metrics", cid, check=True).stdout
+        assert "memory.usage_in_bytes" in metrics and "pids.current" in metrics
+        containerd.ctr("task", "kill", "-s", "SIGKILL", cid, check=True)
+        _wait_for(lambda: _status(containerd, cid) == "STOPPED", "the task to stop")
+    finally:
+        containerd.ctr("task", "delete", "--force", cid)
+        containerd.ctr("container", "delete", cid)
+    _assert_gone(containerd, cid)
+
+
+def test_terminal(containerd: Containerd, busybox_rootfs: Path) -> None:
+    cid = _id("tty")
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execvp("ctr", ["ctr", "--address", containerd.address, "-n", containerd.namespace, "run", "--rm", "-t",
+                          "--runtime", RUNTIME, "--rootfs", str(busybox_rootfs), cid, "sh", "-c",
+                          "tty; stty size; exit 3"])  # --rootfs is a switch: the path follows the flags
+    output = b""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    text = output.decode(errors="replace")
+    assert "/dev/pts/" in text, text
+    assert os.waitstatus_to_exitcode(status) == 3
+    _assert_gone(containerd, cid)
+
+
+def test_events_in_order(containerd: Containerd, busybox_rootfs: Path) -> None:
+    cid = _id("ev")
+    with tempfile.TemporaryFile("w+") as out:
+        watcher = subprocess.Popen(["ctr", "--address", containerd.address, "events"], stdout=out,
+                                   stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(0.3)
+            assert _run(containerd, busybox_rootfs, ["-d"], cid, "sleep", "300").returncode == 0
+            containerd.ctr("task", "exec", "--exec-id", "x", cid, "true", check=True)
+            containerd.ctr("task", "kill", "-s", "SIGKILL", cid, check=True)
+            _wait_for(lambda: _status(containerd, cid) == "STOPPED", "the task to stop")
+            containerd.ctr("task", "delete", cid, check=True)
+            containerd.ctr("container", "delete", cid, check=True)
+            time.sleep(0.3)
+        finally:
+            watcher.terminate()
+            watcher.wait(timeout=5)
+        out.seek(0)
+        # Lines read "<date> <time> +0000 UTC <namespace> <topic> <event>".
+        topics = [next(f for f in line.split() if f.startswith("/")) for line in out if cid in line]
+    tasks = [t for t in topics if t.startswith("/tasks/")]
+    expected = ["/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started", "/tasks/exit",
+                "/tasks/exit", "/tasks/delete"]
+    assert tasks == expected, topics
+
+
+def test_one_shim_per_pod(containerd: Containerd, busybox_rootfs: Path) -> None:
+    sandbox = _id("pod")
+    members = [sandbox, _id("app")]
+    try:
+        for cid in members:
+            result = _run(containerd, busybox_rootfs, ["-d", "--annotation", f"io.kubernetes.cri.sandbox-id={sandbox}"],
+                          cid, "sleep", "300")
+            assert result.returncode == 0, result.stderr
+        addresses = {(containerd.bundle_dir(cid) / "address").read_text() for cid in members}
+        assert len(addresses) == 1, addresses
+        assert len(shim_pids(containerd.namespace)) == 1
+    finally:
+        for cid in reversed(members):
+            containerd.ctr("task", "kill", "-s", "SIGKILL", cid)
+            _wait_for(lambda c=cid: _status(containerd, c) in ("STOPPED", ""), "the task to stop")
+            containerd.ctr("task", "delete", "--force", cid)
+            containerd.ctr("container", "delete", cid)
+    for cid in members:
+        _assert_gone(containerd, cid)
+
+
+@pytest.fixture(scope="module")
+def skeleton_pal() -> Iterator[Path]:
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc builds the skeleton PAL")
+    directory = Path(tempfile.mkdtemp(prefix="clave-shim-pal-"))
+    directory.chmod(0o755)
+    pal = directory / "liberpal-skeleton.so"
+    source = Path(__file__).resolve().parents[1] / "enclave" / "skeleton_pal.c"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-DPAL_API_VERSION=2", "-o", str(pal), str(source)], check=True)
+    yield pal
+    shutil.rmtree(directory)
+
+
+def test_enclave_container_through_the_shim(containerd: Containerd, busybox_rootfs: Path, skeleton_pal: Path) -> None:
+    cid = _id("encl")
+    log = busybox_rootfs / "tmp" / f"{cid}.log"
+    result = _run(containerd, busybox_rootfs, ["--rm",
+                  "--annotation", "enclave.type=software",
+                  "--annotation", f"enclave.runtime.path={skeleton_pal}",
+                  "--annotation", f"enclave.runtime.args=log=/tmp/{cid}.log"],
+                  cid, "/bin/sh", "-c", "echo from the enclave; exit 4")
+    try:
+        assert result.returncode == 4, result.stderr
+        assert result.stdout == "from the enclave\n"
+        calls = log.read_text()
+        assert "pal_create_process path=/bin/sh" in calls and "pal_destroy" in calls
+    finally:
+        log.unlink(missing_ok=True)
+    _assert_gone(containerd, cid)
