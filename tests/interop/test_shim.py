@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import Containerd, shim_pids  # tests/interop is not a package: its conftest is top-level
 
 RUNTIME = "io.containerd.clave.v2"
