@@ -155,9 +155,12 @@ class Clave:
     def fail(self, *args: str, **kwargs: Any) -> str:
         """Run a command that must fail: one error line on stderr and a JSON error line in the log."""
         self.log.write_text("")
-        result = self(*args, check=False, **kwargs)
+        # Files, not pipes: if create wrongly succeeds, its container would hold a pipe open forever.
+        out_path, err_path = self.bundle.path / "fail.stdout", self.bundle.path / "fail.stderr"
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            result = self(*args, check=False, stdin=subprocess.DEVNULL, stdout=out, stderr=err, **kwargs)
         assert result.returncode != 0, f"{' '.join(args)} unexpectedly succeeded"
-        lines = result.stderr.decode().strip().splitlines()
+        lines = err_path.read_text().strip().splitlines()
         assert len(lines) == 1, f"expected one error line, got {lines!r}"
         errors = [json.loads(line) for line in self.log.read_text().splitlines()]
         errors = [e for e in errors if e["level"] == "error"]

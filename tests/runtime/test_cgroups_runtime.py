@@ -73,9 +73,9 @@ def test_resources_applied(clave: Clave, bundle: Bundle) -> None:
 def test_limits_visible_and_enforced_inside(clave: Clave, bundle: Bundle) -> None:
     bundle.linux["resources"]["pids"] = {"limit": 5}
     path = "/sys/fs/cgroup/pids.max" if V2_ONLY else "/sys/fs/cgroup/pids/pids.max"
-    bundle.sh(f"cat {path}; for i in 1 2 3 4 5 6; do sleep 5 & done 2>/dev/null; echo spawned; kill $(jobs -p)")
-    out = clave.output().split()
-    assert out[0] == "5"
+    bundle.sh(f"cat {path}; (for i in 1 2 3 4 5 6; do sleep 1 & done; wait) 2>&1 | grep -ci fork")
+    limit, failures = clave.output().split()
+    assert limit == "5" and int(failures) >= 1
 
 
 def test_cgroups_path_absolute(clave: Clave, bundle: Bundle) -> None:
@@ -90,6 +90,10 @@ def test_cgroups_path_absolute(clave: Clave, bundle: Bundle) -> None:
     assert int(read(pid, "memory", "memory.limit_in_bytes", "memory.max")) == 32 * MIB
     clave("delete", "--force", cid)
     assert not os.path.exists(memory)
+    # The parent stays, as with runc (other containers may share it): the test removes its own.
+    for mount in set(cgroup_mounts().values()):
+        if os.path.isdir(f"{mount}/{clave.prefix}-parent"):
+            os.rmdir(f"{mount}/{clave.prefix}-parent")
 
 
 def test_cgroups_path_relative(clave: Clave, bundle: Bundle) -> None:
@@ -116,7 +120,7 @@ UNAPPLIABLE = {
     "memory.kernel": (_set("memory", {"kernel": 64 * MIB}), "kernel"),
     "network.classID": (_set("network", {"classID": 0x100001}), "classID"),
     "hugepageLimits": (_set("hugepageLimits", [{"pageSize": "2MB", "limit": 2 * MIB}]), "huge"),
-    "blockIO.weight": (_set("blockIO", {"weight": 500}), "weight"),
+    "blockIO.leafWeight": (_set("blockIO", {"leafWeight": 500}), "leafWeight"),
 }
 
 
@@ -129,14 +133,3 @@ def test_unappliable_resource_is_an_error(clave: Clave, bundle: Bundle, assert_c
     message = clave.fail("create", "--bundle", str(bundle.path), clave.id())
     assert name in message, message
     assert_clean()
-
-
-def test_memory_limit_kills_hog(clave: Clave, bundle: Bundle) -> None:
-    if V2_ONLY:
-        bundle.linux["resources"]["memory"] = {"limit": 16 * MIB, "swap": 16 * MIB}
-    else:
-        bundle.linux["resources"]["memory"] = {"limit": 16 * MIB}
-    bundle.linux["resources"]["memory"]["swap"] = 16 * MIB
-    bundle.sh("head -c 64m /dev/zero | tail -c 1 > /dev/null; echo survived")
-    result = clave.run()
-    assert b"survived" not in result.stdout or result.returncode != 0
