@@ -168,6 +168,8 @@ def spawn(
             msg = parent.recv()
         if msg["t"] == "error":
             raise SpawnError(msg["msg"])
+        if msg["t"] != "pid":
+            raise SpawnError(f"container init: protocol error ({msg['t']} before its pid)")
         init_pid = msg["pid"]
         os.waitpid(intermediate, 0)
         intermediate = 0
@@ -245,10 +247,18 @@ def _run_intermediate(plan: InitPlan, joined: list[tuple[str, int]], chan: Chann
         flags = ns.new_flags(plan.namespaces, exclude=("user",))
         if flags:
             lsys.unshare(flags)
+        # The init shares the channel: it must not speak before its pid is reported, or a busy machine can
+        # deliver its "ready" first. It waits for EOF on this pipe, which the intermediate closes after "pid".
+        pid_sent_r, pid_sent_w = os.pipe()
         init = os.fork()
         if init == 0:
+            os.close(pid_sent_w)
+            os.read(pid_sent_r, 1)
+            os.close(pid_sent_r)
             _run_init(plan, chan)  # never returns
+        os.close(pid_sent_r)
         chan.send("pid", pid=init)
+        os.close(pid_sent_w)
     except BaseException as exc:
         _report_and_exit(chan, exc)
     os._exit(0)
