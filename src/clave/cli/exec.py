@@ -107,9 +107,9 @@ def run(parsed: Parsed, ctx: Any) -> int:
     if process.get("terminal") and not console_socket:
         if detach:
             raise ClaveError("cannot allocate tty if clave will detach without setting console socket")
-        from clave.cli.tty import Console
+        from clave.linux.console import ConsoleSocket
 
-        tty = Console()
+        tty = ConsoleSocket()
         console_socket = tty.socket_path
     if not process.get("terminal") and console_socket:
         raise ClaveError("cannot use console socket if clave will not detach or allocate tty")

@@ -41,9 +41,9 @@ def run(parsed: Parsed, ctx: Any) -> int:
         lsys.set_child_subreaper()  # the init is re-parented to us when the intermediate exits
     console = None
     if not detach and not opts.console_socket and _wants_terminal(opts.bundle):
-        from clave.cli.tty import Console
+        from clave.linux.console import ConsoleSocket
 
-        console = Console()
+        console = ConsoleSocket()
         opts.console_socket = console.socket_path
     try:
         state = engine.create(container_id, opts)

@@ -7,6 +7,10 @@ import fcntl
 import os
 import struct
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 TIOCSCTTY = 0x540E
 TIOCSPTLCK = 0x40045431  # _IOW('T', 0x31, int)
 TIOCGPTN = 0x80045430  # _IOR('T', 0x30, unsigned int)
@@ -56,6 +60,10 @@ def recv_fd(sock: object) -> int:
     return fds[0]
 
 
+def resize(fd: int, width: int, height: int) -> None:
+    fcntl.ioctl(fd, TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+
+
 def setup_in_container(sock_fd: int, size: dict[str, int] | None) -> None:
     """Open a pty from the container's /dev/ptmx, send the master, and make the slave our stdio and
     controlling terminal. Called by init after pivot_root."""
@@ -68,7 +76,7 @@ def setup_in_container(sock_fd: int, size: dict[str, int] | None) -> None:
     except OSError as exc:
         raise ConsoleError(f"open container pty: {exc.strerror}") from None
     if size and (size.get("height") or size.get("width")):
-        fcntl.ioctl(slave, TIOCSWINSZ, struct.pack("HHHH", size.get("height", 0), size.get("width", 0), 0, 0))
+        resize(slave, size.get("width", 0), size.get("height", 0))
     send_fd(sock_fd, master, slave_path)
     os.close(master)
     for target in (0, 1, 2):
@@ -76,3 +84,71 @@ def setup_in_container(sock_fd: int, size: dict[str, int] | None) -> None:
     fcntl.ioctl(0, TIOCSCTTY, 0)
     if slave > 2:
         os.close(slave)
+
+
+class ConsoleSocket:
+    """The caller's side of runc's console protocol: a listening socket for --console-socket, the pty master
+    received on it, and (for a foreground run/exec) copying between it and our own stdio."""
+
+    def __init__(self) -> None:
+        import socket
+        import tempfile
+
+        self._dir = tempfile.mkdtemp(prefix="clave-console-")
+        self.socket_path = os.path.join(self._dir, "console.sock")
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self.socket_path)
+        self._listener.listen(1)
+        self.master = -1
+        self._saved_tty: list | None = None  # type: ignore[type-arg]
+        self._threads: list[Any] = []
+
+    def accept(self) -> None:
+        conn, _ = self._listener.accept()
+        with conn:
+            self.master = recv_fd(conn)
+
+    def close_listener(self) -> None:
+        self._listener.close()
+        try:
+            os.unlink(self.socket_path)
+            os.rmdir(self._dir)
+        except OSError:
+            pass
+
+    def start_copying(self) -> None:
+        import threading
+
+        if os.isatty(0):
+            import termios
+            import tty
+
+            self._saved_tty = termios.tcgetattr(0)
+            tty.setraw(0)
+        for src, dst in ((0, self.master), (self.master, 1)):
+            t = threading.Thread(target=copy_fd, args=(src, dst), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def finish(self) -> None:
+        self._threads[1].join(timeout=1.0)  # drain what the container printed last
+        if self._saved_tty is not None:
+            import termios
+
+            termios.tcsetattr(0, termios.TCSADRAIN, self._saved_tty)
+        os.close(self.master)
+
+
+def copy_fd(src: int, dst: int) -> None:
+    """Copy until EOF or an error on either side (one direction of a terminal)."""
+    while True:
+        try:
+            data = os.read(src, 65536)
+        except OSError:
+            return
+        if not data:
+            return
+        try:
+            os.write(dst, data)
+        except OSError:
+            return

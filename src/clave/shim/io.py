@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import threading
 
+from clave.linux.console import copy_fd, resize
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import subprocess
@@ -89,18 +91,15 @@ class ProcessIO:
             os.set_blocking(src, True)
             self._stdin_fd = src
             self._opened.append(src)
-            threading.Thread(target=_copy, args=(src, master), daemon=True, name="tty-in").start()
+            threading.Thread(target=copy_fd, args=(src, master), daemon=True, name="tty-in").start()
         if stdout:
             dst = os.open(stdout, os.O_RDWR | os.O_CLOEXEC)
             self._opened.append(dst)
-            threading.Thread(target=_copy, args=(master, dst), daemon=True, name="tty-out").start()
+            threading.Thread(target=copy_fd, args=(master, dst), daemon=True, name="tty-out").start()
 
     def resize(self, width: int, height: int) -> None:
         if self.master >= 0:
-            import fcntl
-            import struct
-
-            fcntl.ioctl(self.master, 0x5414, struct.pack("HHHH", height, width, 0, 0))  # TIOCSWINSZ
+            resize(self.master, width, height)
 
     def close_stdin(self) -> None:
         if self._stdin_fd >= 0:
@@ -141,16 +140,3 @@ class ProcessIO:
             except Exception:
                 self._logger.kill()
 
-
-def _copy(src: int, dst: int) -> None:
-    while True:
-        try:
-            data = os.read(src, 65536)
-        except OSError:
-            return
-        if not data:
-            return
-        try:
-            os.write(dst, data)
-        except OSError:
-            return

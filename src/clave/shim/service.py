@@ -173,9 +173,9 @@ class TaskService:
         try:
             opts = CreateOptions(bundle=req.bundle)
             if req.terminal:
-                from clave.cli.tty import Console
+                from clave.linux.console import ConsoleSocket
 
-                console = Console()
+                console = ConsoleSocket()
                 opts.console_socket = console.socket_path
             else:
                 opts.stdio = io.open()
@@ -219,9 +219,9 @@ class TaskService:
         try:
             opts = ExecOptions()
             if process.io.terminal:
-                from clave.cli.tty import Console
+                from clave.linux.console import ConsoleSocket
 
-                console = Console()
+                console = ConsoleSocket()
                 opts.console_socket = console.socket_path
             else:
                 opts.stdio = process.io.open()
