@@ -172,7 +172,8 @@ class Clave:
         """`clave create`; the container keeps create's stdout/stderr, so they go to files, not pipes."""
         pid_file = self.bundle.path / f"{cid}.pid"
         self.bundle.write()
-        with open(self.bundle.path / f"{cid}.stdout", "wb") as out, open(self.bundle.path / f"{cid}.stderr", "wb") as err:
+        out_path, err_path = self.bundle.path / f"{cid}.stdout", self.bundle.path / f"{cid}.stderr"
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
             result = self("create", "--bundle", str(self.bundle.path), "--pid-file", str(pid_file), *extra, cid,
                           check=False, stdin=subprocess.DEVNULL, stdout=out, stderr=err, **kwargs)
         if result.returncode != 0:

@@ -109,7 +109,7 @@ def test_cgroups_path_relative(clave: Clave, bundle: Bundle) -> None:
     assert theirs[key].startswith(own[key].rstrip("/") if not V2_ONLY else "/")
 
 
-def _set(section: str, value: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+def _set(section: str, value: Any) -> Callable[[dict[str, Any]], None]:
     def edit(resources: dict[str, Any]) -> None:
         resources[section] = value
 
