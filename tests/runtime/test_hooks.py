@@ -125,3 +125,14 @@ def test_missing_hook_binary(clave: Clave, bundle: Bundle, assert_clean: Callabl
     assert "createRuntime" in clave.fail("create", "--bundle", str(bundle.path), clave.id())
     assert_clean()
     assert not os.path.exists(tmp_path / "no-such-hook")
+
+
+def test_hook_environment_is_exactly_env(clave: Clave, bundle: Bundle) -> None:
+    out = bundle.out / "env"
+    bundle.config["hooks"] = {"createRuntime": [
+        {"path": "/usr/bin/env", "args": ["env"], "env": ["ONLY=this"]},
+        {"path": "/bin/sh", "args": ["sh", "-c", f"env > {out}"], "env": ["A=1", "B=two words"]},
+    ]}
+    clave.create(clave.id())
+    lines = set(out.read_text().splitlines())
+    assert {line for line in lines if not line.startswith(("PWD=", "OLDPWD="))} == {"A=1", "B=two words"}

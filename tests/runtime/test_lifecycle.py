@@ -276,3 +276,10 @@ def test_init_reaped_by_caller(clave: Clave, bundle: Bundle) -> None:
     status = reap(pid)
     assert status is not None and os.waitstatus_to_exitcode(status) == 42
     clave("delete", cid)
+
+
+def test_run_passes_stdin(clave: Clave, bundle: Bundle) -> None:
+    bundle.sh("cat; echo err >&2")
+    result = clave.run(input=b"piped in\n")
+    assert result.returncode == 0
+    assert result.stdout == b"piped in\n" and result.stderr == b"err\n"

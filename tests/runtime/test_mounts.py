@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Bundle, Clave
+from .conftest import CLAVE, Bundle, Clave
 
 
 def mountinfo_of(output: str, mountpoint: str) -> list[str]:
@@ -219,3 +219,17 @@ def test_unknown_filesystem(clave: Clave, bundle: Bundle, assert_clean: object) 
     bundle.write()
     assert "/x" in clave.fail("create", "--bundle", str(bundle.path), clave.id())
     assert_clean()  # type: ignore[operator]
+
+
+def test_relative_bind_source_is_relative_to_bundle(clave: Clave, bundle: Bundle, tmp_path: Path) -> None:
+    (bundle.path / "data").mkdir()
+    (bundle.path / "data" / "f").write_text("from bundle\n")
+    bundle.config["mounts"].append({"destination": "/data", "type": "bind", "source": "data", "options": ["bind"]})
+    bundle.args("cat", "/data/f")
+    bundle.write()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run([CLAVE, "--root", str(clave.root), "run", "--bundle", str(bundle.path), clave.id()],
+                            cwd=elsewhere, capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"from bundle\n"

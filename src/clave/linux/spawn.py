@@ -316,6 +316,8 @@ def _setup_container(plan: InitPlan, chan: Channel) -> None:
     in_userns = "user" in plan.namespaces
     if plan.process.get("terminal"):
         os.setsid()
+    if plan.bundle:
+        os.chdir(plan.bundle)  # relative bind-mount sources are relative to the bundle (config.md)
     rfs.prepare_propagation(plan.rootfs, linux.get("rootfsPropagation"))
     mounts = config.get("mounts", [])
     rfs.mount_all(plan.rootfs, mounts, plan.cgroup_paths, in_userns)
