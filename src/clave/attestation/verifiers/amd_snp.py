@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from clave.attestation.base import Layer, VerificationError, VerifiedEvidence, Verifier, VerifyContext
+from clave.attestation.certs import common_name, signature_verifies
 
 REPORT_SIZE = 0x4A0
 SIGNED_SIZE = 0x2A0  # the signature covers bytes 0x000..0x29F
@@ -195,39 +196,13 @@ def _load_certificates(data: bytes, what: str) -> list[x509.Certificate]:
             raise VerificationError(Layer.CHAIN, f"{what} is not a valid X.509 certificate: {exc}") from None
 
 
-def _common_name(name: x509.Name) -> str:
-    attrs = name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    return str(attrs[0].value) if attrs else name.rfc4514_string()
-
-
-# Signature checks of certificate links already verified in this process: a link's signature either
-# verifies or not, so repeating it for every report signed under the same chain is wasted work. Validity
-# periods are still checked on every verification.
-_VERIFIED_LINKS: dict[tuple[bytes, bytes], None] = {}
-_VERIFIED_LINKS_MAX = 256
-
-
-def _signature_verifies(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    key = (cert.public_bytes(Encoding.DER), issuer.public_bytes(Encoding.DER))
-    if key in _VERIFIED_LINKS:
-        return True
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (InvalidSignature, ValueError, TypeError):
-        return False
-    if len(_VERIFIED_LINKS) >= _VERIFIED_LINKS_MAX:
-        del _VERIFIED_LINKS[next(iter(_VERIFIED_LINKS))]
-    _VERIFIED_LINKS[key] = None
-    return True
-
-
 def _check_issued_by(cert: x509.Certificate, issuer: x509.Certificate, what: str) -> None:
-    issuer_name = _common_name(issuer.subject)
+    issuer_name = common_name(issuer.subject)
     if cert.issuer != issuer.subject:
         raise VerificationError(
-            Layer.CHAIN, f"{what} is issued by {_common_name(cert.issuer)}, not {issuer_name}"
+            Layer.CHAIN, f"{what} is issued by {common_name(cert.issuer)}, not {issuer_name}"
         )
-    if not _signature_verifies(cert, issuer):
+    if not signature_verifies(cert, issuer):
         raise VerificationError(Layer.CHAIN, f"{what} signature does not verify with {issuer_name}")
 
 
@@ -292,7 +267,7 @@ def vek_product_name(cert: x509.Certificate) -> str | None:
 
 def _product_of_issuer(cert: x509.Certificate) -> str | None:
     """'SEV-Milan' / 'SEV-VLEK-Genoa' -> product."""
-    suffix = _common_name(cert.issuer).rsplit("-", 1)[-1]
+    suffix = common_name(cert.issuer).rsplit("-", 1)[-1]
     return suffix if suffix in PRODUCTS else None
 
 
@@ -365,12 +340,12 @@ class SnpVerifier(Verifier):
             raise VerificationError(
                 Layer.CHAIN,
                 f"report's CPUID says {from_cpuid} but the {role.upper()} is issued by "
-                f"{_common_name(vek.issuer)}",
+                f"{common_name(vek.issuer)}",
             )
         product = from_cpuid or from_chain
         if product is None:
             raise VerificationError(
-                Layer.CHAIN, f"cannot tell the AMD product from issuer {_common_name(vek.issuer)!r}"
+                Layer.CHAIN, f"cannot tell the AMD product from issuer {common_name(vek.issuer)!r}"
             )
         return product
 

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from clave.attestation.base import Layer, VerificationError, VerifiedEvidence, Verifier, VerifyContext
+from clave.attestation.certs import common_name, load_der, signature_verifies
 
 COSE_SIGN1_TAG = 18
 COSE_HEADER_ALG = 1
@@ -149,42 +150,9 @@ def parse_document(data: bytes) -> NitroDocument:
     )
 
 
-def _load_der(data: bytes, what: str) -> x509.Certificate:
-    try:
-        return x509.load_der_x509_certificate(data)
-    except ValueError as exc:
-        raise VerificationError(Layer.CHAIN, f"{what} is not a valid X.509 certificate: {exc}") from None
-
-
-def _common_name(name: x509.Name) -> str:
-    attrs = name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    return str(attrs[0].value) if attrs else name.rfc4514_string()
-
-
-# Signature checks of certificate links already verified in this process: a link's signature either
-# verifies or not, so repeating it for every report signed under the same chain is wasted work. Validity
-# periods are still checked on every verification.
-_VERIFIED_LINKS: dict[tuple[bytes, bytes], None] = {}
-_VERIFIED_LINKS_MAX = 256
-
-
-def _signature_verifies(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    key = (cert.public_bytes(Encoding.DER), issuer.public_bytes(Encoding.DER))
-    if key in _VERIFIED_LINKS:
-        return True
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (InvalidSignature, ValueError, TypeError):
-        return False
-    if len(_VERIFIED_LINKS) >= _VERIFIED_LINKS_MAX:
-        del _VERIFIED_LINKS[next(iter(_VERIFIED_LINKS))]
-    _VERIFIED_LINKS[key] = None
-    return True
-
-
 def _check_link(cert: x509.Certificate, issuer: x509.Certificate, depth_below: int, what: str) -> None:
     """``issuer`` signed ``cert``, and is a CA allowed ``depth_below`` more CAs under it."""
-    issuer_name = _common_name(issuer.subject)
+    issuer_name = common_name(issuer.subject)
     try:
         constraints = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
@@ -195,9 +163,9 @@ def _check_link(cert: x509.Certificate, issuer: x509.Certificate, depth_below: i
         raise VerificationError(Layer.CHAIN, f"{issuer_name} path length constraint exceeded")
     if cert.issuer != issuer.subject:
         raise VerificationError(
-            Layer.CHAIN, f"{what} is issued by {_common_name(cert.issuer)}, not {issuer_name}"
+            Layer.CHAIN, f"{what} is issued by {common_name(cert.issuer)}, not {issuer_name}"
         )
-    if not _signature_verifies(cert, issuer):
+    if not signature_verifies(cert, issuer):
         raise VerificationError(Layer.CHAIN, f"{what} signature does not verify with {issuer_name}")
 
 
@@ -239,7 +207,7 @@ class NitroVerifier(Verifier):
 
     def verify(self, evidence: bytes, ctx: VerifyContext) -> VerifiedEvidence:
         document = parse_document(evidence)
-        leaf = _load_der(document.certificate, "enclave certificate")
+        leaf = load_der(document.certificate, "enclave certificate")
         self._check_signature(document, leaf)
         self._check_chain(document, leaf, ctx)
         claims = self._claims(document)
@@ -270,11 +238,11 @@ class NitroVerifier(Verifier):
         if document.cabundle[0] != trusted.public_bytes(Encoding.DER):
             raise VerificationError(Layer.CHAIN, "cabundle does not start with the trusted AWS Nitro root")
         chain = [trusted] + [
-            _load_der(der, f"cabundle[{i}]") for i, der in enumerate(document.cabundle[1:], 1)
+            load_der(der, f"cabundle[{i}]") for i, der in enumerate(document.cabundle[1:], 1)
         ]
         chain.append(leaf)
         names = ["AWS Nitro root"] + [
-            f"cabundle[{i}] ({_common_name(c.subject)})" for i, c in enumerate(chain[1:-1], 1)
+            f"cabundle[{i}] ({common_name(c.subject)})" for i, c in enumerate(chain[1:-1], 1)
         ]
         names.append("enclave certificate")
         for depth in range(1, len(chain)):
