@@ -235,6 +235,10 @@ def _run_intermediate(plan: InitPlan, joined: list[tuple[str, int]], chan: Chann
             needed.add(plan.console_fd)
         close_fds_except(2 + plan.keep_fds, needed, plan.stdio)
         chan.expect("go")
+        if plan.bundle:
+            # Relative bind-mount sources are relative to the bundle (config.md). Entered while still
+            # privileged: a user namespace's root may not be allowed to walk the path; the init inherits it.
+            os.chdir(plan.bundle)
         ns.join(joined)
         in_userns = "user" in plan.namespaces
         if plan.new("user"):
@@ -316,8 +320,6 @@ def _setup_container(plan: InitPlan, chan: Channel) -> None:
     in_userns = "user" in plan.namespaces
     if plan.process.get("terminal"):
         os.setsid()
-    if plan.bundle:
-        os.chdir(plan.bundle)  # relative bind-mount sources are relative to the bundle (config.md)
     rfs.prepare_propagation(plan.rootfs, linux.get("rootfsPropagation"))
     mounts = config.get("mounts", [])
     rfs.mount_all(plan.rootfs, mounts, plan.cgroup_paths, in_userns)
