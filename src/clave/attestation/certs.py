@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -40,3 +42,19 @@ def signature_verifies(cert: x509.Certificate, issuer: x509.Certificate) -> bool
         del _VERIFIED_LINKS[next(iter(_VERIFIED_LINKS))]
     _VERIFIED_LINKS[key] = None
     return True
+
+
+def check_issued_by(cert: x509.Certificate, issuer: x509.Certificate, what: str) -> None:
+    """``cert`` names ``issuer`` as its issuer and carries its valid signature, else a chain rejection."""
+    issuer_name = common_name(issuer.subject)
+    if cert.issuer != issuer.subject:
+        raise VerificationError(Layer.CHAIN, f"{what} is issued by {common_name(cert.issuer)}, not {issuer_name}")
+    if not signature_verifies(cert, issuer):
+        raise VerificationError(Layer.CHAIN, f"{what} signature does not verify with {issuer_name}")
+
+
+def check_valid_at(cert: x509.Certificate, now: datetime.datetime, what: str) -> None:
+    if now < cert.not_valid_before_utc:
+        raise VerificationError(Layer.CHAIN, f"{what} is not valid before {cert.not_valid_before_utc.isoformat()}")
+    if now > cert.not_valid_after_utc:
+        raise VerificationError(Layer.CHAIN, f"{what} expired at {cert.not_valid_after_utc.isoformat()}")

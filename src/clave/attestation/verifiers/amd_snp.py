@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from clave.attestation.base import Layer, VerificationError, VerifiedEvidence, Verifier, VerifyContext
-from clave.attestation.certs import common_name, signature_verifies
+from clave.attestation.certs import check_issued_by, check_valid_at, common_name
 
 REPORT_SIZE = 0x4A0
 SIGNED_SIZE = 0x2A0  # the signature covers bytes 0x000..0x29F
@@ -196,25 +196,6 @@ def _load_certificates(data: bytes, what: str) -> list[x509.Certificate]:
             raise VerificationError(Layer.CHAIN, f"{what} is not a valid X.509 certificate: {exc}") from None
 
 
-def _check_issued_by(cert: x509.Certificate, issuer: x509.Certificate, what: str) -> None:
-    issuer_name = common_name(issuer.subject)
-    if cert.issuer != issuer.subject:
-        raise VerificationError(
-            Layer.CHAIN, f"{what} is issued by {common_name(cert.issuer)}, not {issuer_name}"
-        )
-    if not signature_verifies(cert, issuer):
-        raise VerificationError(Layer.CHAIN, f"{what} signature does not verify with {issuer_name}")
-
-
-def _check_valid_at(cert: x509.Certificate, now: _dt.datetime, what: str) -> None:
-    if now < cert.not_valid_before_utc:
-        raise VerificationError(
-            Layer.CHAIN, f"{what} is not valid before {cert.not_valid_before_utc.isoformat()}"
-        )
-    if now > cert.not_valid_after_utc:
-        raise VerificationError(Layer.CHAIN, f"{what} expired at {cert.not_valid_after_utc.isoformat()}")
-
-
 def _der_content(value: bytes, tag: int) -> bytes | None:
     """The content of one DER TLV with the given tag spanning all of ``value``, else None."""
     if len(value) < 2 or value[0] != tag:
@@ -355,11 +336,11 @@ class SnpVerifier(Verifier):
         ark = _load_certificate(ctx.roots.pem(f"amd_{product.lower()}_ark"), f"ARK-{product}")
         intermediate_name = "ASK" if role == "vcek" else "ASVK"
         intermediate = self._intermediate(role, product, ctx, ark)
-        _check_issued_by(vek, intermediate, role.upper())
-        _check_issued_by(intermediate, ark, intermediate_name)
-        _check_issued_by(ark, ark, f"ARK-{product}")
+        check_issued_by(vek, intermediate, role.upper())
+        check_issued_by(intermediate, ark, intermediate_name)
+        check_issued_by(ark, ark, f"ARK-{product}")
         for cert, what in ((vek, role.upper()), (intermediate, intermediate_name), (ark, f"ARK-{product}")):
-            _check_valid_at(cert, now, what)
+            check_valid_at(cert, now, what)
 
     def _intermediate(
         self, role: str, product: str, ctx: VerifyContext, ark: x509.Certificate

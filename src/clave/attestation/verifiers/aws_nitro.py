@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from clave.attestation.base import Layer, VerificationError, VerifiedEvidence, Verifier, VerifyContext
-from clave.attestation.certs import common_name, load_der, signature_verifies
+from clave.attestation.certs import check_issued_by, check_valid_at, common_name, load_der
 
 COSE_SIGN1_TAG = 18
 COSE_HEADER_ALG = 1
@@ -161,21 +161,7 @@ def _check_link(cert: x509.Certificate, issuer: x509.Certificate, depth_below: i
         raise VerificationError(Layer.CHAIN, f"{issuer_name} is not a CA but issued {what}")
     if constraints.path_length is not None and depth_below > constraints.path_length:
         raise VerificationError(Layer.CHAIN, f"{issuer_name} path length constraint exceeded")
-    if cert.issuer != issuer.subject:
-        raise VerificationError(
-            Layer.CHAIN, f"{what} is issued by {common_name(cert.issuer)}, not {issuer_name}"
-        )
-    if not signature_verifies(cert, issuer):
-        raise VerificationError(Layer.CHAIN, f"{what} signature does not verify with {issuer_name}")
-
-
-def _check_valid_at(cert: x509.Certificate, now: _dt.datetime, what: str) -> None:
-    if now < cert.not_valid_before_utc:
-        raise VerificationError(
-            Layer.CHAIN, f"{what} is not valid before {cert.not_valid_before_utc.isoformat()}"
-        )
-    if now > cert.not_valid_after_utc:
-        raise VerificationError(Layer.CHAIN, f"{what} expired at {cert.not_valid_after_utc.isoformat()}")
+    check_issued_by(cert, issuer, what)
 
 
 def _as_utc(now: _dt.datetime) -> _dt.datetime:
@@ -250,7 +236,7 @@ class NitroVerifier(Verifier):
             _check_link(chain[depth], chain[depth - 1], cas_below_issuer, names[depth])
         # Leaf first: it is the one that expires (after about three hours).
         for cert, what in reversed(list(zip(chain, names, strict=True))):
-            _check_valid_at(cert, now, what)
+            check_valid_at(cert, now, what)
 
     def _check_nonce(self, document: NitroDocument, ctx: VerifyContext) -> None:
         if ctx.nonce is None:
