@@ -37,15 +37,17 @@ def _prctl(option: int, value: int) -> None:
         raise OSError(ctypes.get_errno(), "prctl")
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="package", autouse=True)
 def _subreaper() -> Iterator[None]:
-    """Act as containerd's shim does: a subreaper, so a created container's init becomes our child."""
+    """Act as containerd's shim does: a subreaper, so a created container's init becomes our child.
+    Only for this package: other tests' orphans must not become our zombies."""
     if os.geteuid() != 0:
         yield
         return
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     yield
     _prctl(PR_SET_CHILD_SUBREAPER, 0)
+    reap_zombies()
 
 
 @pytest.fixture(scope="session")

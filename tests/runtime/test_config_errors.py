@@ -115,3 +115,12 @@ def test_error_is_last_json_line(clave: Clave, bundle: Bundle) -> None:
     clave.fail("create", "--bundle", str(bundle.path), clave.id())
     entries = [json.loads(line) for line in clave.log.read_text().splitlines()]
     assert entries[-1]["level"] == "error" and "ociVersion" in entries[-1]["msg"]
+
+
+def test_unwritable_pid_file(clave: Clave, bundle: Bundle, assert_clean: Callable[[], None]) -> None:
+    """The last step of create fails: everything before it is undone."""
+    bundle.args("sleep", "60")
+    bundle.write()
+    message = clave.fail("create", "--bundle", str(bundle.path), "--pid-file", "/nonexistent/dir/pid", clave.id())
+    assert message == "write pid file /nonexistent/dir/pid: No such file or directory"
+    assert_clean()

@@ -49,7 +49,8 @@ def test_create_waits_start_runs(clave: Clave, bundle: Bundle) -> None:
     clave("kill", cid, "KILL")
     status = reap(pid)
     assert status is not None and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-    assert clave.state(cid)["status"] == "stopped"
+    stopped = clave.state(cid)
+    assert stopped["status"] == "stopped" and stopped["pid"] == 0
     clave("delete", cid)
     assert not (clave.root / cid).exists()
     clave.fail("state", cid)
@@ -283,3 +284,14 @@ def test_run_passes_stdin(clave: Clave, bundle: Bundle) -> None:
     result = clave.run(input=b"piped in\n")
     assert result.returncode == 0
     assert result.stdout == b"piped in\n" and result.stderr == b"err\n"
+
+
+def test_foreground_run_forwards_signals(clave: Clave, bundle: Bundle) -> None:
+    bundle.sh("trap 'echo got-term; exit 9' TERM; echo up > /out/up; while true; do sleep 0.02; done")
+    bundle.write()
+    proc = subprocess.Popen([CLAVE, "--root", str(clave.root), "run", "--bundle", str(bundle.path), clave.id()],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(bundle.out / "up")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 9 and out == b"got-term\n"

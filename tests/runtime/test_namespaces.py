@@ -31,6 +31,14 @@ def test_every_namespace_new(clave: Clave, bundle: Bundle) -> None:
         assert inside[name] != host_ns(name), f"{name} namespace shared with the host"
 
 
+def test_time_namespace(clave: Clave, bundle: Bundle) -> None:
+    if not os.path.exists("/proc/self/ns/time"):
+        pytest.skip("kernel without time namespaces")
+    bundle.linux["namespaces"].append({"type": "time"})
+    bundle.args("readlink", "/proc/self/ns/time")
+    assert clave.output().strip() != host_ns("time")
+
+
 def test_absent_namespaces_are_shared(clave: Clave, bundle: Bundle) -> None:
     bundle.linux["namespaces"] = [{"type": "mount"}]
     del bundle.config["hostname"]

@@ -461,9 +461,12 @@ def _host_root_ids(config: dict[str, Any]) -> tuple[int, int]:
 def _write_pid_file(path: str, pid: int) -> None:
     path = os.path.abspath(path)
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as f:
-        f.write(str(pid))
-    os.rename(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(str(pid))
+        os.rename(tmp, path)
+    except OSError as exc:
+        raise ClaveError(f"write pid file {path}: {exc.strerror}") from None
 
 
 def _release_init(fifo: str, state: st.State) -> str | None:
