@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 VERBS = (
     "create", "start", "run", "state", "kill", "delete", "list", "spec", "features",
-    "exec", "ps", "pause", "resume", "update", "events", "check", "enclave",
+    "exec", "ps", "pause", "resume", "update", "events", "check", "enclave", "attest",
 )
 # flag name -> (kind, aliases); kind is "str", "int" or "bool".
 GLOBAL_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -47,6 +47,7 @@ commands:
   resume    thaw a paused container        update    change a container's resources
   events    stats and OOM events           check     what this host supports
   enclave   keygen / sign / measure WebAssembly enclave modules
+  attest    TEE evidence or an RA-TLS certificate from the best attester here
 
 global options:
   --root DIR         state directory (default /run/clave)

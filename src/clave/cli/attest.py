@@ -1,0 +1,80 @@
+"""attest: produce TEE evidence from this host's (or this enclave's) best attester.
+
+usage: clave attest [--attester NAME] [--nonce HEX] [--report-data HEX] [--format json|cert] [--out FILE]
+--format json prints {"tee", "attester", "insecure", "report_data", "evidence" (base64)}; the report data is the
+given --report-data, or SHA-256 of the nonce. --format cert prints an RA-TLS certificate (PEM) binding a fresh
+key and the nonce, then its private key (PEM). `clave-verify evidence|cert` checks either.
+"""
+
+from __future__ import annotations
+
+from clave.cli.main import Parsed, UsageError
+from clave.errors import ClaveError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "attester": ("str", ("a",)),
+    "nonce": ("str", ()),
+    "report-data": ("str", ()),
+    "format": ("str", ("f",)),
+    "out": ("str", ("o",)),
+    "help": ("bool", ("h",)),
+}
+
+
+def _hex(text: str | None, flag: str, limit: int) -> bytes | None:
+    if text is None:
+        return None
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        raise UsageError(f"--{flag} must be hex") from None
+    if len(value) > limit:
+        raise UsageError(f"--{flag} is at most {limit} bytes")
+    return value
+
+
+def run(parsed: Parsed, ctx: Any) -> int:
+    import base64
+    import hashlib
+
+    from clave import fastjson
+    from clave.attestation import registry
+    from clave.attestation.base import AttesterUnavailable
+
+    nonce = _hex(parsed.flags.get("nonce"), "nonce", 64)
+    report_data = _hex(parsed.flags.get("report-data"), "report-data", 64)
+    fmt = parsed.flags.get("format", "json")
+    if fmt not in ("json", "cert"):
+        raise UsageError(f"invalid format option {fmt!r}: use json or cert")
+    try:
+        attester = registry.attester(parsed.flags.get("attester"))
+    except (AttesterUnavailable, KeyError) as exc:
+        raise ClaveError(f"attest: {exc}") from None
+    if attester.tee == "sample" or getattr(attester, "insecure", False):
+        ctx.log.warning(f"attester {attester.name} is INSECURE: its evidence proves nothing about a TEE")
+    if fmt == "cert":
+        from clave.attestation import ratls
+
+        cert = ratls.create_certificate(attester, nonce=nonce)
+        text = cert.cert_pem().decode() + cert.key_pem().decode()
+    else:
+        data = report_data if report_data is not None else hashlib.sha256(nonce or b"").digest()
+        evidence = attester.attest(data)
+        text = fastjson.dumps_indented({
+            "tee": evidence.tee, "attester": attester.name, "insecure": evidence.insecure,
+            "report_data": data.hex(), "evidence": base64.b64encode(evidence.data).decode(),
+        }) + "\n"
+    out = parsed.flags.get("out")
+    if out:
+        import os
+
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # may hold a private key
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    else:
+        print(text, end="")
+    return 0
