@@ -159,3 +159,17 @@ def test_sysctl_refused(clave: Clave, bundle: Bundle, assert_clean: object, key:
     bundle.write()
     assert key in clave.fail("create", "--bundle", str(bundle.path), clave.id())
     assert_clean()  # type: ignore[operator]
+
+
+def test_user_namespace_rootfs_out_of_reach(clave: Clave, bundle: Bundle, assert_clean: object) -> None:
+    """The mapped root cannot reach a rootfs under a 0700 directory: a clear error, nothing left."""
+    rootfs = bundle.private_rootfs()
+    bundle.path.chmod(0o700)
+    bundle.linux["namespaces"].append({"type": "user"})
+    bundle.config["mounts"] = [m for m in bundle.config["mounts"] if m["destination"] != "/out"]
+    bundle.linux["uidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    bundle.linux["gidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    bundle.write()
+    message = clave.fail("create", "--bundle", str(bundle.path), clave.id())
+    assert message.endswith("Permission denied") and str(rootfs) in message and "Errno" not in message
+    assert_clean()  # type: ignore[operator]

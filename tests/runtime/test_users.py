@@ -58,3 +58,9 @@ def test_default_capabilities_and_no_new_privs(clave: Clave, bundle: Bundle) -> 
     expected = (1 << 29) | (1 << 5) | (1 << 10)  # CAP_AUDIT_WRITE, CAP_KILL, CAP_NET_BIND_SERVICE
     assert int(eff, 16) == expected and int(bnd, 16) == expected
     assert nnp == "1"
+
+
+def test_oom_score_adj(clave: Clave, bundle: Bundle) -> None:
+    bundle.process["oomScoreAdj"] = 321
+    bundle.args("cat", "/proc/self/oom_score_adj")
+    assert clave.output() == "321\n"

@@ -219,7 +219,10 @@ def _kill_and_reap(pid: int) -> None:
 
 def _report_and_exit(chan: Channel, exc: BaseException) -> None:
     try:
-        msg = str(exc) if isinstance(exc, _EXPECTED) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, OSError) and exc.strerror:  # no "[Errno N]" prefix: the message is for people
+            msg = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+        else:
+            msg = str(exc) if isinstance(exc, _EXPECTED) else f"{type(exc).__name__}: {exc}"
         chan.send("error", msg=msg or type(exc).__name__)
     finally:
         os._exit(1)
