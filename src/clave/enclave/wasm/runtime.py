@@ -1,0 +1,427 @@
+"""``WasmRuntime``: the built-in WebAssembly enclave runtime, a PAL (API v3) implemented on wasmtime.
+
+It runs the WASI (preview 1) command module named by the process path, with args, env and stdio passed
+through and the container rootfs preopened as "/" (read-only when ``root.readonly``). Before anything runs
+(``prepare``, in the init before pivot_root) the module's signature is checked: an unsigned, tampered or
+badly signed module is refused, and so is a signer outside ``/etc/clave/wasm-signers`` when that file exists
+(one mrsigner in hex per line; ``CLAVE_WASM_SIGNERS`` overrides the path).
+
+Limits (see ``measure``): the guest's linear memory is capped at the tighter of the signed ``memory_limit`` and
+``linux.resources.memory.limit`` (``memory.grow`` then returns -1, as for any failed allocation); its CPU time
+at the tighter of the signed ``cpu_time_limit`` and ``RLIMIT_CPU`` (a watchdog reads the guest thread's CPU
+clock and interrupts it: exit 128+SIGXCPU, as the kernel's limit would). The CPU rate (``cpu.quota/period``)
+needs no mapping: the container's cgroup throttles the thread that runs the guest.
+
+Signals: WASI preview 1 has none, so a signal that would terminate a process terminates the guest (through an
+epoch interruption, exit 128+signal) and the others (SIGCHLD, SIGWINCH, SIGCONT, stop signals...) are ignored.
+A guest blocked in a host call (reading stdin) only stops when that call returns. Every process has its own
+engine, so ``kill(pid)`` interrupts only that process. A trap ends the process with 128+SIGABRT and the trap
+message on its stderr; ``proc_exit(n)`` gives exit status n.
+
+Compiled modules come from ``cache.ModuleCache`` (warm start: deserialize, about 1 ms).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+from clave.enclave.runtime import EnclaveError, EnclaveRuntime
+from clave.enclave.wasm import cache as module_cache
+from clave.enclave.wasm import measure, report, signing
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+# Part of the cache key: an engine configured differently must not load these compiled modules.
+ENGINE_SETTINGS = "epoch_interruption=1;opt_level=speed;v1"
+SIGNERS_FILE = "/etc/clave/wasm-signers"
+ENV_SIGNERS = "CLAVE_WASM_SIGNERS"
+# Signals whose default action is not to terminate: WASI preview 1 has no handlers, so these are ignored.
+NON_TERMINATING_SIGNALS = frozenset({
+    signal.SIGCHLD, signal.SIGCONT, signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU,
+    signal.SIGURG, signal.SIGWINCH,
+})
+WATCHDOG_INTERVAL = 0.01
+MAX_SYMLINKS = 40
+
+
+@dataclass
+class _Loaded:
+    """A verified, compiled module; its first process may use the engine it was compiled for."""
+
+    guest_path: str
+    signed: signing.SignedModule
+    serialized: bytes
+    engine: Any
+    module: Any
+    engine_taken: bool = False
+
+
+@dataclass
+class _Process:
+    pid: int
+    loaded: _Loaded
+    engine: Any
+    module: Any
+    store: Any
+    stdio: tuple[int, int, int]
+    cpu_time_limit: int | None
+    kill_signal: int | None = None
+    cpu_exceeded: bool = False
+    started: bool = False
+    keep: list[Any] = field(default_factory=list)  # objects the store's callbacks need alive
+
+
+def resolve_in_root(root: str, path: str, cwd: str = "/") -> str:
+    """The host path of ``path`` inside ``root``, following symlinks as if ``root`` were "/"."""
+    pending = [p for p in posixpath.join(cwd, path).split("/") if p]
+    resolved: list[str] = []
+    hops = 0
+    while pending:
+        name = pending.pop(0)
+        if name == ".":
+            continue
+        if name == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = os.path.join(root, *resolved, name)
+        if os.path.islink(candidate):
+            hops += 1
+            if hops > MAX_SYMLINKS:
+                raise EnclaveError(f"wasm: too many symbolic links resolving {path}")
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            pending = [p for p in target.split("/") if p] + pending
+            continue
+        resolved.append(name)
+    return os.path.join(root, *resolved)
+
+
+def allowed_signers_from_policy() -> frozenset[str] | None:
+    """The allowed mrsigners from the host policy file, or None (any signer) when it does not exist."""
+    path = os.environ.get(ENV_SIGNERS) or SIGNERS_FILE
+    try:
+        with open(path) as f:
+            lines = f.read().split("\n")
+    except FileNotFoundError:
+        return None
+    return frozenset(line.split("#")[0].strip().lower() for line in lines if line.split("#")[0].strip())
+
+
+class WasmRuntime(EnclaveRuntime):
+    name = "wasm"
+    api_version = 3
+    insecure = True  # software isolation only: no hardware memory encryption
+
+    def __init__(self, cache_dir: str | None = None, platform_key_path: str | None = None,
+                 allowed_signers: frozenset[str] | None = None) -> None:
+        self._cache_dir = cache_dir
+        self._platform_key_path = platform_key_path
+        self._allowed_signers = allowed_signers
+        self._wasmtime: Any = None
+        self._cache: module_cache.ModuleCache | None = None
+        self._platform_key: Any = None
+        self._rootfs = "/"
+        self._root_id: tuple[int, int] = (0, 0)
+        self._root_dir = "/"
+        self._cwd = "/"
+        self._readonly = False
+        self._oci_limits: dict[str, int | None] = measure.enclave_config(None)
+        self._modules: dict[str, _Loaded] = {}
+        self._main: _Loaded | None = None
+        self._processes: dict[int, _Process] = {}
+        self._next_pid = 1
+        self._lock = threading.Lock()
+        self.cache_hit: bool | None = None  # whether the last module loaded came from the cache
+
+    # -- pal_init and loading -------------------------------------------------------------------------------
+
+    def prepare(self, rootfs: str, config: dict[str, Any]) -> None:
+        import wasmtime  # here, in the init: importing costs ~50 ms and the CLI never needs it
+
+        self._wasmtime = wasmtime
+        self._rootfs = os.path.abspath(rootfs)
+        st = os.stat(self._rootfs)
+        self._root_id = (st.st_dev, st.st_ino)
+        self._root_dir = self._rootfs
+        process = config.get("process", {})
+        self._cwd = process.get("cwd") or "/"
+        self._readonly = bool(config.get("root", {}).get("readonly", False))
+        self._oci_limits = measure.enclave_config(config)
+        if self._allowed_signers is None:
+            self._allowed_signers = allowed_signers_from_policy()
+        try:
+            self._platform_key = report.load_platform_key(self._platform_key_path)
+        except (OSError, ValueError, report.ReportError) as exc:
+            raise EnclaveError(f"wasm: platform key: {exc}") from None
+        cache = module_cache.ModuleCache(self._cache_dir)
+        try:
+            cache.open()
+        except module_cache.CacheError as exc:
+            raise EnclaveError(f"wasm: {exc}") from None
+        except OSError as exc:
+            raise EnclaveError(f"wasm: cannot open the module cache {cache.directory}: {exc}") from None
+        self._cache = cache
+        args = process.get("args") or []
+        if not args:
+            raise EnclaveError("wasm: process.args is empty: args[0] must name the WASI module")
+        self._main = self._load(args[0])
+
+    def _guest_path(self, path: str) -> str:
+        return posixpath.normpath(posixpath.join(self._cwd, path))
+
+    def _load(self, path: str) -> _Loaded:
+        guest_path = self._guest_path(path)
+        if guest_path in self._modules:
+            return self._modules[guest_path]
+        host_path = resolve_in_root(self._root_dir, guest_path)
+        try:
+            with open(host_path, "rb") as f:
+                wasm = f.read()
+        except OSError as exc:
+            raise EnclaveError(f"wasm: cannot read the module {guest_path}: {exc.strerror}") from None
+        try:
+            with open(host_path + signing.SIG_SUFFIX, "rb") as f:
+                sig: bytes | None = f.read()
+        except FileNotFoundError:
+            sig = None
+        except OSError as exc:
+            raise EnclaveError(f"wasm: cannot read the signature of {guest_path}: {exc.strerror}") from None
+        try:
+            signed = signing.verify(wasm, sig, guest_path)
+        except signing.SignatureError as exc:
+            raise EnclaveError(f"wasm: refused: {exc}") from None
+        if self._allowed_signers is not None and signed.mrsigner.hex() not in self._allowed_signers:
+            raise EnclaveError(f"wasm: refused: {guest_path} is signed by {signed.mrsigner.hex()}, "
+                               "which is not an allowed signer")
+        loaded = self._compile(guest_path, wasm, signed)
+        self._modules[guest_path] = loaded
+        return loaded
+
+    def _new_engine(self) -> Any:
+        wasmtime = self._wasmtime
+        config = wasmtime.Config()
+        config.epoch_interruption = True
+        config.cranelift_opt_level = "speed"
+        return wasmtime.Engine(config)
+
+    def _compile(self, guest_path: str, wasm: bytes, signed: signing.SignedModule) -> _Loaded:
+        wasmtime = self._wasmtime
+        engine = self._new_engine()
+        key = module_cache.entry_key(signed.module_sha256, _wasmtime_version(), ENGINE_SETTINGS)
+        serialized = self._cache_get(key)
+        module = None
+        if serialized is not None:
+            try:
+                module = wasmtime.Module.deserialize(engine, serialized)
+            except wasmtime.WasmtimeError:
+                serialized = None  # written by an incompatible build: recompile over it
+        self.cache_hit = module is not None
+        if module is None or serialized is None:
+            try:
+                module = wasmtime.Module(engine, wasm)
+            except wasmtime.WasmtimeError as exc:
+                first = str(exc).strip().split("\n")[0]
+                raise EnclaveError(f"wasm: {guest_path} is not a valid WebAssembly module: {first}") from None
+            serialized = bytes(module.serialize())
+            self._cache_put(key, serialized)
+        return _Loaded(guest_path, signed, serialized, engine, module)
+
+    def _cache_get(self, key: str) -> bytes | None:
+        if self._cache is None:
+            return None
+        try:
+            return self._cache.get(key)
+        except OSError:  # after pivot_root the host cache is out of reach: compile instead
+            return None
+
+    def _cache_put(self, key: str, serialized: bytes) -> None:
+        if self._cache is None:
+            return
+        try:
+            self._cache.put(key, serialized)
+        except OSError:  # a full or unreachable cache costs speed, not correctness
+            pass
+
+    def init(self, args: str, log_level: str) -> None:
+        if self._wasmtime is None:
+            raise EnclaveError("pal_init: the wasm runtime was not prepared")
+        # After pivot_root the rootfs is "/": the same directory (a bind mount keeps device and inode).
+        st = os.stat("/")
+        if (st.st_dev, st.st_ino) == self._root_id:
+            self._root_dir = "/"
+        elif os.path.isdir(self._rootfs):
+            self._root_dir = self._rootfs  # not pivoted (tests, tools): preopen the rootfs by its path
+        else:
+            self._root_dir = "/"
+
+    # -- processes --------------------------------------------------------------------------------------------
+
+    def create_process(self, path: str, argv: list[str], env: list[str], stdio: tuple[int, int, int]) -> int:
+        wasmtime = self._wasmtime
+        if wasmtime is None:
+            raise EnclaveError("pal_create_process: the wasm runtime was not prepared")
+        loaded = self._load(path)
+        with self._lock:
+            if not loaded.engine_taken:
+                loaded.engine_taken = True
+                engine, module = loaded.engine, loaded.module
+            else:  # one engine per process, so that an epoch interruption stops only that process
+                engine = self._new_engine()
+                module = wasmtime.Module.deserialize(engine, loaded.serialized)
+            pid = self._next_pid
+            self._next_pid += 1
+        limits = measure.effective_limits(loaded.signed.enclave_config, self._oci_limits)
+        keep: list[Any] = []
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = list(argv)
+        wasi.env = [entry.split("=", 1) for entry in env if "=" in entry]
+        if stdio[0] == 0:
+            wasi.inherit_stdin()
+        else:
+            wasi.stdin_file = f"/proc/self/fd/{stdio[0]}"
+        for guest_fd, fd in ((1, stdio[1]), (2, stdio[2])):
+            if fd == guest_fd:
+                (wasi.inherit_stdout if guest_fd == 1 else wasi.inherit_stderr)()
+                continue
+            writer = _fd_writer(fd)
+            keep.append(writer)
+            if guest_fd == 1:
+                wasi.stdout_custom = writer
+            else:
+                wasi.stderr_custom = writer
+        try:
+            wasi.preopen_dir(self._root_dir, "/", fs_mutable=not self._readonly)
+        except wasmtime.WasmtimeError as exc:
+            raise EnclaveError(f"pal_create_process: cannot preopen {self._root_dir}: {exc}") from None
+        store = wasmtime.Store(engine)
+        store.set_wasi(wasi)
+        store.set_epoch_deadline(1)
+        if limits["memory_limit"] is not None:
+            store.set_limits(memory_size=limits["memory_limit"])
+        process = _Process(pid, loaded, engine, module, store, stdio, limits["cpu_time_limit"], keep=keep)
+        with self._lock:
+            self._processes[pid] = process
+        return pid
+
+    def exec(self, pid: int) -> int:
+        process = self._processes.get(pid)
+        if process is None or process.started:
+            raise EnclaveError(f"pal_exec: no enclave process {pid} waiting to run")
+        process.started = True
+        try:
+            return self._run(process)
+        finally:
+            with self._lock:
+                self._processes.pop(pid, None)
+
+    def _run(self, process: _Process) -> int:
+        wasmtime = self._wasmtime
+        if process.kill_signal is not None:
+            return -process.kill_signal
+        done = threading.Event()
+        if process.cpu_time_limit is not None:
+            clock = time.pthread_getcpuclockid(threading.get_ident())
+            threading.Thread(target=_cpu_watchdog, args=(process, clock, done), name=f"wasm-cpu-{process.pid}",
+                             daemon=True).start()
+        try:
+            linker = wasmtime.Linker(process.engine)
+            linker.define_wasi()
+            instance = linker.instantiate(process.store, process.module)
+            start = instance.exports(process.store).get("_start")
+            if not isinstance(start, wasmtime.Func):
+                _say(process, f"{process.loaded.guest_path} exports no _start function: not a WASI command")
+                return 126
+            start(process.store)
+            return 0
+        except wasmtime.ExitTrap as exc:
+            return exc.code
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            if process.kill_signal is not None:
+                return -process.kill_signal
+            if process.cpu_exceeded:
+                _say(process, f"CPU time limit exceeded ({process.cpu_time_limit} s)")
+                return -signal.SIGXCPU
+            message = str(exc).strip().split("\n")[0]
+            _say(process, f"wasm trap: {message}")
+            return -signal.SIGABRT
+        finally:
+            done.set()
+
+    def kill(self, pid: int, sig: int) -> None:
+        with self._lock:
+            if pid == -1:
+                targets = list(self._processes.values())
+            elif pid in self._processes:
+                targets = [self._processes[pid]]
+            else:
+                raise EnclaveError(f"pal_kill: no enclave process {pid}")
+        if sig in NON_TERMINATING_SIGNALS or sig == 0:
+            return
+        for process in targets:
+            if process.kill_signal is None:
+                process.kill_signal = sig
+            process.engine.increment_epoch()
+
+    def destroy(self) -> None:
+        self.kill(-1, signal.SIGKILL)
+        with self._lock:
+            self._processes.clear()
+        self._modules.clear()
+        self._main = None
+
+    # -- identity and evidence ----------------------------------------------------------------------------------
+
+    def measurement(self) -> dict[str, str]:
+        if self._main is None:
+            return {}
+        return {"mrenclave": self._main.signed.mrenclave.hex(), "mrsigner": self._main.signed.mrsigner.hex()}
+
+    def local_report(self, target_info: bytes, report_data: bytes) -> bytes:
+        if self._main is None or self._platform_key is None:
+            raise EnclaveError("pal_get_local_report: no enclave module is loaded")
+        if len(report_data) > report.REPORT_DATA_SIZE:
+            raise EnclaveError(f"pal_get_local_report: report data is {len(report_data)} bytes, "
+                               f"at most {report.REPORT_DATA_SIZE} fit")
+        return report.make_report(self._platform_key, self._main.signed.mrenclave, self._main.signed.mrsigner,
+                                  report_data, target_info)
+
+
+def _wasmtime_version() -> str:
+    from importlib import metadata
+
+    return metadata.version("wasmtime")
+
+
+def _fd_writer(fd: int) -> Any:
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+
+    return write
+
+
+def _say(process: _Process, message: str) -> None:
+    try:
+        os.write(process.stdio[2], f"clave: {message}\n".encode())
+    except OSError:
+        pass
+
+
+def _cpu_watchdog(process: _Process, clock: int, done: threading.Event) -> None:
+    """Interrupt the guest once its thread has used its CPU-time budget."""
+    assert process.cpu_time_limit is not None
+    while not done.wait(WATCHDOG_INTERVAL):
+        if time.clock_gettime(clock) >= process.cpu_time_limit:
+            process.cpu_exceeded = True
+            process.engine.increment_epoch()
+            return
