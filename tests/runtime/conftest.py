@@ -64,8 +64,19 @@ def shared_rootfs() -> Iterator[Path]:
     base = Path(tempfile.mkdtemp(prefix="clave-rootfs-"))
     base.chmod(0o755)
     make_busybox_rootfs(str(base / "rootfs"))
+    (base / "rootfs" / "out").mkdir()  # every bundle's results bind: the mount point exists beforehand
+    _SHARED_LISTING[str(base / "rootfs")] = _listing(base / "rootfs")
     yield base / "rootfs"
     shutil.rmtree(base)
+
+
+_SHARED_LISTING: dict[str, list[str]] = {}
+
+
+def _listing(rootfs: Path) -> list[str]:
+    """What a test writing to the shared rootfs would most likely change."""
+    return sorted(os.listdir(rootfs)) + [f"etc/{n}" for n in sorted(os.listdir(rootfs / "etc"))] + \
+        [f"tmp/{n}" for n in sorted(os.listdir(rootfs / "tmp"))]
 
 
 def base_config(args: list[str]) -> dict[str, Any]:
@@ -271,6 +282,8 @@ def clave(tmp_path: Path, bundle: Bundle) -> Iterator[Clave]:
     reap_zombies()
     found = leftovers(cli.root, token, [bundle.path, bundle.rootfs])
     assert not found, f"left behind: {found}"
+    shared = bundle.shared_rootfs
+    assert _listing(shared) == _SHARED_LISTING[str(shared)], "the test wrote to the shared rootfs"
 
 
 @pytest.fixture

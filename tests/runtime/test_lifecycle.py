@@ -295,3 +295,27 @@ def test_foreground_run_forwards_signals(clave: Clave, bundle: Bundle) -> None:
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=10)
     assert proc.returncode == 9 and out == b"got-term\n"
+
+
+def test_no_descriptors_leak_into_container(clave: Clave, bundle: Bundle, tmp_path: Path) -> None:
+    bundle.args("ls", "/proc/self/fd")
+    bundle.write()
+    wrapper = f'exec 7<"{bundle.path / "config.json"}" 8>"{tmp_path / "eight"}"; exec "$@"'
+    result = subprocess.run(["sh", "-c", wrapper, "sh", CLAVE, "--root", str(clave.root), "run", "--bundle",
+                             str(bundle.path), clave.id()], capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert set(result.stdout.split()) <= {b"0", b"1", b"2", b"3"}  # 3: ls reading the directory
+
+
+def test_exec_failure_at_start(clave: Clave, bundle: Bundle) -> None:
+    rootfs = bundle.private_rootfs()
+    (rootfs / "bin" / "tool").symlink_to("busybox")
+    bundle.args("/bin/tool", "true")
+    cid = clave.id()
+    pid = clave.create(cid)
+    (rootfs / "bin" / "tool").unlink()
+    message = clave.fail("start", cid)
+    assert "/bin/tool" in message, message
+    reap(pid)
+    assert clave.state(cid)["status"] == "stopped"
+    clave("delete", cid)

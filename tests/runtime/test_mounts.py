@@ -43,6 +43,7 @@ def test_readonly_root(clave: Clave, bundle: Bundle) -> None:
 
 
 def test_bind_ro_and_rw(clave: Clave, bundle: Bundle, tmp_path: Path) -> None:
+    bundle.private_rootfs()  # the mount point is created in the rootfs
     src = tmp_path / "src"
     src.mkdir()
     (src / "file").write_text("hello\n")
@@ -73,6 +74,7 @@ def src_with_submount(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_rbind_carries_submounts_bind_does_not(clave: Clave, bundle: Bundle, src_with_submount: Path) -> None:
+    bundle.private_rootfs()  # the mount point is created in the rootfs
     bundle.config["mounts"] += [
         {"destination": "/r", "type": "bind", "source": str(src_with_submount), "options": ["rbind"]},
         {"destination": "/b", "type": "bind", "source": str(src_with_submount), "options": ["bind"]},
@@ -82,6 +84,7 @@ def test_rbind_carries_submounts_bind_does_not(clave: Clave, bundle: Bundle, src
 
 
 def test_tmpfs_options(clave: Clave, bundle: Bundle) -> None:
+    bundle.private_rootfs()  # the mount point is created in the rootfs
     bundle.config["mounts"].append({"destination": "/scratch", "type": "tmpfs", "source": "tmpfs",
                                     "options": ["nosuid", "nodev", "noexec", "mode=700", "size=1m", "uid=5"]})
     bundle.sh("grep ' /scratch ' /proc/self/mounts; stat -c '%a %u' /scratch; cp /bin/busybox /scratch/bb; "
@@ -95,6 +98,7 @@ def test_tmpfs_options(clave: Clave, bundle: Bundle) -> None:
 
 @pytest.mark.parametrize(("option", "tag"), [("rshared", "shared:"), ("private", None), ("unbindable", "unbindable")])
 def test_mount_propagation_flags(clave: Clave, bundle: Bundle, option: str, tag: str | None) -> None:
+    bundle.private_rootfs()  # the mount point is created in the rootfs
     bundle.config["mounts"].append({"destination": "/prop", "type": "tmpfs", "source": "tmpfs", "options": [option]})
     bundle.args("cat", "/proc/self/mountinfo")
     (line,) = mountinfo_of(clave.output(), "/prop")
@@ -214,6 +218,7 @@ def test_missing_bind_source(clave: Clave, bundle: Bundle, assert_clean: object)
 
 
 def test_unknown_filesystem(clave: Clave, bundle: Bundle, assert_clean: object) -> None:
+    bundle.private_rootfs()  # the mount point is created in the rootfs
     bundle.config["mounts"].append({"destination": "/x", "type": "nosuchfs", "source": "none"})
     bundle.write()
     assert "/x" in clave.fail("create", "--bundle", str(bundle.path), clave.id())
@@ -221,6 +226,7 @@ def test_unknown_filesystem(clave: Clave, bundle: Bundle, assert_clean: object) 
 
 
 def test_relative_bind_source_is_relative_to_bundle(clave: Clave, bundle: Bundle, tmp_path: Path) -> None:
+    bundle.private_rootfs()  # the mount point is created in the rootfs
     (bundle.path / "data").mkdir()
     (bundle.path / "data" / "f").write_text("from bundle\n")
     bundle.config["mounts"].append({"destination": "/data", "type": "bind", "source": "data", "options": ["bind"]})
