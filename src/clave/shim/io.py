@@ -8,20 +8,18 @@ import threading
 
 from clave.linux.console import copy_fd, resize
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    import subprocess
-
 
 class ProcessIO:
     """The three fds the container gets, plus what the shim keeps (copy threads, logging binaries)."""
 
-    def __init__(self, stdin: str, stdout: str, stderr: str, terminal: bool) -> None:
+    def __init__(self, stdin: str, stdout: str, stderr: str, terminal: bool,
+                 logger_env: dict[str, str] | None = None) -> None:
         self.paths = (stdin, stdout, stderr)
+        self.logger_env = logger_env or {}  # CONTAINER_ID and CONTAINER_NAMESPACE for a binary:// logger
         self.terminal = terminal
         self.container_fds: tuple[int, int, int] | None = None
         self._opened: list[int] = []
-        self._logger: subprocess.Popen[bytes] | None = None
+        self._logger_pid = 0  # a binary:// logger; it exits on EOF and the shim's reaper collects it
         self.master = -1
         self._stdin_fd = -1
 
@@ -59,28 +57,40 @@ class ProcessIO:
 
     def _start_logger(self, uri: str) -> tuple[int, int]:
         """binary:///path?k=v: containerd's logging-binary protocol. The binary gets the container's stdout on
-        fd 3, stderr on fd 4, and closes fd 5 once it is ready."""
-        import subprocess
+        fd 3, stderr on fd 4, closes fd 5 once it is ready, and gets each query key and non-empty value as
+        arguments."""
+        import fcntl
         from urllib.parse import parse_qsl, urlsplit
 
         parts = urlsplit(uri)
-        args = [a for kv in parse_qsl(parts.query) for a in kv]
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
+        args = [a for kv in parse_qsl(parts.query, keep_blank_values=True) for a in kv if a]
+        out_r, out_w = self._track_pipe()
+        err_r, err_w = self._track_pipe()
         ready_r, ready_w = os.pipe()
-        env = dict(os.environ)
-
-        def child_fds() -> None:
-            for target, fd in ((3, out_r), (4, err_r), (5, ready_w)):
-                os.dup2(fd, target)
-
-        self._logger = subprocess.Popen([parts.path, *args], env=env, preexec_fn=child_fds,
-                                        pass_fds=(3, 4, 5), close_fds=True)
+        # Copies above fd 9 (close-on-exec) so the dup2s onto 3, 4 and 5 cannot clobber one another.
+        sources = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (out_r, err_r, ready_w)]
         for fd in (out_r, err_r, ready_w):
             os.close(fd)
-        os.read(ready_r, 1)  # returns when the binary closes fd 5 (ready) or exits
-        os.close(ready_r)
-        return self._track(out_w), self._track(err_w)
+        actions = [(os.POSIX_SPAWN_DUP2, fd, target) for fd, target in zip(sources, (3, 4, 5), strict=True)]
+        try:
+            self._logger_pid = os.posix_spawn(parts.path, [parts.path, *args], {**os.environ, **self.logger_env},
+                                              file_actions=actions, setsid=True)
+        except OSError:
+            os.close(ready_r)
+            raise
+        finally:
+            for fd in sources:
+                os.close(fd)
+        try:
+            os.read(ready_r, 1)  # returns when the binary closes fd 5 (ready) or exits
+        finally:
+            os.close(ready_r)
+        return out_w, err_w
+
+    def _track_pipe(self) -> tuple[int, int]:
+        """A pipe whose write end is tracked (closed with this IO even if starting the logger fails)."""
+        read_end, write_end = os.pipe()
+        return read_end, self._track(write_end)
 
     # -- terminal IO: the shim owns the pty master and copies
     def attach_master(self, master: int) -> None:
@@ -134,9 +144,4 @@ class ProcessIO:
             except OSError:
                 pass
             self.master = -1
-        if self._logger is not None:
-            try:
-                self._logger.wait(timeout=2)
-            except Exception:
-                self._logger.kill()
 

@@ -136,6 +136,7 @@ def serve(flags: Flags) -> int:
 
     lsys.set_child_subreaper()
     listener = socket.socket(fileno=3)
+    socket_path = listener.getsockname()  # before server.close() closes the listener
     done = threading.Event()
     ttrpc_address = os.environ.get("TTRPC_ADDRESS") or (flags.address + ".ttrpc" if flags.address else "")
     publisher = Publisher(ttrpc_address, flags.namespace) if ttrpc_address else None
@@ -148,10 +149,11 @@ def serve(flags: Flags) -> int:
     if publisher is not None:
         publisher.close()
     server.close()
-    try:
-        os.unlink(listener.getsockname())
-    except (OSError, TypeError):
-        pass
+    if isinstance(socket_path, str) and socket_path:
+        try:
+            os.unlink(socket_path)
+        except OSError:
+            pass
     return 0
 
 
@@ -177,8 +179,33 @@ def delete(flags: Flags) -> int:
     rootfs = os.path.join(bundle, "rootfs")
     if os.path.ismount(rootfs):
         _unmount(rootfs)
+    _remove_dead_socket(bundle)
     sys.stdout.buffer.write(DeleteResponse(pid=pid, exit_status=137, exited_at=Timestamp.now()).encode())
     return 0
+
+
+def _remove_dead_socket(bundle: str) -> None:
+    """Unlink the socket of the shim that served this bundle if nothing listens on it any more (a shim that was
+    killed cannot remove it; a live pod shim serving other containers keeps it)."""
+    import socket
+
+    try:
+        with open(os.path.join(bundle, "address")) as f:
+            path = f.read().strip().removeprefix("unix://")
+    except OSError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    finally:
+        probe.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

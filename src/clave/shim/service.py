@@ -167,7 +167,8 @@ class TaskService:
             if req.id in self.containers:
                 raise TtrpcError(Code.ALREADY_EXISTS, f"container {req.id} already exists")
         mounted = _mount_rootfs(req.bundle, req.rootfs)
-        io = ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal)
+        io = ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal, {"CONTAINER_ID": req.id,
+                                                                        "CONTAINER_NAMESPACE": self.namespace})
         init = Process(req.id, "", io)
         console = None
         try:
@@ -328,7 +329,9 @@ class TaskService:
             raise TtrpcError(Code.INVALID_ARGUMENT, "exec spec: process.args is empty")
         spec["terminal"] = req.terminal
         container.execs[req.exec_id] = Process(req.id, req.exec_id,
-                                               ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal), spec)
+                                               ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal,
+                                                         {"CONTAINER_ID": req.id,
+                                                          "CONTAINER_NAMESPACE": self.namespace}), spec)
         self._publish(ev.TaskExecAdded(container_id=req.id, exec_id=req.exec_id))
         return Empty()
 
