@@ -173,3 +173,45 @@ def test_user_namespace_rootfs_out_of_reach(clave: Clave, bundle: Bundle, assert
     message = clave.fail("create", "--bundle", str(bundle.path), clave.id())
     assert message.endswith("Permission denied") and str(rootfs) in message and "Errno" not in message
     assert_clean()  # type: ignore[operator]
+
+
+def test_join_user_namespace_by_path(clave: Clave, bundle: Bundle) -> None:
+    """A second container joins the first one's user and network namespaces (no mappings of its own)."""
+    userns = [n for n in bundle.linux["namespaces"] if n["type"] != "network"]
+    bundle.config["mounts"] = [m for m in bundle.config["mounts"] if m["destination"] != "/out"]
+    first_config = bundle.clone_config()
+    first_config["linux"]["namespaces"] = userns + [{"type": "user"}, {"type": "network"}]
+    first_config["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    first_config["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    first_config["process"]["args"] = ["sleep", "60"]
+    saved = bundle.config
+    bundle.config = first_config
+    first_pid = clave.create(clave.id("first"))
+    bundle.config = saved
+    bundle.linux["namespaces"] = userns + [{"type": "user", "path": f"/proc/{first_pid}/ns/user"},
+                                           {"type": "network", "path": f"/proc/{first_pid}/ns/net"}]
+    bundle.sh("readlink /proc/self/ns/user /proc/self/ns/net 2>/dev/null || "
+              "{ readlink /proc/self/ns/user; readlink /proc/self/ns/net; }; cat /proc/self/uid_map")
+    lines = clave.output(cid=clave.id("second")).splitlines()
+    assert lines[:2] == [host_ns("user", first_pid), host_ns("net", first_pid)]
+    assert lines[2].split() == ["0", "100000", "65536"]
+
+
+def test_id_maps_of_a_bind_mounted_user_namespace(clave: Clave, bundle: Bundle, tmp_path: Path) -> None:
+    from clave.linux.namespaces import id_maps_of
+
+    bundle.linux["namespaces"].append({"type": "user"})
+    bundle.config["mounts"] = [m for m in bundle.config["mounts"] if m["destination"] != "/out"]
+    bundle.linux["uidMappings"] = [{"containerID": 0, "hostID": 300000, "size": 1000}]
+    bundle.linux["gidMappings"] = [{"containerID": 0, "hostID": 400000, "size": 1000}]
+    bundle.args("sleep", "60")
+    pid = clave.create(clave.id())
+    pinned = tmp_path / "userns"
+    pinned.touch()
+    subprocess.run(["mount", "--bind", f"/proc/{pid}/ns/user", str(pinned)], check=True)
+    try:
+        uid_maps, gid_maps = id_maps_of(str(pinned))
+    finally:
+        subprocess.run(["umount", str(pinned)], check=True)
+    assert uid_maps == [{"containerID": 0, "hostID": 300000, "size": 1000}]
+    assert gid_maps == [{"containerID": 0, "hostID": 400000, "size": 1000}]

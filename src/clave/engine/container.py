@@ -447,10 +447,19 @@ def _network_interfaces(pid: int) -> list[dict[str, Any]]:
 def _host_root_ids(config: dict[str, Any]) -> tuple[int, int]:
     """The host uid and gid the container's root maps to (0, 0 without a user namespace)."""
     linux = config.get("linux", {})
+    maps = {"uidMappings": linux.get("uidMappings", []), "gidMappings": linux.get("gidMappings", [])}
+    joined = oci.namespaces(config).get("user")
+    if joined and not (maps["uidMappings"] and maps["gidMappings"]):
+        from clave.linux import namespaces as ns
+
+        try:
+            maps["uidMappings"], maps["gidMappings"] = ns.id_maps_of(joined)
+        except ns.NamespaceError as exc:
+            raise ClaveError(str(exc)) from None
     ids = []
     for key in ("uidMappings", "gidMappings"):
         host = 0
-        for m in linux.get(key, []):
+        for m in maps[key]:
             if m["containerID"] <= 0 < m["containerID"] + m["size"]:
                 host = m["hostID"] - m["containerID"]
                 break

@@ -83,6 +83,45 @@ def write_id_maps(pid: int, uid_maps: list[dict[str, Any]], gid_maps: list[dict[
         raise NamespaceError(f"write user namespace id mappings: {exc.strerror}") from None
 
 
+def id_maps_of(path: str) -> tuple[list[dict[str, int]], list[dict[str, int]]]:
+    """The uid and gid mappings of the user namespace at ``path`` (to join it: its root's host ids)."""
+    if path.startswith("/proc/") and path.endswith("/ns/user"):
+        base = path[: -len("ns/user")]
+        try:
+            with open(base + "uid_map") as u, open(base + "gid_map") as g:
+                return _parse_map(u.read()), _parse_map(g.read())
+        except OSError as exc:
+            raise NamespaceError(f"user namespace {path}: {exc.strerror}") from None
+    # Any other namespace file: a child joins it and reads its own maps.
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(read_end)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            lsys.setns(fd, lsys.CLONE_NEWUSER)
+            with open("/proc/self/uid_map") as u, open("/proc/self/gid_map") as g:
+                os.write(write_end, f"{u.read()}\0{g.read()}".encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        data = f.read().decode()
+    os.waitpid(child, 0)
+    if "\0" not in data:
+        raise NamespaceError(f"user namespace {path}: cannot read its id mappings")
+    uid_text, gid_text = data.split("\0")
+    return _parse_map(uid_text), _parse_map(gid_text)
+
+
+def _parse_map(text: str) -> list[dict[str, int]]:
+    maps = []
+    for line in text.splitlines():
+        container_id, host_id, size = (int(x) for x in line.split())
+        maps.append({"containerID": container_id, "hostID": host_id, "size": size})
+    return maps
+
+
 def same_as_host(ns_type: str, path: str) -> bool:
     """Does ``path`` name the namespace this process is already in?"""
     try:

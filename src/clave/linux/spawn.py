@@ -376,6 +376,9 @@ def _setup_container(plan: InitPlan, chan: Channel) -> None:
             rlimits.apply(process["rlimits"])
         except rlimits.RlimitError as exc:
             raise SpawnError(str(exc)) from None
+    # Past "ready" nobody hears the init's errors until start: check now that it can open the exec fifo.
+    if not os.access("exec.fifo", os.W_OK, dir_fd=plan.state_dir_fd):
+        raise SpawnError("exec fifo: the container's root cannot open it for writing")
     chan.send("ready")
 
 
