@@ -33,10 +33,11 @@ def test_cgroup_mount_shows_own_cgroup(clave: Clave, bundle: Bundle) -> None:
     assert clave.output().split() == ["77", "readonly"]
 
 
-def test_readonly_root(clave: Clave, bundle: Bundle) -> None:
+@pytest.mark.parametrize("flags", [[], ["--no-pivot"]])
+def test_readonly_root(clave: Clave, bundle: Bundle, flags: list[str]) -> None:
     bundle.config["root"]["readonly"] = True
     bundle.sh("touch /newfile 2>&1; echo rc=$?; touch /tmp/x 2>&1; echo rc=$?; echo ok > /dev/shm/w && cat /dev/shm/w")
-    out = clave.output()
+    out = clave.output(*flags)
     assert out.count("Read-only file system") == 2, out
     assert "rc=1" in out and out.strip().endswith("ok")
     assert not (bundle.rootfs / "newfile").exists()

@@ -145,6 +145,14 @@ def test_sysctl_in_private_namespaces(clave: Clave, bundle: Bundle) -> None:
     assert Path("/proc/sys/kernel/shmmax").read_text() == host_shmmax
 
 
+@pytest.mark.parametrize(("key", "value"), [("net.ipv4.ip_forward", "not-a-number"), ("net.no.such.key", "1")])
+def test_sysctl_write_failure(clave: Clave, bundle: Bundle, assert_clean: object, key: str, value: str) -> None:
+    bundle.linux["sysctl"] = {key: value}
+    bundle.write()
+    assert key in clave.fail("create", "--bundle", str(bundle.path), clave.id())
+    assert_clean()  # type: ignore[operator]
+
+
 @pytest.mark.parametrize(("key", "namespaces"), [
     ("kernel.panic", None),  # not namespaced at all
     ("net.ipv4.ip_forward", ["mount", "pid"]),  # namespaced, but the container has no network namespace

@@ -64,3 +64,10 @@ def test_oom_score_adj(clave: Clave, bundle: Bundle) -> None:
     bundle.process["oomScoreAdj"] = 321
     bundle.args("cat", "/proc/self/oom_score_adj")
     assert clave.output() == "321\n"
+
+
+def test_signal_dispositions_reset(clave: Clave, bundle: Bundle) -> None:
+    """The runtime is Python, which ignores SIGPIPE and SIGXFSZ: the container process must not inherit that."""
+    bundle.args("cat", "/proc/self/status")
+    ignored, blocked = status_fields(clave.output(), "SigIgn", "SigBlk")
+    assert int(ignored, 16) == 0 and int(blocked, 16) == 0
