@@ -133,3 +133,23 @@ def test_unappliable_resource_is_an_error(clave: Clave, bundle: Bundle, assert_c
     message = clave.fail("create", "--bundle", str(bundle.path), clave.id())
     assert name in message, message
     assert_clean()
+
+
+def test_block_io_throttle(clave: Clave, bundle: Bundle) -> None:
+    disks = sorted(d for d in os.listdir("/sys/block") if not d.startswith(("loop", "zram", "ram")))
+    if not disks:
+        pytest.skip("no block device to throttle")
+    with open(f"/sys/block/{disks[0]}/dev") as f:
+        major, minor = (int(x) for x in f.read().split(":"))
+    bundle.linux["resources"]["blockIO"] = {
+        "throttleReadBpsDevice": [{"major": major, "minor": minor, "rate": 1048576}],
+        "throttleWriteIOPSDevice": [{"major": major, "minor": minor, "rate": 100}],
+    }
+    bundle.args("sleep", "60")
+    pid = clave.create(clave.id())
+    if V2_ONLY:
+        line = read(pid, "io", "", "io.max")
+        assert f"{major}:{minor} rbps=1048576" in line and "wiops=100" in line
+    else:
+        assert read(pid, "blkio", "blkio.throttle.read_bps_device", "") == f"{major}:{minor} 1048576"
+        assert read(pid, "blkio", "blkio.throttle.write_iops_device", "") == f"{major}:{minor} 100"
