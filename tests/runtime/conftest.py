@@ -22,14 +22,10 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-CLAVE = str(Path(sys.executable).with_name("clave"))
+CLAVE = str(Path(sys.executable).with_name("clave"))  # the venv's console script
 BUSYBOX = "/bin/busybox"
 CGROUP_ROOT = "/sys/fs/cgroup"
 PR_SET_CHILD_SUBREAPER = 36
-
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the runtime suite runs containers: needs root")
-
 
 def _prctl(option: int, value: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
@@ -56,7 +52,7 @@ def shared_rootfs() -> Iterator[Path]:
 
     It lives outside pytest's 0700 temp tree so a user namespace's mapped root can reach it."""
     if os.geteuid() != 0:
-        pytest.skip("needs root")
+        pytest.skip("the runtime suite runs containers: needs root")
     if not os.path.exists(BUSYBOX):
         pytest.skip(f"{BUSYBOX} missing: install Debian's busybox-static")
     from clave.tools.bundles import make_busybox_rootfs
