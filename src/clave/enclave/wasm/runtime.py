@@ -16,7 +16,7 @@ Signals: WASI preview 1 has none, so a signal that would terminate a process ter
 epoch interruption, exit 128+signal) and the others (SIGCHLD, SIGWINCH, SIGCONT, stop signals...) are ignored.
 A guest blocked in a host call (reading stdin) only stops when that call returns. Every process has its own
 engine, so ``kill(pid)`` interrupts only that process. A trap ends the process with 128+SIGABRT and the trap
-message on its stderr; ``proc_exit(n)`` gives exit status n.
+message on its stderr; ``proc_exit(n)`` gives exit status n (wasmtime accepts n < 126 only; above is a trap).
 
 Compiled modules come from ``cache.ModuleCache`` (warm start: deserialize, about 1 ms).
 """
@@ -229,8 +229,8 @@ class WasmRuntime(EnclaveRuntime):
             try:
                 module = wasmtime.Module(engine, wasm)
             except wasmtime.WasmtimeError as exc:
-                first = str(exc).strip().split("\n")[0]
-                raise EnclaveError(f"wasm: {guest_path} is not a valid WebAssembly module: {first}") from None
+                raise EnclaveError(f"wasm: {guest_path} is not a valid WebAssembly module: {_cause(str(exc))}"
+                                   ) from None
             serialized = bytes(module.serialize())
             self._cache_put(key, serialized)
         return _Loaded(guest_path, signed, serialized, engine, module)
@@ -350,8 +350,7 @@ class WasmRuntime(EnclaveRuntime):
             if process.cpu_exceeded:
                 _say(process, f"CPU time limit exceeded ({process.cpu_time_limit} s)")
                 return -signal.SIGXCPU
-            message = str(exc).strip().split("\n")[0]
-            _say(process, f"wasm trap: {message}")
+            _say(process, f"wasm trap: {_cause(str(exc))}")
             return -signal.SIGABRT
         finally:
             done.set()
@@ -415,6 +414,13 @@ def _say(process: _Process, message: str) -> None:
         os.write(process.stdio[2], f"clave: {message}\n".encode())
     except OSError:
         pass
+
+
+def _cause(message: str) -> str:
+    """The last line of wasmtime's multi-line error (the cause after the backtrace), without its prefix."""
+    lines = [line.strip() for line in message.strip().split("\n") if line.strip()]
+    cause = lines[-1] if lines else "unknown error"
+    return cause.removeprefix("wasm trap: ")
 
 
 def _cpu_watchdog(process: _Process, clock: int, done: threading.Event) -> None:
