@@ -124,3 +124,10 @@ def test_duplicate_id(clave: Clave, bundle: Bundle) -> None:
     state = clave.state(cid)
     assert "already exists" in clave.fail("create", "--bundle", str(bundle.path), cid)
     assert clave.state(cid) == state and state["pid"] == pid
+
+
+def test_debug_flag_and_run_detach_terminal(clave: Clave, bundle: Bundle, tmp_path: Path) -> None:
+    assert json.loads(clave("--debug", "list", "--format", "json").stdout) == []
+    bundle.process["terminal"] = True
+    bundle.write()
+    assert "console socket" in clave.fail("run", "--detach", "--bundle", str(bundle.path), clave.id())
