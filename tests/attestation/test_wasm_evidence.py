@@ -39,7 +39,9 @@ def signed_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def platform_collateral(tmp_path: Path) -> Collateral:
     pem = report.platform_public_pem(report.load_platform_key(str(tmp_path / "platform.pem")))
-    return Collateral(**{PLATFORM_KEY_ROLE.replace(".", "__"): pem})
+    collateral = Collateral()
+    collateral.set(PLATFORM_KEY_ROLE, pem)
+    return collateral
 
 
 def runtime_report(tmp_path: Path) -> tuple[bytes, dict[str, str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,7 @@ from clave.enclave.wasm import measure, signing  # noqa: E402
 from clave.enclave.wasm.runtime import WasmRuntime  # noqa: E402
 
 MODULE = "/app/main.wasm"
-UNLIMITED = {"memory_limit": None, "cpu_time_limit": None}
+UNLIMITED: dict[str, int | None] = {"memory_limit": None, "cpu_time_limit": None}
 
 
 @pytest.fixture
@@ -108,8 +109,10 @@ def test_measurement_changes_with_the_module_and_with_the_config() -> None:
     values = {measure.mrenclave(one, UNLIMITED), measure.mrenclave(two, UNLIMITED), measure.mrenclave(one, limited),
               measure.mrenclave(one, {"memory_limit": None, "cpu_time_limit": 5})}
     assert len(values) == 4
-    oci = {"linux": {"resources": {"memory": {"limit": 1 << 20}, "cpu": {"quota": 5000, "period": 100000}}},
-           "process": {"args": ["x"], "env": ["A=1"], "rlimits": [{"type": "RLIMIT_CPU", "soft": 5, "hard": 6}]}}
+    resources = {"memory": {"limit": 1 << 20}, "cpu": {"quota": 5000, "period": 100000}}
+    rlimits = [{"type": "RLIMIT_CPU", "soft": 5, "hard": 6}]
+    process = {"args": ["x"], "env": ["A=1"], "rlimits": rlimits}
+    oci: dict[str, Any] = {"linux": {"resources": resources}, "process": process}
     assert measure.enclave_config(oci) == {"memory_limit": 1 << 20, "cpu_time_limit": 5}
     # args, env and the CPU rate are not part of the identity
     assert measure.enclave_config({**oci, "process": {"rlimits": oci["process"]["rlimits"]}}) == \
