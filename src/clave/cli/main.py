@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run(argv: Sequence[str]) -> int:
     from clave.logs import Logger
 
-    log = Logger()
+    log = _early_logger(argv)
     try:
         parsed = parse_flags(argv, GLOBAL_FLAGS, "global")
         log = Logger(parsed.flags.get("log"), parsed.flags.get("log-format", "text"), parsed.flags.get("debug", False))
@@ -165,6 +165,20 @@ def run(argv: Sequence[str]) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def _early_logger(argv: Sequence[str]) -> Any:
+    """A logger from --log/--log-format found before the verb, so even a flag error reaches the log file."""
+    from clave.logs import Logger
+
+    found: dict[str, str] = {}
+    for i, arg in enumerate(argv):
+        if not arg.startswith("-"):
+            break
+        key, eq, value = arg.lstrip("-").partition("=")
+        if key in ("log", "log-format"):
+            found[key] = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+    return Logger(found.get("log"), found.get("log-format", "text"))
 
 
 def _report(log: Any, message: str) -> None:
