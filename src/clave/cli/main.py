@@ -172,12 +172,16 @@ def _early_logger(argv: Sequence[str]) -> Any:
     from clave.logs import Logger
 
     found: dict[str, str] = {}
-    for i, arg in enumerate(argv):
-        if not arg.startswith("-"):
-            break
-        key, eq, value = arg.lstrip("-").partition("=")
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        key, eq, value = argv[i].lstrip("-").partition("=")
+        takes_value = GLOBAL_FLAGS.get(key, ("bool",))[0] != "bool"
+        if takes_value and not eq:
+            i += 1
+            value = argv[i] if i < len(argv) else ""
         if key in ("log", "log-format"):
-            found[key] = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            found[key] = value
+        i += 1
     return Logger(found.get("log"), found.get("log-format", "text"))
 
 
