@@ -233,6 +233,7 @@ from clave.enclave.wasm.runtime import WasmRuntime
 root, rootfs, module = sys.argv[1:]
 runtime = WasmRuntime(cache_dir=root + "/cache", platform_key_path=root + "/platform.pem")
 runtime.prepare(rootfs, {"process": {"args": [module]}})
+assert len(os.listdir("/proc/self/task")) == 1, "prepare() started threads"
 os.chroot(rootfs)
 os.chdir("/")
 runtime.init("", "info")

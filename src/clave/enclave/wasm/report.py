@@ -44,14 +44,17 @@ def platform_key_path() -> str:
 
 def load_platform_key(path: str | None = None) -> Any:
     """The host platform key, created (0600, atomically) on first use."""
-    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from clave.enclave.wasm.signing import ed25519_private_raw
 
     path = path or platform_key_path()
     try:
         with open(path, "rb") as f:
-            key = serialization.load_pem_private_key(f.read(), password=None)
+            pem = f.read()
     except FileNotFoundError:
+        from cryptography.hazmat.primitives import serialization
+
         os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
         pem = Ed25519PrivateKey.generate().private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -67,9 +70,10 @@ def load_platform_key(path: str | None = None) -> Any:
         finally:
             os.unlink(tmp)
         return load_platform_key(path)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ReportError(f"platform key {path} is not an Ed25519 key")
-    return key
+    try:
+        return Ed25519PrivateKey.from_private_bytes(ed25519_private_raw(pem))
+    except ValueError as exc:
+        raise ReportError(f"platform key {path}: {exc}") from None
 
 
 def platform_public_pem(key: Any) -> bytes:
@@ -81,14 +85,36 @@ def platform_public_pem(key: Any) -> bytes:
     return pem
 
 
-def make_report(key: Any, mrenclave: bytes, mrsigner: bytes, report_data: bytes, target_info: bytes = b"") -> bytes:
-    import cbor2
-    from cryptography.hazmat.primitives import serialization
+def _cbor_head(major: int, value: int) -> bytes:
+    if value < 24:
+        return bytes([major << 5 | value])
+    for extra, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if value < 1 << (8 * size):
+            return bytes([major << 5 | extra]) + value.to_bytes(size, "big")
+    raise ValueError("integer too large for CBOR")
 
+
+def encode_body(fields: dict[str, int | bytes | bool]) -> bytes:
+    """CBOR for a map of text keys to unsigned ints, byte strings and booleans: all a report holds. Encoded
+    here because the report is made after pivot_root, where cbor2 could no longer be imported."""
+    out = [_cbor_head(5, len(fields))]
+    for key, value in fields.items():
+        name = key.encode()
+        out.append(_cbor_head(3, len(name)) + name)
+        if isinstance(value, bool):
+            out.append(b"\xf5" if value else b"\xf4")
+        elif isinstance(value, int):
+            out.append(_cbor_head(0, value))
+        else:
+            out.append(_cbor_head(2, len(value)) + value)
+    return b"".join(out)
+
+
+def make_report(key: Any, mrenclave: bytes, mrsigner: bytes, report_data: bytes, target_info: bytes = b"") -> bytes:
     if len(report_data) > REPORT_DATA_SIZE:
         raise ValueError(f"report data is {len(report_data)} bytes, at most {REPORT_DATA_SIZE} fit")
-    raw_public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    body = cbor2.dumps({
+    raw_public = key.public_key().public_bytes_raw()
+    body = encode_body({
         "version": VERSION, "mrenclave": mrenclave, "mrsigner": mrsigner,
         "report_data": report_data.ljust(REPORT_DATA_SIZE, b"\0"), "target_info": target_info,
         "debug": False, "platform_key": raw_public,

@@ -28,7 +28,6 @@ import posixpath
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 
 from clave.enclave.runtime import EnclaveError, EnclaveRuntime
 from clave.enclave.wasm import cache as module_cache
@@ -39,7 +38,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 # Part of the cache key: an engine configured differently must not load these compiled modules.
-ENGINE_SETTINGS = "epoch_interruption=1;opt_level=speed;v1"
+ENGINE_SETTINGS = "epoch_interruption=1;opt_level=speed;parallel_compilation=0;v1"
 SIGNERS_FILE = "/etc/clave/wasm-signers"
 ENV_SIGNERS = "CLAVE_WASM_SIGNERS"
 # Signals whose default action is not to terminate: WASI preview 1 has no handlers, so these are ignored.
@@ -51,31 +50,35 @@ WATCHDOG_INTERVAL = 0.01
 MAX_SYMLINKS = 40
 
 
-@dataclass
 class _Loaded:
     """A verified, compiled module; its first process may use the engine it was compiled for."""
 
-    guest_path: str
-    signed: signing.SignedModule
-    serialized: bytes
-    engine: Any
-    module: Any
-    engine_taken: bool = False
+    def __init__(self, guest_path: str, signed: signing.SignedModule, serialized: bytes, engine: Any,
+                 module: Any) -> None:
+        self.guest_path = guest_path
+        self.signed = signed
+        self.serialized = serialized
+        self.engine = engine
+        self.module = module
+        self.engine_taken = False
 
 
-@dataclass
 class _Process:
-    pid: int
-    loaded: _Loaded
-    engine: Any
-    module: Any
-    store: Any
-    stdio: tuple[int, int, int]
-    cpu_time_limit: int | None
-    kill_signal: int | None = None
-    cpu_exceeded: bool = False
-    started: bool = False
-    keep: list[Any] = field(default_factory=list)  # objects the store's callbacks need alive
+    """One enclave process: its own engine (so an epoch interruption stops only it), store and state."""
+
+    def __init__(self, pid: int, loaded: _Loaded, engine: Any, module: Any, store: Any,
+                 stdio: tuple[int, int, int], cpu_time_limit: int | None, keep: list[Any]) -> None:
+        self.pid = pid
+        self.loaded = loaded
+        self.engine = engine
+        self.module = module
+        self.store = store
+        self.stdio = stdio
+        self.cpu_time_limit = cpu_time_limit
+        self.keep = keep  # objects the store's callbacks need alive
+        self.kill_signal: int | None = None
+        self.cpu_exceeded = False
+        self.started = False
 
 
 def resolve_in_root(root: str, path: str, cwd: str = "/") -> str:
@@ -127,6 +130,7 @@ class WasmRuntime(EnclaveRuntime):
         self._platform_key_path = platform_key_path
         self._allowed_signers = allowed_signers
         self._wasmtime: Any = None
+        self._wasmtime_version = ""
         self._cache: module_cache.ModuleCache | None = None
         self._platform_key: Any = None
         self._rootfs = "/"
@@ -145,9 +149,12 @@ class WasmRuntime(EnclaveRuntime):
     # -- pal_init and loading -------------------------------------------------------------------------------
 
     def prepare(self, rootfs: str, config: dict[str, Any]) -> None:
-        import wasmtime  # here, in the init: importing costs ~50 ms and the CLI never needs it
+        # Imported here, in the init before pivot_root (the package files are out of reach afterwards):
+        # wasmtime costs ~50 ms and nothing else in Clave needs it.
+        import wasmtime
 
         self._wasmtime = wasmtime
+        self._wasmtime_version = _wasmtime_version(wasmtime)
         self._rootfs = os.path.abspath(rootfs)
         st = os.stat(self._rootfs)
         self._root_id = (st.st_dev, st.st_ino)
@@ -211,12 +218,14 @@ class WasmRuntime(EnclaveRuntime):
         config = wasmtime.Config()
         config.epoch_interruption = True
         config.cranelift_opt_level = "speed"
+        # The init must stay single-threaded until it runs the process (the PAL contract): no compiler pool.
+        config.parallel_compilation = False
         return wasmtime.Engine(config)
 
     def _compile(self, guest_path: str, wasm: bytes, signed: signing.SignedModule) -> _Loaded:
         wasmtime = self._wasmtime
         engine = self._new_engine()
-        key = module_cache.entry_key(signed.module_sha256, _wasmtime_version(), ENGINE_SETTINGS)
+        key = module_cache.entry_key(signed.module_sha256, self._wasmtime_version, ENGINE_SETTINGS)
         serialized = self._cache_get(key)
         module = None
         if serialized is not None:
@@ -394,10 +403,16 @@ class WasmRuntime(EnclaveRuntime):
                                   report_data, target_info)
 
 
-def _wasmtime_version() -> str:
-    from importlib import metadata
-
-    return metadata.version("wasmtime")
+def _wasmtime_version(wasmtime: Any) -> str:
+    """The installed wasmtime's version and native library size, without importlib.metadata (~40 ms):
+    from the dist-info directory beside the package."""
+    package = os.path.dirname(wasmtime.__file__)
+    site = os.path.dirname(package)
+    versions = sorted(n[len("wasmtime-"):-len(".dist-info")] for n in os.listdir(site)
+                      if n.startswith("wasmtime-") and n.endswith(".dist-info"))
+    library = os.path.join(package, "linux-x86_64", "_libwasmtime.so")
+    size = os.stat(library).st_size if os.path.exists(library) else 0
+    return f"{','.join(versions) or 'unknown'}:{size}"
 
 
 def _fd_writer(fd: int) -> Any:
