@@ -78,6 +78,17 @@ def cat_file(path: str) -> str:
   (call $print (i32.const 4096) (i32.load (i32.const 48)))))"""
 
 
+def echo_stdin() -> str:
+    """Copies one read of stdin (up to 4 KiB) to stdout."""
+    return f"""(module
+ (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+ {_IMPORTS}
+ (func (export "_start")
+  (i32.store (i32.const 40) (i32.const 4096)) (i32.store (i32.const 44) (i32.const 4096))
+  (if (call $fd_read (i32.const 0) (i32.const 40) (i32.const 1) (i32.const 48)) (then (call $exit (i32.const 9))))
+  (call $print (i32.const 4096) (i32.load (i32.const 48)))))"""
+
+
 def create_file(path: str) -> str:
     """Creates ``path`` under the preopened root; exits with the WASI errno if it cannot, 0 if it can."""
     return f"""(module

@@ -84,6 +84,20 @@ def test_args_and_env_reach_the_guest(host: Host) -> None:
     assert out == f"{MODULE}\nfirst\nwith space\nGREETING=hi\nEMPTY=\n"
 
 
+def test_stdin_from_the_given_fd(host: Host) -> None:
+    host.install(wat.echo_stdin())
+    runtime = host.prepared()
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    os.write(in_w, b"typed in\n")
+    os.close(in_w)
+    pid = runtime.create_process(MODULE, [MODULE], [], (in_r, out_w, 2))
+    code = runtime.exec(pid)
+    os.close(out_w)
+    os.close(in_r)
+    assert (code, wat.read_all(out_r)) == (0, b"typed in\n")
+
+
 def test_reads_a_file_from_the_rootfs_preopened_as_root(host: Host) -> None:
     (host.rootfs / "data").mkdir()
     (host.rootfs / "data" / "msg.txt").write_text("from the image\n")
