@@ -252,6 +252,7 @@ os.chroot(rootfs)
 os.chdir("/")
 runtime.init("", "info")
 status = runtime.exec(runtime.create_process(module, [module], [], (0, 1, 2)))
+status |= runtime.exec(runtime.create_process("/app/second.wasm", ["second"], [], (0, 1, 2)))  # as `clave exec`
 runtime.destroy()
 sys.exit(status & 0xFF)
 """
@@ -266,6 +267,11 @@ def test_after_chroot_the_rootfs_is_the_root_and_stdio_is_inherited(host: Host) 
     (host.rootfs / "etc").mkdir()
     (host.rootfs / "etc" / "hostname").write_text("enclave-host\n")
     host.install(wat.cat_file("etc/hostname"))
+    host.install(wat.hello("second\n"), guest_path="/app/second.wasm")
+    lookalike = host.rootfs / str(host.root / "cache").lstrip("/")  # the cache's path, inside the container
+    lookalike.mkdir(parents=True)
     done = subprocess.run([sys.executable, "-c", CHROOTED_CHILD, str(host.root), str(host.rootfs), MODULE],
                           capture_output=True, timeout=60)
-    assert (done.returncode, done.stdout, done.stderr) == (0, b"enclave-host\n", b"")
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"enclave-host\nsecond\n", b"")
+    # after the root changed, the runtime neither read nor wrote a cache inside the container
+    assert list(lookalike.iterdir()) == []

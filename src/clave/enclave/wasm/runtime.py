@@ -267,6 +267,9 @@ class WasmRuntime(EnclaveRuntime):
         st = os.stat("/")
         if (st.st_dev, st.st_ino) == self._root_id:
             self._root_dir = "/"
+            # The host cache is out of reach; a path of the same name would be the image's: modules first
+            # loaded from now on (`clave exec` of another module) are compiled, not cached.
+            self._cache = None
         elif os.path.isdir(self._rootfs):
             self._root_dir = self._rootfs  # not pivoted (tests, tools): preopen the rootfs by its path
         else:
