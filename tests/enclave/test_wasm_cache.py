@@ -73,10 +73,11 @@ def test_concurrent_cold_starts_all_succeed_and_leave_one_valid_entry(root: Path
     assert start(root).cache_hit is True
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "planted"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "planted", "no-mac", "swapped-mac"])
 def test_damaged_entry_is_detected_and_rebuilt(root: Path, damage: str) -> None:
     start(root)
     [entry] = entries(root)
+    mac = entry.with_suffix(".mac")
     data = entry.read_bytes()
     if damage == "truncate":  # a crash mid-write without the rename protocol
         entry.write_bytes(data[: len(data) // 2])
@@ -84,10 +85,17 @@ def test_damaged_entry_is_detected_and_rebuilt(root: Path, damage: str) -> None:
         entry.write_bytes(data[:-100] + bytes([data[-100] ^ 0x80]) + data[-99:])
     elif damage == "empty":
         entry.write_bytes(b"")
-    else:  # native code written by someone without the host key
-        entry.write_bytes(cache.MAGIC + b"\0" * cache.MAC_SIZE + data[len(cache.MAGIC) + cache.MAC_SIZE:])
+    elif damage == "planted":  # native code written by someone without the host key, with a made-up MAC
+        entry.write_bytes(data.replace(b"\x90", b"\xcc"))
+        mac.write_bytes(bytes(cache.MAC_SIZE))
+    elif damage == "no-mac":
+        mac.unlink()
+    else:  # a genuine MAC, of another entry name: an entry cannot be moved to another key
+        store = cache.ModuleCache(str(root / "cache"))
+        store.open()
+        mac.write_bytes(store._mac("0" * 64, data))
     assert start(root).cache_hit is False
-    assert entry.read_bytes() != b"" and start(root).cache_hit is True
+    assert start(root).cache_hit is True
 
 
 def test_crash_leftovers_are_cleaned_and_ignored(root: Path) -> None:
@@ -101,6 +109,8 @@ def test_crash_leftovers_are_cleaned_and_ignored(root: Path) -> None:
     store.put("0" * 64, b"payload")
     assert not leftover.exists()
     assert store.get("0" * 64) == b"payload"
+    assert sorted(p.name for p in (root / "cache").iterdir() if p.name.startswith("0")) == ["0" * 64 + ".cwasm",
+                                                                                           "0" * 64 + ".mac"]
 
 
 def test_cache_directory_open_to_others_is_refused(root: Path) -> None:

@@ -1,14 +1,17 @@
 """Precompiled-module cache: compiled WebAssembly kept as native code so warm starts skip the compiler.
 
-An entry is ``<dir>/<key>.cwasm`` where key = SHA-256(module digest, wasmtime version, engine settings): an
-engine configured differently never sees it. A serialized module is trusted native code, so:
+An entry is ``<dir>/<key>.cwasm`` (the serialized module exactly, so wasmtime can map it) and ``<key>.mac``
+where key = SHA-256(module digest, wasmtime version, engine settings): an engine configured differently never
+sees it. A serialized module is trusted native code, so:
 
 - the directory is root-only (created 0700; refused when group/other can write it or another user owns it);
-- each entry carries an HMAC-SHA256 over its key and contents under a host key (``<dir>/hmac.key``, 0600,
-  created once); an entry that fails the check (truncated, corrupt, planted) is ignored and rebuilt;
-- writes go to a temporary file in the same directory, fsync'd, then renamed into place: concurrent cold
-  starts each write a complete entry and the last rename wins; a crash mid-write leaves only a temporary
-  file, which later writers remove once it is stale.
+- the ``.mac`` holds HMAC-SHA256 over the key and the entry under a host key (``<dir>/hmac.key``, 0600,
+  created once); an entry that fails the check (truncated, corrupt, planted, or its two files from different
+  writers) is ignored and rebuilt. ``open_verified`` checks the bytes of an open file and hands wasmtime that
+  same file (``/proc/self/fd/N``): what was checked is what gets loaded;
+- writes go to temporary files in the same directory, fsync'd, then renamed into place (MAC first): concurrent
+  cold starts each write complete files and the last rename wins; a crash mid-write leaves temporary files,
+  which later writers remove once stale, or a mismatched pair, which fails the check.
 
 Default directory /var/lib/clave/wasm-cache; ``CLAVE_WASM_CACHE`` overrides it.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import mmap
 import os
 import secrets
 import stat
@@ -24,7 +28,7 @@ import time
 
 DEFAULT_DIR = "/var/lib/clave/wasm-cache"
 ENV_DIR = "CLAVE_WASM_CACHE"
-MAGIC = b"CLVCWSM\x01"
+MAC_DOMAIN = b"clave-wasm-cache/1\0"
 MAC_SIZE = 32
 KEY_FILE = "hmac.key"
 TMP_PREFIX = ".tmp-"
@@ -85,45 +89,67 @@ class ModuleCache:
                 os.unlink(tmp)
         raise CacheError(f"cannot create the wasm cache key {path}")
 
-    def _mac(self, key: str, payload: bytes | memoryview) -> bytes:
+    def _mac(self, key: str, payload: bytes | memoryview | mmap.mmap) -> bytes:
         assert self._mac_key is not None, "ModuleCache.open() first"
-        mac = hmac.new(self._mac_key, MAGIC + key.encode(), hashlib.sha256)
+        mac = hmac.new(self._mac_key, MAC_DOMAIN + key.encode() + b"\0", hashlib.sha256)
         mac.update(payload)
         return mac.digest()
 
     def path(self, key: str) -> str:
         return os.path.join(self.directory, f"{key}.cwasm")
 
-    def get(self, key: str) -> bytes | None:
-        """The serialized module if present and intact; a damaged entry is removed and None returned."""
+    def mac_path(self, key: str) -> str:
+        return os.path.join(self.directory, f"{key}.mac")
+
+    def open_verified(self, key: str) -> int | None:
+        """An open fd of the entry if present and intact (the caller closes it); a damaged entry is removed."""
         try:
-            with open(self.path(key), "rb") as f:
-                data = f.read()
+            fd = os.open(self.path(key), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
-        header = len(MAGIC) + MAC_SIZE
-        view = memoryview(data)
-        if (len(data) > header and data.startswith(MAGIC)
-                and hmac.compare_digest(bytes(view[len(MAGIC):header]), self._mac(key, view[header:]))):
-            return data[header:]
         try:
-            os.unlink(self.path(key))
+            with open(self.mac_path(key), "rb") as f:
+                expected = f.read()
+            size = os.fstat(fd).st_size
+            if size and len(expected) == MAC_SIZE:
+                with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapped:
+                    if hmac.compare_digest(expected, self._mac(key, mapped)):
+                        return fd
         except FileNotFoundError:
             pass
+        os.close(fd)
+        self._remove(key)
         return None
+
+    def get(self, key: str) -> bytes | None:
+        """The entry's bytes if present and intact."""
+        fd = self.open_verified(key)
+        if fd is None:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+
+    def _remove(self, key: str) -> None:
+        for path in (self.path(key), self.mac_path(key)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     def put(self, key: str, serialized: bytes) -> None:
         self._remove_stale_temporaries()
+        self._write(self.mac_path(key), key, self._mac(key, serialized))
+        self._write(self.path(key), key, serialized)
+
+    def _write(self, path: str, key: str, data: bytes) -> None:
         tmp = os.path.join(self.directory, f"{TMP_PREFIX}{key[:16]}-{os.getpid()}-{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(MAGIC)
-                f.write(self._mac(key, serialized))
-                f.write(serialized)
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.rename(tmp, self.path(key))
+            os.rename(tmp, path)
         except BaseException:
             try:
                 os.unlink(tmp)

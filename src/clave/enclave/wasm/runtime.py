@@ -23,6 +23,7 @@ Compiled modules come from ``cache.ModuleCache`` (warm start: deserialize, about
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import signal
@@ -53,11 +54,10 @@ MAX_SYMLINKS = 40
 class _Loaded:
     """A verified, compiled module; its first process may use the engine it was compiled for."""
 
-    def __init__(self, guest_path: str, signed: signing.SignedModule, serialized: bytes, engine: Any,
-                 module: Any) -> None:
+    def __init__(self, guest_path: str, signed: signing.SignedModule, engine: Any, module: Any) -> None:
         self.guest_path = guest_path
         self.signed = signed
-        self.serialized = serialized
+        self.serialized: bytes | None = None  # made when a second process needs its own engine
         self.engine = engine
         self.module = module
         self.engine_taken = False
@@ -191,25 +191,26 @@ class WasmRuntime(EnclaveRuntime):
             return self._modules[guest_path]
         host_path = resolve_in_root(self._root_dir, guest_path)
         try:
-            with open(host_path, "rb") as f:
-                wasm = f.read()
+            module_file = open(host_path, "rb")  # kept open until compiled: closed below
         except OSError as exc:
             raise EnclaveError(f"wasm: cannot read the module {guest_path}: {exc.strerror}") from None
-        try:
-            with open(host_path + signing.SIG_SUFFIX, "rb") as f:
-                sig: bytes | None = f.read()
-        except FileNotFoundError:
-            sig = None
-        except OSError as exc:
-            raise EnclaveError(f"wasm: cannot read the signature of {guest_path}: {exc.strerror}") from None
-        try:
-            signed = signing.verify(wasm, sig, guest_path)
-        except signing.SignatureError as exc:
-            raise EnclaveError(f"wasm: refused: {exc}") from None
-        if self._allowed_signers is not None and signed.mrsigner.hex() not in self._allowed_signers:
-            raise EnclaveError(f"wasm: refused: {guest_path} is signed by {signed.mrsigner.hex()}, "
-                               "which is not an allowed signer")
-        loaded = self._compile(guest_path, wasm, signed)
+        with module_file:
+            try:
+                with open(host_path + signing.SIG_SUFFIX, "rb") as f:
+                    sig: bytes | None = f.read()
+            except FileNotFoundError:
+                sig = None
+            except OSError as exc:
+                raise EnclaveError(f"wasm: cannot read the signature of {guest_path}: {exc.strerror}") from None
+            try:
+                digest = hashlib.file_digest(module_file, "sha256").digest()
+                signed = signing.verify_digest(digest, sig, guest_path)
+            except signing.SignatureError as exc:
+                raise EnclaveError(f"wasm: refused: {exc}") from None
+            if self._allowed_signers is not None and signed.mrsigner.hex() not in self._allowed_signers:
+                raise EnclaveError(f"wasm: refused: {guest_path} is signed by {signed.mrsigner.hex()}, "
+                                   "which is not an allowed signer")
+            loaded = self._compile(guest_path, module_file, signed)
         self._modules[guest_path] = loaded
         return loaded
 
@@ -222,43 +223,49 @@ class WasmRuntime(EnclaveRuntime):
         config.parallel_compilation = False
         return wasmtime.Engine(config)
 
-    def _compile(self, guest_path: str, wasm: bytes, signed: signing.SignedModule) -> _Loaded:
+    def _compile(self, guest_path: str, module_file: Any, signed: signing.SignedModule) -> _Loaded:
         wasmtime = self._wasmtime
         engine = self._new_engine()
         key = module_cache.entry_key(signed.module_sha256, self._wasmtime_version, ENGINE_SETTINGS)
-        serialized = self._cache_get(key)
-        module = None
-        if serialized is not None:
-            try:
-                module = wasmtime.Module.deserialize(engine, serialized)
-            except wasmtime.WasmtimeError:
-                serialized = None  # written by an incompatible build: recompile over it
+        module = self._from_cache(engine, key)
         self.cache_hit = module is not None
-        if module is None or serialized is None:
+        if module is None:
+            module_file.seek(0)
+            wasm = module_file.read()
+            if measure.module_digest(wasm) != signed.module_sha256:  # changed since it was hashed
+                raise EnclaveError(f"wasm: refused: {guest_path} changed while it was being loaded")
             try:
                 module = wasmtime.Module(engine, wasm)
             except wasmtime.WasmtimeError as exc:
                 raise EnclaveError(f"wasm: {guest_path} is not a valid WebAssembly module: {_cause(str(exc))}"
                                    ) from None
-            serialized = bytes(module.serialize())
-            self._cache_put(key, serialized)
-        return _Loaded(guest_path, signed, serialized, engine, module)
+            if self._cache is not None:
+                try:
+                    self._cache.put(key, bytes(module.serialize()))
+                except OSError:  # a full or unreachable cache costs speed, not correctness
+                    pass
+        return _Loaded(guest_path, signed, engine, module)
 
-    def _cache_get(self, key: str) -> bytes | None:
+    def _from_cache(self, engine: Any, key: str) -> Any:
+        """The compiled module from a verified cache entry, mapped by wasmtime from the very file checked."""
+        wasmtime = self._wasmtime
         if self._cache is None:
             return None
         try:
-            return self._cache.get(key)
-        except OSError:  # after pivot_root the host cache is out of reach: compile instead
+            fd = self._cache.open_verified(key)
+        except OSError:
             return None
-
-    def _cache_put(self, key: str, serialized: bytes) -> None:
-        if self._cache is None:
-            return
+        if fd is None:
+            return None
         try:
-            self._cache.put(key, serialized)
-        except OSError:  # a full or unreachable cache costs speed, not correctness
-            pass
+            if os.path.exists(f"/proc/self/fd/{fd}"):
+                return wasmtime.Module.deserialize_file(engine, f"/proc/self/fd/{fd}")
+            with os.fdopen(os.dup(fd), "rb") as f:  # no /proc: copy it in
+                return wasmtime.Module.deserialize(engine, f.read())
+        except wasmtime.WasmtimeError:
+            return None  # written by an incompatible build: recompile over it
+        finally:
+            os.close(fd)
 
     def init(self, args: str, log_level: str) -> None:
         if self._wasmtime is None:
@@ -287,6 +294,8 @@ class WasmRuntime(EnclaveRuntime):
                 loaded.engine_taken = True
                 engine, module = loaded.engine, loaded.module
             else:  # one engine per process, so that an epoch interruption stops only that process
+                if loaded.serialized is None:
+                    loaded.serialized = bytes(loaded.module.serialize())
                 engine = self._new_engine()
                 module = wasmtime.Module.deserialize(engine, loaded.serialized)
             pid = self._next_pid

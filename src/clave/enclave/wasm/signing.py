@@ -143,6 +143,12 @@ def sign_module(module_path: str, key_path: str, config: dict[str, int | None] |
 
 def verify(module: bytes, signature_document: bytes | None, where: str) -> SignedModule:
     """Check a module against its signature document; ``where`` names the module in errors."""
+    return verify_digest(measure.module_digest(module), signature_document, where)
+
+
+def verify_digest(digest: bytes, signature_document: bytes | None, where: str) -> SignedModule:
+    """``verify`` for a module given by its SHA-256 (hashed while streaming: large modules are not read
+    into memory when their compiled form is cached)."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -161,7 +167,6 @@ def verify(module: bytes, signature_document: bytes | None, where: str) -> Signe
         public = Ed25519PublicKey.from_public_bytes(raw_public)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SignatureError(f"signature of {where} is malformed: {exc}") from None
-    digest = measure.module_digest(module)
     if digest != signed_digest:
         raise SignatureError(f"{where} does not match its signature (module digest {digest.hex()[:16]}..., "
                              f"signed {signed_digest.hex()[:16]}...): the module was modified")
