@@ -151,7 +151,7 @@ def load_cri_modules(out: Path) -> tuple[ModuleType, ModuleType]:
 
 
 def clave_shims(containerd_address: str) -> list[int]:
-    """Pids of Clave shim servers (not the short-lived start/delete) working for one containerd."""
+    """Pids of Clave shims working for one containerd (a server is a fork of `start`: same command line)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -162,7 +162,7 @@ def clave_shims(containerd_address: str) -> list[int]:
             continue
         if not any(os.path.basename(a) == SHIM_BINARY for a in argv[:3]) or b"-address" not in argv:
             continue
-        if argv[argv.index(b"-address") + 1].decode() == containerd_address and b"start" not in argv:
+        if argv[argv.index(b"-address") + 1].decode() == containerd_address:
             found.append(int(entry.name))
     return found
 

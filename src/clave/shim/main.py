@@ -2,14 +2,15 @@
 
 containerd runs ``containerd-shim-clave-v2 -namespace NS -address ADDR -publish-binary BIN -id ID start`` in
 the bundle directory. ``start`` finds or starts the shim that serves this container (one per pod: containers
-sharing ``io.kubernetes.cri.sandbox-id`` share a shim), prints only its socket address and exits; the server
-it started keeps running as a daemon with the listening socket on fd 3. ``delete`` cleans up after a shim that
-died, printing a protobuf DeleteResponse.
+sharing ``io.kubernetes.cri.sandbox-id`` share a shim), prints only its socket address and exits. A new server is
+a fork of ``start`` (one interpreter start-up and no re-import on the path of every ``ctr run``) that keeps
+running as a daemon; a server started with its listening socket on fd 3 and no action works too. ``delete``
+cleans up after a shim that died, printing a protobuf DeleteResponse. Imports on these paths are kept to the
+minimum: every container start and removal pays for them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 
@@ -18,7 +19,9 @@ SANDBOX_ANNOTATION = "io.kubernetes.cri.sandbox-id"
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import _socket
     from collections.abc import Sequence
+    from typing import NoReturn
 
 
 class Flags:
@@ -58,7 +61,11 @@ def parse(argv: Sequence[str]) -> Flags:
 
 
 def socket_address(containerd_address: str, namespace: str, group_id: str) -> str:
-    digest = hashlib.sha256(os.path.join(containerd_address, namespace, group_id).encode()).hexdigest()
+    try:
+        from _sha256 import sha256  # CPython's built-in: no OpenSSL to load (hashlib costs about 5 ms)
+    except ImportError:
+        from hashlib import sha256
+    digest = sha256(os.path.join(containerd_address, namespace, group_id).encode()).hexdigest()
     return f"unix://{SOCKET_DIR}/{digest}"
 
 
@@ -76,13 +83,12 @@ def _group_id(bundle: str, container_id: str) -> str:
 
 def start(flags: Flags) -> int:
     """Print the address of the shim for this container, starting it if needed."""
-    import socket
-    import subprocess
+    import _socket
 
     bundle = os.getcwd()
     address = socket_address(flags.address, flags.namespace, _group_id(bundle, flags.id))
     path = address[len("unix://"):]
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         probe.connect(path)  # a live shim for this pod: reuse it
         probe.close()
@@ -94,26 +100,44 @@ def start(flags: Flags) -> int:
         if os.path.exists(path):
             os.unlink(path)  # a dead shim's socket
     os.makedirs(SOCKET_DIR, mode=0o711, exist_ok=True)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     listener.bind(path)
     os.chmod(path, 0o600)
     listener.listen(128)
-    args = [sys.argv[0], "-namespace", flags.namespace, "-id", flags.id, "-address", flags.address]
-    if flags.publish_binary:
-        args += ["-publish-binary", flags.publish_binary]
-    if flags.debug:
-        args.append("-debug")
-    os.dup2(listener.fileno(), 3)  # containerd's convention: the server's listener is fd 3
-    with open(os.path.join(bundle, "shim.log"), "ab") as log:
-        child = subprocess.Popen(args, cwd=bundle, stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(3,),
-                                 start_new_session=True)
-    if listener.fileno() != 3:
-        os.close(3)
+    log = os.open(os.path.join(bundle, "shim.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        _become_server(flags, listener, log)
+    os.close(log)
     listener.close()
-    _write(os.path.join(bundle, "shim.pid"), str(child.pid))
+    _write(os.path.join(bundle, "shim.pid"), str(pid))
     _write(os.path.join(bundle, "address"), address)
     sys.stdout.write(address)
     return 0
+
+
+def _become_server(flags: Flags, listener: _socket.socket, log: int) -> NoReturn:
+    """The forked child of ``start``: a session of its own, stdio on shim.log (containerd reads start's
+    output until every copy of it is closed), then serve until Shutdown."""
+    code = 1
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(null)
+        os.close(log)
+        code = serve(flags, listener)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _write(path: str, text: str) -> None:
@@ -123,9 +147,9 @@ def _write(path: str, text: str) -> None:
     os.rename(tmp, path)
 
 
-def serve(flags: Flags) -> int:
-    """The daemon: serve containerd.task.v2.Task on fd 3 until Shutdown."""
-    import socket
+def serve(flags: Flags, listener: _socket.socket | None = None) -> int:
+    """The daemon: serve containerd.task.v2.Task on ``listener`` (default: fd 3) until Shutdown."""
+    import _socket
     import threading
 
     from clave.linux import sys as lsys
@@ -135,7 +159,8 @@ def serve(flags: Flags) -> int:
     from clave.ttrpc import Server
 
     lsys.set_child_subreaper()
-    listener = socket.socket(fileno=3)
+    if listener is None:
+        listener = _socket.socket(fileno=3)
     socket_path = listener.getsockname()  # before server.close() closes the listener
     done = threading.Event()
     ttrpc_address = os.environ.get("TTRPC_ADDRESS") or (flags.address + ".ttrpc" if flags.address else "")
@@ -158,27 +183,37 @@ def serve(flags: Flags) -> int:
 
 
 def delete(flags: Flags) -> int:
-    """Clean up after a dead shim: force-delete the container and print a DeleteResponse."""
-    from clave.engine.container import Engine
-    from clave.errors import ClaveError
+    """Clean up after a dead shim: force-delete the container and print a DeleteResponse.
+
+    containerd runs this whenever its connection to a shim closes, also after a normal Delete and Shutdown,
+    and waits for it: when the engine has no state left for the container, nothing else is imported."""
     from clave.proto.generated.containerd_task_v2 import DeleteResponse
     from clave.proto.generated.google_protobuf import Timestamp
-    from clave.shim.service import _unmount
 
     bundle = flags.bundle or os.getcwd()
-    engine = Engine(f"/run/containerd/clave/{flags.namespace}")
+    root = f"/run/containerd/clave/{flags.namespace}"
     pid = 0
-    try:
-        pid = engine.state(flags.id).get("pid", 0)
-    except ClaveError:
-        pass
-    try:
-        engine.delete(flags.id, force=True)
-    except ClaveError:
-        pass
+    if os.path.lexists(os.path.join(root, flags.id)):
+        from clave.engine.container import Engine
+        from clave.errors import ClaveError
+
+        engine = Engine(root)
+        try:
+            pid = engine.state(flags.id).get("pid", 0)
+        except ClaveError:
+            pass
+        try:
+            engine.delete(flags.id, force=True)
+        except ClaveError:
+            pass
     rootfs = os.path.join(bundle, "rootfs")
     if os.path.ismount(rootfs):
-        _unmount(rootfs)
+        from clave.linux import sys as lsys
+
+        try:
+            lsys.umount(rootfs, lsys.MNT_DETACH)
+        except OSError:
+            pass
     _remove_dead_socket(bundle)
     sys.stdout.buffer.write(DeleteResponse(pid=pid, exit_status=137, exited_at=Timestamp.now()).encode())
     return 0
@@ -187,14 +222,14 @@ def delete(flags: Flags) -> int:
 def _remove_dead_socket(bundle: str) -> None:
     """Unlink the socket of the shim that served this bundle if nothing listens on it any more (a shim that was
     killed cannot remove it; a live pod shim serving other containers keeps it)."""
-    import socket
+    import _socket
 
     try:
         with open(os.path.join(bundle, "address")) as f:
             path = f.read().strip().removeprefix("unix://")
     except OSError:
         return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         probe.connect(path)
     except FileNotFoundError:
