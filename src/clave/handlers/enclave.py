@@ -120,12 +120,15 @@ def run_forwarding_signals(runtime: EnclaveRuntime, pid: int, agent: socket.sock
     (Python runs signal handlers only in the main thread, and only between bytecodes) and serves `clave exec`
     requests on the agent socket."""
     result: dict[str, Any] = {}
+    done_r, done_w = os.pipe()  # the worker's exit wakes the main thread at once (no polling delay)
 
     def worker() -> None:
         try:
             result["code"] = runtime.exec(pid)
         except BaseException as exc:  # reported by the main thread
             result["error"] = exc
+        finally:
+            os.write(done_w, b"x")
 
     def forward(sig: int, _frame: object) -> None:
         try:
@@ -139,14 +142,15 @@ def run_forwarding_signals(runtime: EnclaveRuntime, pid: int, agent: socket.sock
         _signal.signal(sig, forward)
     thread = threading.Thread(target=worker, name="enclave-exec", daemon=True)
     thread.start()
-    while thread.is_alive():
-        if agent is None:
-            thread.join(0.05)
-            continue
-        ready, _, _ = select.select([agent], [], [], 0.05)
-        if ready:
-            conn, _ = agent.accept()
-            _serve_agent_request(runtime, conn)
+    waiting = [done_r] if agent is None else [done_r, agent.fileno()]
+    while True:
+        # Signals interrupt select; their handlers run here in the main thread, then select resumes.
+        ready, _, _ = select.select(waiting, [], [])
+        if done_r in ready or agent is None:
+            break
+        conn, _ = agent.accept()
+        _serve_agent_request(runtime, conn)
+    thread.join()
     try:
         runtime.destroy()
     except EnclaveError as exc:
