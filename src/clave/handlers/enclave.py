@@ -148,8 +148,8 @@ def run_forwarding_signals(runtime: EnclaveRuntime, pid: int, agent: socket.sock
         ready, _, _ = select.select(waiting, [], [])
         if done_r in ready or agent is None:
             break
-        conn, _ = agent.accept()
-        _serve_agent_request(runtime, conn)
+        fd, _ = agent._accept()  # type: ignore[attr-defined]  # _socket has no accept()
+        _serve_agent_request(runtime, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd))
     thread.join()
     try:
         runtime.destroy()
@@ -252,6 +252,24 @@ def exec_in_enclave(state_dir: str, process: dict[str, Any], env: list[str]) -> 
     return proxy
 
 
+class _LineReader:
+    """readline() over a raw socket (``_socket`` sockets have no makefile)."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.buffer = b""
+
+    def readline(self) -> bytes:
+        while b"\n" not in self.buffer:
+            chunk = self.conn.recv(65536)
+            if not chunk:
+                line, self.buffer = self.buffer, b""
+                return line
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line + b"\n"
+
+
 def _run_proxy(path: str, process: dict[str, Any], env: list[str], report_fd: int) -> None:
     import array
 
@@ -267,20 +285,22 @@ def _run_proxy(path: str, process: dict[str, Any], env: list[str], report_fd: in
         request = fastjson.dumps({"op": "exec", "args": process["args"], "env": env, "cwd": process.get("cwd", "/")})
         conn.sendmsg([request.encode() + b"\n"],
                      [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
-        reader = conn.makefile("rb")
+        reader = _LineReader(conn)
         first = fastjson.loads(reader.readline() or b'{"error": "enclave agent closed the connection"}')
         if "error" in first:
             raise EnclaveError(first["error"])
         enclave_pid = int(first["pid"])
 
         def forward(sig: int, _frame: object) -> None:
+            kill_conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as kill_conn:
-                    kill_conn.connect(path)
-                    kill_conn.sendall(fastjson.dumps({"op": "kill", "pid": enclave_pid, "sig": sig}).encode() + b"\n")
-                    kill_conn.recv(4096)
+                kill_conn.connect(path)
+                kill_conn.sendall(fastjson.dumps({"op": "kill", "pid": enclave_pid, "sig": sig}).encode() + b"\n")
+                kill_conn.recv(4096)
             except OSError:
                 pass
+            finally:
+                kill_conn.close()
 
         for sig in FORWARDED_SIGNALS:
             _signal.signal(sig, forward)
