@@ -91,6 +91,20 @@ class Containerd:
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(timeout=15)
             self.log.close()
+            remove_namespace_dirs(self.namespace)
+
+
+def remove_namespace_dirs(namespace: str) -> None:
+    """The directories left for our namespace once its containers are gone: the cgroup parent ctr puts
+    containers under (/<namespace>/<id>) in every hierarchy, and the Clave engine's state root."""
+    cgroup_root = Path("/sys/fs/cgroup")
+    hierarchies = [cgroup_root] if (cgroup_root / "cgroup.controllers").exists() else [
+        p for p in cgroup_root.iterdir() if p.is_dir() and not p.is_symlink()]
+    for directory in [h / namespace for h in hierarchies] + [Path("/run/containerd/clave") / namespace]:
+        try:
+            directory.rmdir()
+        except OSError:
+            pass
 
 
 def shim_pids(namespace: str, binary: bytes) -> list[int]:

@@ -78,6 +78,10 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
                 stop_pid(pid)
             for leftover in cgroup_dirs(instance.instance.namespace):
                 _remove_cgroup_tree(leftover)
+            try:  # the engine's root for the namespace (empty once every container is gone)
+                os.rmdir(f"/run/containerd/clave/{instance.instance.namespace}")
+            except OSError:
+                pass
 
 
 @pytest.fixture
