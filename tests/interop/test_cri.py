@@ -377,6 +377,8 @@ def test_pod_lifecycle(cri: Cri) -> None:
         status, info = _status(cri, cid)
         assert status.state == pb.CONTAINER_RUNNING
         assert info.get("runtimeType") == "io.containerd.clave.v2"
+        bundle = cri.base / "state" / "io.containerd.runtime.v2.task" / NAMESPACE / pod
+        shim_socket = (bundle / "address").read_text().strip().removeprefix("unix://")
 
         result = cri.runtime.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=["sh", "-c",
                                       "echo out; echo err >&2; exit 3"], timeout=20), timeout=30)
@@ -399,6 +401,7 @@ def test_pod_lifecycle(cri: Cri) -> None:
         cri.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=30)
         cri.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=30)
     _assert_nothing_left(cri, [pod, cid])
+    assert not os.path.exists(shim_socket), f"shim socket left: {shim_socket}"
 
 
 def test_pod_sandbox_stats(cri: Cri) -> None:
