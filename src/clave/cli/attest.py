@@ -1,6 +1,7 @@
 """attest: produce TEE evidence from this host's (or this enclave's) best attester.
 
 usage: clave attest [--attester NAME] [--nonce HEX] [--report-data HEX] [--format json|cert] [--out FILE]
+       clave attest ID --nonce HEX        evidence of a running enclave container, from its enclave runtime
 --format json prints {"tee", "attester", "insecure", "report_data", "evidence" (base64)}; the report data is the
 given --report-data, or SHA-256 of the nonce. --format cert prints an RA-TLS certificate (PEM) binding a fresh
 key and the nonce, then its private key (PEM). `clave-verify evidence|cert` checks either.
@@ -45,8 +46,20 @@ def run(parsed: Parsed, ctx: Any) -> int:
     from clave.attestation import registry
     from clave.attestation.base import AttesterUnavailable
 
+    if len(parsed.args) > 1:  # `clave attest ID --nonce HEX`: flags may follow the container id
+        from clave.cli.main import parse_flags
+
+        parsed.flags.update(parse_flags(parsed.args[1:], FLAGS, "attest").flags)
+        parsed.args = parsed.args[:1]
     nonce = _hex(parsed.flags.get("nonce"), "nonce", 64)
     report_data = _hex(parsed.flags.get("report-data"), "report-data", 64)
+    if parsed.args:
+        from clave.engine.container import Engine
+
+        data = report_data if report_data is not None else hashlib.sha256(nonce or b"").digest()
+        reply = Engine(ctx.root, ctx.log).attest(parsed.args[0], data)
+        print(fastjson.dumps_indented({**reply, "report_data": data.hex()}))
+        return 0
     fmt = parsed.flags.get("format", "json")
     if fmt not in ("json", "cert"):
         raise UsageError(f"invalid format option {fmt!r}: use json or cert")

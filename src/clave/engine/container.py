@@ -318,6 +318,21 @@ class Engine:
         finally:
             sd.unlock()
 
+    # ---------------------------------------------------------------- attest
+    def attest(self, container_id: str, report_data: bytes) -> dict[str, Any]:
+        """Evidence from a running enclave container's own enclave runtime, binding ``report_data``."""
+        sd, state = self._open(container_id)
+        try:
+            if state.handler != "enclave":
+                raise ClaveError(f"container {container_id} is not an enclave container: nothing to attest")
+            if st.status(state, sd) not in ("running", "paused"):
+                raise ClaveError(f"container {container_id} is not running")
+            from clave.handlers.enclave import attest_enclave
+
+            return attest_enclave(sd.path, report_data)
+        finally:
+            sd.unlock()
+
     # ---------------------------------------------------------------- ps / pause / resume / update / stats
     def pids(self, container_id: str) -> list[int]:
         sd, state = self._open(container_id)

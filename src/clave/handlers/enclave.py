@@ -186,6 +186,14 @@ def _serve_agent_request(runtime: EnclaveRuntime, conn: socket.socket) -> None:
             _send(conn, ok=True)
             conn.close()
             return
+        if request.get("op") == "attest":
+            import base64
+
+            evidence = runtime.local_report(b"", bytes.fromhex(request.get("report_data", "")))
+            _send(conn, tee=runtime.name, insecure=runtime.insecure, measurement=runtime.measurement(),
+                  evidence=base64.b64encode(evidence).decode())
+            conn.close()
+            return
         if runtime.api_version < 2:
             raise EnclaveError("exec needs an enclave runtime with PAL API v2 or later (this one is v1)")
         if len(fds) != 3:
@@ -268,6 +276,26 @@ class _LineReader:
             self.buffer += chunk
         line, _, self.buffer = self.buffer.partition(b"\n")
         return line + b"\n"
+
+
+def attest_enclave(state_dir: str, report_data: bytes) -> dict[str, Any]:
+    """Evidence for a running enclave container, produced by its enclave runtime (the PAL's local report),
+    binding ``report_data``."""
+    from clave import fastjson
+
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.settimeout(10)
+        conn.connect(os.path.join(state_dir, AGENT_SOCKET))
+        conn.sendall(fastjson.dumps({"op": "attest", "report_data": report_data.hex()}).encode() + b"\n")
+        reply: dict[str, Any] = fastjson.loads(_LineReader(conn).readline() or b'{"error": "no reply"}')
+    except OSError as exc:
+        raise ClaveError(f"enclave agent: {exc.strerror or exc}") from None
+    finally:
+        conn.close()
+    if "error" in reply:
+        raise ClaveError(f"attest: {reply['error']}")
+    return reply
 
 
 def _run_proxy(path: str, process: dict[str, Any], env: list[str], report_fd: int) -> None:
