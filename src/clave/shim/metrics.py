@@ -70,3 +70,52 @@ def to_metrics(stats: dict[str, Any]) -> m.Metrics:
         metrics.network.append(m.NetworkStat(**{k: n.get(k, 0) for k in m.NetworkStat.__slots__ if k != "name"},
                                              name=n["name"]))
     return metrics
+
+
+def to_metrics_v2(stats: dict[str, Any]) -> Any:
+    """The same statistics as containerd's cgroups v2 ``Metrics`` (what it expects from a shim on a v2 host)."""
+    from clave.proto.generated import io_containerd_cgroups_v2 as v2
+
+    metrics = v2.Metrics()
+    cpu = stats.get("cpu")
+    if cpu:
+        usage, throttling = cpu.get("usage", {}), cpu.get("throttling", {})
+        metrics.cpu = v2.CPUStat(
+            usage_usec=usage.get("total", 0) // 1000, user_usec=usage.get("user", 0) // 1000,
+            system_usec=usage.get("kernel", 0) // 1000, nr_periods=throttling.get("periods", 0),
+            nr_throttled=throttling.get("throttledPeriods", 0),
+            throttled_usec=throttling.get("throttledTime", 0) // 1000,
+        )
+    memory = stats.get("memory")
+    if memory:
+        stat = v2.MemoryStat(usage=memory.get("usage", {}).get("usage", 0),
+                             usage_limit=memory.get("usage", {}).get("limit", 0),
+                             swap_usage=memory.get("swap", {}).get("usage", 0),
+                             swap_limit=memory.get("swap", {}).get("limit", 0))
+        for key, value in memory.get("raw", {}).items():
+            if key in v2.MemoryStat.__slots__ and isinstance(getattr(stat, key), int) and isinstance(value, int):
+                setattr(stat, key, value)
+        metrics.memory = stat
+        events = memory.get("event_count")
+        if events:
+            metrics.memory_events = v2.MemoryEvents(**{k: events.get(k, 0) for k in v2.MemoryEvents.__slots__})
+    pids = stats.get("pids")
+    if pids:
+        metrics.pids = v2.PidsStat(current=pids.get("current", 0), limit=pids.get("limit", 0))
+    blkio = stats.get("blkio")
+    if blkio:
+        devices: dict[tuple[int, int], Any] = {}
+        for field, reads, writes in (("ioServiceBytesRecursive", "rbytes", "wbytes"),
+                                     ("ioServicedRecursive", "rios", "wios")):
+            for e in blkio.get(field, []):
+                entry = devices.setdefault((e.get("major", 0), e.get("minor", 0)),
+                                           v2.IOEntry(major=e.get("major", 0), minor=e.get("minor", 0)))
+                op = e.get("op", "").lower()
+                if op == "read":
+                    setattr(entry, reads, e.get("value", 0))
+                elif op == "write":
+                    setattr(entry, writes, e.get("value", 0))
+        metrics.io = v2.IOStat(usage=list(devices.values()))
+    for size, h in (stats.get("hugetlb") or {}).items():
+        metrics.hugetlb.append(v2.HugeTlbStat(current=h.get("usage", 0), max=h.get("max", 0), pagesize=size))
+    return metrics

@@ -362,11 +362,14 @@ class TaskService:
         return task.WaitResponse(exit_status=process.exit.status, exited_at=Timestamp.from_ns(process.exit.at_ns))
 
     def stats(self, ctx: Context, req: task.StatsRequest) -> task.StatsResponse:
-        from clave.shim.metrics import to_metrics
+        """cgroup v1 hosts (hybrid included) get containerd's v1 Metrics, pure v2 hosts its v2 Metrics."""
+        from clave.linux.cgroups import detect_mode
+        from clave.shim.metrics import to_metrics, to_metrics_v2
 
         self._container(req.id)
         stats = self._engine_call(self.engine.stats, req.id)
-        return task.StatsResponse(stats=AnyMessage.pack(to_metrics(stats)))
+        metrics = to_metrics_v2(stats) if detect_mode() == "v2" else to_metrics(stats)
+        return task.StatsResponse(stats=AnyMessage.pack(metrics))
 
     def connect(self, ctx: Context, req: task.ConnectRequest) -> task.ConnectResponse:
         container = self.containers.get(req.id)
