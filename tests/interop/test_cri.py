@@ -316,13 +316,15 @@ def running_pod(cri: Cri, name: str) -> Iterator[tuple[str, Any]]:
         cri.remove_pods()
 
 
-def _create_and_start(cri: Cri, pod: str, sandbox: Any, name: str, script: str) -> str:
+def _create_and_start(cri: Cri, pod: str, sandbox: Any, name: str, script: str,
+                      annotations: dict[str, str] | None = None) -> str:
     pb = cri.pb
     config = pb.ContainerConfig(
         metadata=pb.ContainerMetadata(name=name),
         image=pb.ImageSpec(image=BUSYBOX_IMAGE),
         command=["sh", "-c", script],
         log_path=f"{name}.log",
+        annotations=annotations or {},
         linux=pb.LinuxContainerConfig(security_context=pb.LinuxContainerSecurityContext(
             namespace_options=pb.NamespaceOption(network=pb.NODE, pid=pb.CONTAINER, ipc=pb.POD))),
     )
@@ -441,3 +443,27 @@ def test_two_containers_share_the_pod_shim(cri: Cri) -> None:
             cri.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=cid), timeout=30)
         assert clave_shims(cri.address) == shims, "the shim must keep serving the sandbox"
     _assert_nothing_left(cri, [pod, first, second])
+
+
+def test_enclave_container_from_pod_annotations(cri: Cri, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A container whose CRI annotations ask for an enclave runs through the PAL (the documented
+    container_annotations passes enclave.* into its OCI spec)."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc builds the skeleton PAL")
+    pal_dir = tmp_path_factory.mktemp("pal")
+    pal_dir.chmod(0o755)
+    pal = pal_dir / "liberpal-skeleton.so"
+    source = Path(__file__).resolve().parents[1] / "enclave" / "skeleton_pal.c"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-DPAL_API_VERSION=2", "-o", str(pal), str(source)], check=True)
+    pb = cri.pb
+    annotations = {"enclave.type": "software", "enclave.runtime.path": str(pal),
+                   "enclave.runtime.args": "log=/proc/self/fd/1"}  # the PAL's call log goes to the CRI log
+    with running_pod(cri, "enclave") as (pod, sandbox):
+        cid = _create_and_start(cri, pod, sandbox, "enclaved", "echo hello from the enclave", annotations)
+        _wait_for(lambda: _status(cri, cid)[0].state == pb.CONTAINER_EXITED, "the enclave app to exit")
+        assert _status(cri, cid)[0].exit_code == 0
+        log = (Path(sandbox.log_directory) / "enclaved.log").read_text()
+        assert "pal_init version=2" in log and "pal_create_process path=/bin/sh" in log, log
+        assert "hello from the enclave" in log and "pal_destroy" in log, log
+        cri.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=cid), timeout=30)
+    _assert_nothing_left(cri, [pod, cid])

@@ -109,10 +109,22 @@ def enclave_launch(plan: spawn.InitPlan, ctx: dict[str, Any]) -> None:
     proc.finalize(process, in_userns="user" in plan.namespaces)
     proc.mark_fds_cloexec(2 + plan.keep_fds)
     args = process["args"]
-    pid = runtime.create_process(args[0], args, [f"{k}={v}" for k, v in env.items()], (0, 1, 2))
+    pid = runtime.create_process(_entrypoint(args[0], env), args, [f"{k}={v}" for k, v in env.items()], (0, 1, 2))
     os.write(ctx["exec_fifo"], b"0")
     os.close(ctx["exec_fifo"])
     os._exit(run_forwarding_signals(runtime, pid, agent))
+
+
+def _entrypoint(name: str, env: dict[str, str]) -> str:
+    """A bare command name (``sh``, as Kubernetes often gives it) is looked up in the container's PATH, as for a
+    native container; a name not found there is passed as is, for enclave runtimes with a file system of their
+    own (a LibOS resolves it itself)."""
+    if "/" in name:
+        return name
+    try:
+        return proc.find_executable(name, env)
+    except proc.ProcessError:
+        return name
 
 
 def run_forwarding_signals(runtime: EnclaveRuntime, pid: int, agent: socket.socket | None = None) -> int:
