@@ -16,6 +16,7 @@ from clave.linux import namespaces as ns
 from clave.linux import process as proc
 from clave.linux import sys as lsys
 from clave.linux.channel import Channel, ChannelClosed
+from clave.linux.spawn import close_fds_except, report_and_exit
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -106,8 +107,6 @@ def _run_joiner(
     joined: list[tuple[str, int]], chan: Channel, process: dict[str, Any], console_fd: int | None,
     keep_fds: int, extra_env: list[str], in_userns: bool, stdio: tuple[int, int, int] | None,
 ) -> None:
-    from clave.linux.spawn import _report_and_exit, close_fds_except
-
     try:
         lsys.set_pdeathsig(lsys.SIGKILL)
         needed = {chan.read_fd, chan.write_fd, *(fd for _, fd in joined)}
@@ -121,7 +120,7 @@ def _run_joiner(
             _run_process(chan, process, console_fd, keep_fds, extra_env, in_userns)
         chan.send("pid", pid=pid)
     except BaseException as exc:
-        _report_and_exit(chan, exc)
+        report_and_exit(chan, exc)
     os._exit(0)
 
 
@@ -129,8 +128,6 @@ def _run_process(
     chan: Channel, process: dict[str, Any], console_fd: int | None, keep_fds: int, extra_env: list[str],
     in_userns: bool,
 ) -> None:
-    from clave.linux.spawn import _report_and_exit
-
     try:
         if process.get("terminal"):
             from clave.linux import console
@@ -145,4 +142,4 @@ def _run_process(
         proc.mark_fds_cloexec(2 + keep_fds)
         proc.execute(path, process["args"], env)
     except BaseException as exc:
-        _report_and_exit(chan, exc)
+        report_and_exit(chan, exc)

@@ -217,7 +217,7 @@ def _kill_and_reap(pid: int) -> None:
         pass  # not our child (the init belongs to the intermediate until it exits)
 
 
-def _report_and_exit(chan: Channel, exc: BaseException) -> None:
+def report_and_exit(chan: Channel, exc: BaseException) -> None:
     try:
         if isinstance(exc, OSError) and exc.strerror:  # no "[Errno N]" prefix: the message is for people
             msg = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
@@ -267,7 +267,7 @@ def _run_intermediate(plan: InitPlan, joined: list[tuple[str, int]], chan: Chann
         chan.send("pid", pid=init)
         os.close(pid_sent_w)
     except BaseException as exc:
-        _report_and_exit(chan, exc)
+        report_and_exit(chan, exc)
     os._exit(0)
 
 
@@ -292,7 +292,7 @@ def _run_init(plan: InitPlan, chan: Channel) -> None:
         _setup_container(plan, chan)
         exec_fifo = _wait_for_start(plan)
     except BaseException as exc:
-        _report_and_exit(chan, exc)
+        report_and_exit(chan, exc)
     # From here the creating runtime is gone: failures go to the exec fifo, which ``start`` reads.
     try:
         start_hooks = plan.config.get("hooks", {}).get("startContainer", [])
