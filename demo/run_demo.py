@@ -4,7 +4,9 @@
 2. Drives a native container through the OCI lifecycle with the `clave` CLI, exactly as containerd does
    (create → state → start → state → wait → delete), and shows the isolation from inside.
 3. Shows `clave run` passing the exit status through, and a bad config failing cleanly.
-4. Verifies genuine TEE evidence (an SGX quote, an SEV-SNP report) offline with `clave-verify`.
+4. Runs a signed WebAssembly module as an enclave container, shows its measurement and evidence, and shows a
+   module changed by one byte being refused.
+5. Verifies genuine TEE evidence (an SGX quote, an SEV-SNP report) offline with `clave-verify`.
 """
 
 from __future__ import annotations
@@ -96,6 +98,49 @@ def run_and_errors(workdir: str) -> None:
     print(f"  state dir left behind: {os.path.exists(os.path.join(ROOT, 'broken'))}")
 
 
+HELLO_WAT = """(module
+ (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+ (memory (export "memory") 1)
+ (data (i32.const 64) "hello from a WebAssembly enclave\\n")
+ (func (export "_start")
+  (i32.store (i32.const 0) (i32.const 64)) (i32.store (i32.const 4) (i32.const 33))
+  (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"""
+
+
+def enclave(workdir: str) -> None:
+    step("An enclave container: a signed WebAssembly module on the built-in runtime (software isolation)")
+    import wasmtime
+
+    bundle = os.path.join(workdir, "wasm")
+    rootfs = os.path.join(bundle, "rootfs")
+    os.makedirs(os.path.join(rootfs, "app"))
+    module = os.path.join(rootfs, "app", "hello.wasm")
+    with open(module, "wb") as f:
+        f.write(wasmtime.wat2wasm(HELLO_WAT))
+    key = os.path.join(workdir, "signer.pem")
+    clave("enclave", "keygen", "--out", key, stdout=subprocess.DEVNULL)
+    clave("enclave", "sign", "--key", key, module, stdout=subprocess.DEVNULL)
+    measured = json.loads(clave("enclave", "measure", module, stdout=subprocess.PIPE).stdout)
+    print(f"  mrenclave={measured['mrenclave'][:16]}... mrsigner={measured['mrsigner'][:16]}...")
+    from clave.config.defaults import default_spec
+
+    config = default_spec()
+    config["process"].update(terminal=False, args=["/app/hello.wasm"])
+    config["process"]["env"].append("ENCLAVE_TYPE=wasm")
+    config["root"] = {"path": "rootfs", "readonly": True}
+    with open(os.path.join(bundle, "config.json"), "w") as f:
+        json.dump(config, f)
+    clave("run", "--bundle", bundle, "enclave", stderr=subprocess.DEVNULL)
+    with open(module, "r+b") as f:  # one byte changed: the signature no longer matches
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    result = clave("run", "--bundle", bundle, "tampered", check=False, stderr=subprocess.PIPE)
+    refusal = [line for line in result.stderr.splitlines() if "level=warning" not in line]
+    print(f"  tampered module: exit {result.returncode}: {refusal[-1] if refusal else ''}")
+
+
 def attestation() -> None:
     step("Verifying genuine TEE evidence offline (clave-verify)")
     if not os.path.isdir(TESTDATA):
@@ -145,6 +190,7 @@ def main() -> None:
         print(f"  {workdir}/rootfs")
         lifecycle(workdir)
         run_and_errors(workdir)
+        enclave(workdir)
         attestation()
     finally:
         subprocess.run([CLAVE, "--root", ROOT, "delete", "--force", "demo"], capture_output=True)
