@@ -100,7 +100,8 @@ def remove_namespace_dirs(namespace: str) -> None:
     cgroup_root = Path("/sys/fs/cgroup")
     hierarchies = [cgroup_root] if (cgroup_root / "cgroup.controllers").exists() else [
         p for p in cgroup_root.iterdir() if p.is_dir() and not p.is_symlink()]
-    for directory in [h / namespace for h in hierarchies] + [Path("/run/containerd/clave") / namespace]:
+    state_roots = [Path("/run/containerd/clave") / namespace, Path("/run/containerd/runc") / namespace]
+    for directory in [h / namespace for h in hierarchies] + state_roots:
         try:
             directory.rmdir()
         except OSError:

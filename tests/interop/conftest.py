@@ -184,6 +184,7 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]
             for leftover in cgroup_dirs(namespace):
                 _remove_cgroup_tree(leftover)
             shutil.rmtree(instance.runc_root, ignore_errors=True)
+            shutil.rmtree(f"/run/containerd/clave/{namespace}", ignore_errors=True)  # the clave shim's engine root
 
 
 def _wait_until_answering(instance: Containerd, daemon: subprocess.Popen[bytes], timeout: float = 15) -> None:
