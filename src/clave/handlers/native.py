@@ -7,7 +7,6 @@ import os
 from clave.config import spec as oci
 from clave.errors import ClaveError
 from clave.handlers import Handler
-from clave.linux import spawn
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -22,10 +21,14 @@ class NativeHandler(Handler):
     name = "native"
 
     def spawn(self, state: State, state_dir: StateDir, opts: CreateOptions, cgroup: Any, runtime_hooks: Any) -> int:
+        from clave.linux import spawn  # not at import time: delete and state load this module too
+
         return self.spawn_plan(make_plan(state, state_dir, opts, spawn.native_launch), opts, cgroup, runtime_hooks)
 
     def spawn_plan(self, plan: InitPlan, opts: CreateOptions, cgroup: Any, runtime_hooks: Any) -> int:
         """Fork the init for ``plan``, with the console socket connected; errors become one-line ClaveErrors."""
+        from clave.linux import spawn
+
         try:
             spawn.check_plan(plan)
             if opts.console_socket:
@@ -45,8 +48,10 @@ class NativeHandler(Handler):
             raise
 
 
-def make_plan(state: State, state_dir: StateDir, opts: CreateOptions, launch: Any) -> spawn.InitPlan:
+def make_plan(state: State, state_dir: StateDir, opts: CreateOptions, launch: Any) -> InitPlan:
     """The init plan shared by every handler that runs a Linux process tree."""
+    from clave.linux import spawn
+
     extra_env = []
     if opts.listen_fds:
         extra_env = [f"LISTEN_FDS={opts.listen_fds}", "LISTEN_PID=1"]
