@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 
+from clave import fastjson
 from clave.enclave.wasm import measure
 
 FORMAT = "clave-wasm-signature/1"
@@ -135,8 +135,7 @@ def sign_module(module_path: str, key_path: str, config: dict[str, int | None] |
     path = signature_path(module_path)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(document, f, indent=1)
-        f.write("\n")
+        f.write(fastjson.dumps_indented(document, indent=" ") + "\n")
     os.replace(tmp, path)
     return {"mrenclave": mrenclave.hex(), "mrsigner": signer_id(public.public_bytes_raw()).hex(), "sig": path}
 
@@ -156,7 +155,7 @@ def verify_digest(digest: bytes, signature_document: bytes | None, where: str) -
         raise SignatureError(f"{where} is not signed (no {os.path.basename(where)}{SIG_SUFFIX}): "
                              "sign it with 'clave enclave sign'")
     try:
-        document = json.loads(signature_document)
+        document = fastjson.loads(signature_document)
         if not isinstance(document, dict) or document.get("format") != FORMAT:
             raise ValueError(f"format is not {FORMAT}")
         config = measure.check_config(document["enclave_config"])
