@@ -145,9 +145,11 @@ class PalRuntime(EnclaveRuntime):
     def local_report(self, target_info: bytes, report_data: bytes) -> bytes:
         if self.api_version < 3 or self._lib is None or not hasattr(self._lib, "pal_get_local_report"):
             raise EnclaveError("pal_get_local_report needs a PAL API v3 enclave runtime")
+        if any(report_data):
+            # The v3 call has no report-data argument: the enclave chooses it. Refuse rather than pretend to bind.
+            raise EnclaveError("pal_get_local_report (PAL API v3) takes no report data: it cannot bind a nonce")
         target = ctypes.create_string_buffer(target_info, len(target_info))
         report = ctypes.create_string_buffer(4096)
         length = ctypes.c_int(len(report))
-        del report_data  # the PAL API carries report data inside targetinfo's companion buffer; see docs
         self._call("pal_get_local_report", target, ctypes.c_int(len(target_info)), report, ctypes.byref(length))
         return report.raw[: length.value]
