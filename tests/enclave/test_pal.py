@@ -269,3 +269,22 @@ def test_exec_into_a_v1_enclave_is_refused(env: Env, pal_dir: Path) -> None:
     assert result.returncode != 0
     assert "PAL API v2 or later" in result.stderr
     assert env.clave("kill", "ex1", "KILL").returncode == 0
+
+
+def test_v3_local_report_through_clave_attest(env: Env, pal_dir: Path) -> None:
+    """pal_get_local_report (v3) reached through `clave attest ID`; the v3 call cannot carry report data, so a
+    nonce is refused rather than silently dropped."""
+    env.config(["/bin/sleep", "30"], pal_dir / "liberpal-skeleton-v3.so")
+    assert env.clave("run", "--detach", "--bundle", str(env.bundle), "rep").returncode == 0
+    _wait_for_call(env, "pal_exec pid=42")
+    result = env.clave("attest", "rep", "--report-data", "00" * 32)
+    assert result.returncode == 0, result.stderr
+    import base64
+
+    doc = json.loads(result.stdout)
+    assert doc["tee"] == "pal" and doc["insecure"] is True
+    assert base64.b64decode(doc["evidence"]).startswith(b"SKELETON-REPORT:")
+    assert any(c.startswith("pal_get_local_report targetinfo_len=0") for c in env.calls())
+    refused = env.clave("attest", "rep", "--nonce", "c0ffee")
+    assert refused.returncode == 1 and "cannot bind a nonce" in refused.stderr
+    assert env.clave("kill", "rep", "KILL").returncode == 0

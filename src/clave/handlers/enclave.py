@@ -6,12 +6,17 @@ container's, built by the same layers.
 
 from __future__ import annotations
 
+# Everything the init uses after pivot_root is imported here, before it forks: the package is out of reach then.
+# Raw _socket: the socket module's enum import would cost every enclave start ~10 ms.
 import _signal
+import _socket as socket
+import array
+import base64
 import os
 import select
-import socket
 import threading
 
+from clave import fastjson
 from clave.enclave import config as enclave_config
 from clave.enclave.runtime import EnclaveError, EnclaveRuntime
 from clave.errors import ClaveError
@@ -178,16 +183,12 @@ def _exit_status(code: int) -> int:
 
 
 def _send(conn: socket.socket, **message: Any) -> None:
-    from clave import fastjson
-
     conn.sendall(fastjson.dumps(message).encode() + b"\n")
 
 
 def _serve_agent_request(runtime: EnclaveRuntime, conn: socket.socket) -> None:
     """One request: ``exec`` (with the process's stdio as SCM_RIGHTS) or ``kill``. create_process runs here,
     in the main thread; the process itself runs in a thread that reports its exit on the connection."""
-    from clave import fastjson
-
     fds: list[int] = []
     try:
         conn.settimeout(5)
@@ -199,8 +200,6 @@ def _serve_agent_request(runtime: EnclaveRuntime, conn: socket.socket) -> None:
             conn.close()
             return
         if request.get("op") == "attest":
-            import base64
-
             evidence = runtime.local_report(b"", bytes.fromhex(request.get("report_data", "")))
             _send(conn, tee=runtime.name, insecure=runtime.insecure, measurement=runtime.measurement(),
                   evidence=base64.b64encode(evidence).decode())
@@ -241,8 +240,6 @@ def _serve_agent_request(runtime: EnclaveRuntime, conn: socket.socket) -> None:
 
 
 def _recv_with_fds(conn: socket.socket) -> tuple[bytes, list[int]]:
-    import array
-
     fds = array.array("i")
     data, ancdata, _, _ = conn.recvmsg(65536, socket.CMSG_LEN(3 * fds.itemsize))
     for level, kind, payload in ancdata:
@@ -293,8 +290,6 @@ class _LineReader:
 def attest_enclave(state_dir: str, report_data: bytes) -> dict[str, Any]:
     """Evidence for a running enclave container, produced by its enclave runtime (the PAL's local report),
     binding ``report_data``."""
-    from clave import fastjson
-
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.settimeout(10)
@@ -311,10 +306,6 @@ def attest_enclave(state_dir: str, report_data: bytes) -> dict[str, Any]:
 
 
 def _run_proxy(path: str, process: dict[str, Any], env: list[str], report_fd: int) -> None:
-    import array
-
-    from clave import fastjson
-
     code = 1
     try:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
