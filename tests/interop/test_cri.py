@@ -284,6 +284,10 @@ def cri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cri]:
                 leftover.rmdir()
             subprocess.run(["umount", "-R", str(base / "root")], capture_output=True)
             subprocess.run(["umount", "-R", str(base / "state")], capture_output=True)
+            try:  # the clave shim's engine root for the CRI namespace, empty once every pod is gone
+                os.rmdir(f"/run/containerd/clave/{NAMESPACE}")
+            except OSError:
+                pass
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
