@@ -16,7 +16,7 @@ from clave.linux import namespaces as ns
 from clave.linux import process as proc
 from clave.linux import sys as lsys
 from clave.linux.channel import Channel, ChannelClosed
-from clave.linux.spawn import close_fds_except, report_and_exit
+from clave.linux.spawn import close_fds_except, kill_and_reap, report_and_exit
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -93,11 +93,7 @@ def enter(
     except BaseException:
         for victim in (joiner, pid):
             if victim > 0:
-                try:
-                    os.kill(victim, lsys.SIGKILL)
-                    os.waitpid(victim, 0)
-                except (ProcessLookupError, ChildProcessError):
-                    pass
+                kill_and_reap(victim)
         raise
     finally:
         parent.close()

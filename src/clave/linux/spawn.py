@@ -194,7 +194,7 @@ def spawn(
     except BaseException:
         for pid in (intermediate, init_pid):
             if pid > 0:
-                _kill_and_reap(pid)
+                kill_and_reap(pid)
         raise
     finally:
         parent.close()
@@ -206,7 +206,8 @@ def pause_point(step: str) -> None:
         os.kill(os.getpid(), 19)  # SIGSTOP: the test then kills clave with SIGKILL
 
 
-def _kill_and_reap(pid: int) -> None:
+def kill_and_reap(pid: int) -> None:
+    """SIGKILL a process we forked and reap it if it is (still) our child."""
     try:
         os.kill(pid, lsys.SIGKILL)
     except ProcessLookupError:
