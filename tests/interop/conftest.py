@@ -34,16 +34,21 @@ def cgroup_dirs(relative: str) -> list[Path]:
     return [root / relative for root in roots if (root / relative).is_dir()]
 
 
-def shim_pids(namespace: str, container_id: str | None = None) -> list[int]:
-    """Pids of containerd-shim processes serving ``namespace`` (and ``container_id`` if given)."""
-    found = []
+def process_argvs() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, argv) of every live process."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            yield int(entry.name), (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
+
+
+def shim_pids(namespace: str, container_id: str | None = None) -> list[int]:
+    """Pids of containerd-shim processes serving ``namespace`` (and ``container_id`` if given)."""
+    found = []
+    for pid, argv in process_argvs():
         # A Python shim runs as its interpreter: look at the script too.
         if not any(os.path.basename(a).startswith(b"containerd-shim") for a in argv[:3]):
             continue
@@ -51,7 +56,7 @@ def shim_pids(namespace: str, container_id: str | None = None) -> list[int]:
         if not _flag_value(args, "-namespace") == namespace:
             continue
         if container_id is None or _flag_value(args, "-id") == container_id:
-            found.append(int(entry.name))
+            found.append(pid)
     return found
 
 

@@ -31,7 +31,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from conftest import cgroup_dirs, stop_pid
+from conftest import cgroup_dirs, process_argvs, stop_pid
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "containerd.md"
@@ -153,17 +153,11 @@ def load_cri_modules(out: Path) -> tuple[ModuleType, ModuleType]:
 def clave_shims(containerd_address: str) -> list[int]:
     """Pids of Clave shims working for one containerd (a server is a fork of `start`: same command line)."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
+    for pid, argv in process_argvs():
         if not any(os.path.basename(a) == SHIM_BINARY for a in argv[:3]) or b"-address" not in argv:
             continue
         if argv[argv.index(b"-address") + 1].decode() == containerd_address:
-            found.append(int(entry.name))
+            found.append(pid)
     return found
 
 
