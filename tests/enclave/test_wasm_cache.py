@@ -3,6 +3,7 @@ damaged or planted entry is detected and rebuilt instead of being loaded as nati
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -109,8 +110,8 @@ def test_crash_leftovers_are_cleaned_and_ignored(root: Path) -> None:
     store.put("0" * 64, b"payload")
     assert not leftover.exists()
     assert store.get("0" * 64) == b"payload"
-    assert sorted(p.name for p in (root / "cache").iterdir() if p.name.startswith("0")) == ["0" * 64 + ".cwasm",
-                                                                                           "0" * 64 + ".mac"]
+    assert sorted(p.name for p in (root / "cache").iterdir() if p.name.startswith("0")) == [
+        "0" * 64 + ".cwasm", "0" * 64 + ".lock", "0" * 64 + ".mac"]
 
 
 def test_cache_directory_open_to_others_is_refused(root: Path) -> None:
@@ -120,6 +121,38 @@ def test_cache_directory_open_to_others_is_refused(root: Path) -> None:
         start(root)
     os.chmod(root / "cache", 0o700)
     start(root)
+
+
+def test_a_warm_check_reads_the_record_not_the_entry(root: Path) -> None:
+    start(root)
+    [entry] = entries(root)
+    store = cache.ModuleCache(str(root / "cache"))
+    store.open()
+    calls: list[int] = []
+    real_mac = store._mac
+    store._mac = lambda key, payload: calls.append(1) or real_mac(key, payload)  # type: ignore[method-assign]
+    fd = store.open_verified(entry.stem)
+    assert fd is not None and calls == []
+    os.close(fd)
+    os.utime(entry)  # a changed identity (a restored copy, say): the bytes are checked and the record renewed
+    fd = store.open_verified(entry.stem)
+    assert fd is not None and calls == [1]
+    os.close(fd)
+    fd = store.open_verified(entry.stem)
+    assert fd is not None and calls == [1]
+    os.close(fd)
+
+
+def test_file_digests_are_remembered_until_the_file_changes(tmp_path: Path) -> None:
+    store = cache.ModuleCache(str(tmp_path / "cache"))
+    store.open()
+    module = tmp_path / "runtime.wasm"
+    module.write_bytes(b"\0asm" + bytes(1000))
+    first = store.file_digest(str(module))
+    assert first == hashlib.sha256(module.read_bytes()).digest()
+    assert store.file_digest(str(module)) == first
+    module.write_bytes(b"\0asm" + bytes(999) + b"\1")
+    assert store.file_digest(str(module)) == hashlib.sha256(module.read_bytes()).digest() != first
 
 
 def test_entry_key_depends_on_module_version_and_engine_settings() -> None:

@@ -204,6 +204,11 @@ def test_not_a_module_and_missing_module_are_clear_errors(host: Host) -> None:
     from clave.enclave.wasm import signing
 
     signing.sign_module(str(path), str(host.key))
+    with pytest.raises(EnclaveError, match=r"/app/main.wasm is neither a WebAssembly module nor a supported "
+                                           r"interpreter \(python, python3, python3.N, node"):
+        host.prepared()
+    path.write_bytes(b"\0asm" + b"\xff" * 12)  # the magic, then garbage
+    signing.sign_module(str(path), str(host.key))
     with pytest.raises(EnclaveError, match="is not a valid WebAssembly module"):
         host.prepared()
 

@@ -1,14 +1,21 @@
 """enclave: sign and measure WebAssembly enclave modules (the built-in ``wasm`` enclave type).
 
 usage: clave enclave keygen --out KEY.pem
-       clave enclave sign --key KEY.pem [--config config.json] MODULE.wasm
-       clave enclave measure [--config config.json] MODULE.wasm
+       clave enclave sign --key KEY.pem [--config config.json] MODULE.wasm|BUNDLE
+       clave enclave measure [--config config.json] MODULE.wasm|BUNDLE
+       clave enclave compile [python|javascript|MODULE.wasm]...
 
 keygen writes a new Ed25519 signing key (mode 0600). sign writes MODULE.wasm.sig beside the module, signing its
 measurement under the enclave config taken from an OCI config.json (memory limit, RLIMIT_CPU; default:
 unlimited). measure prints {"mrenclave", "mrsigner", "enclave_config"} as JSON: what a verifier should expect.
 Without --config it uses the config in MODULE.wasm.sig when the module is signed; mrsigner is null when the
 module is not signed.
+
+Given a BUNDLE (a directory with config.json) whose process runs an interpreter (python3 app.py, node app.js),
+sign and measure work on the app: its language runtime, its image's files and its arguments (see
+clave.enclave.wasm.measure); sign writes the signature into the image as /.clave/enclave.sig, and measure also
+prints the manifest. compile puts a language runtime (default: both) or a module into this host's compiled-module
+cache ahead of the first container, showing progress.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ if TYPE_CHECKING:
 FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "out": ("str", ("o",)), "key": ("str", ("k",)), "config": ("str", ("c",)), "help": ("bool", ("h",)),
 }
-SUBCOMMANDS = ("keygen", "sign", "measure")
+SUBCOMMANDS = ("keygen", "sign", "measure", "compile")
 
 
 def run(parsed: Parsed, ctx: Any) -> int:
@@ -37,9 +44,13 @@ def run(parsed: Parsed, ctx: Any) -> int:
     flags = {**parsed.flags, **sub.flags}
     if command == "keygen":
         return _keygen(flags)
+    if command == "compile":
+        return _compile(sub.args or ["python", "javascript"])
     if len(sub.args) != 1:
         raise UsageError(f"usage: clave enclave {command} {'--key KEY.pem ' if command == 'sign' else ''}"
                          "[--config config.json] MODULE.wasm")
+    if os.path.isdir(sub.args[0]):
+        return _app(command, flags, sub.args[0])
     if command == "sign":
         return _sign(flags, sub.args[0])
     return _measure(flags, sub.args[0])
@@ -116,4 +127,74 @@ def _measure(flags: dict[str, Any], module: str) -> int:
     config = config or measure.enclave_config(None)
     mrenclave = measure.mrenclave(measure.module_digest(wasm), config)
     print(json.dumps({"mrenclave": mrenclave.hex(), "mrsigner": mrsigner, "enclave_config": config}))
+    return 0
+
+
+def _compile(names: list[str]) -> int:
+    import sys
+
+    from clave.enclave.wasm import cache, compiler, interpreters
+
+    by_name = {"python": interpreters.PYTHON, "javascript": interpreters.JAVASCRIPT}
+    for name in names:
+        try:
+            path = by_name[name].module_path() if name in by_name else name
+            if not compiler.ensure_compiled(path, announce=lambda line: print(f"clave: {line}", file=sys.stderr)):
+                print(f"clave: {os.path.basename(path)} is already compiled for this host", file=sys.stderr)
+        except (OSError, cache.CacheError) as exc:
+            raise ClaveError(f"compile {name}: {exc}") from None
+    return 0
+
+
+def _app(command: str, flags: dict[str, Any], bundle: str) -> int:
+    """sign or measure the app a bundle runs through a language runtime."""
+    from clave.enclave.wasm import cache, interpreters, measure, signing
+
+    try:
+        with open(os.path.join(bundle, "config.json")) as f:
+            oci = json.load(f)
+        args = oci["process"]["args"]
+        root = oci.get("root", {}).get("path", "rootfs")
+    except OSError as exc:
+        raise ClaveError(f"cannot read {bundle}/config.json: {exc.strerror}") from None
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ClaveError(f"{bundle}/config.json is not an OCI config with process.args: {exc}") from None
+    language = interpreters.for_command(args[0]) if args else None
+    if language is None:
+        raise ClaveError(f"{bundle}: process.args[0] ({args[0] if args else 'none'}) is not an interpreter of "
+                         f"{interpreters.SUPPORTED}; sign or measure a WASI module by its path")
+    rootfs = root if os.path.isabs(root) else os.path.join(bundle, root)
+    try:
+        store = cache.ModuleCache()
+        store.open()
+        runtime_sha256 = store.file_digest(language.module_path())
+        document = None
+        if command == "measure" and os.path.exists(signing.app_signature_path(rootfs)):
+            with open(signing.app_signature_path(rootfs), "rb") as f:
+                document = f.read()
+        config = _oci_config(flags) or signing.signed_config(document) or measure.enclave_config(oci)
+        env = language.code_env(oci["process"].get("env") or [])
+        manifest = measure.bundle_manifest(language.name, env, runtime_sha256, rootfs, oci, config)
+    except (OSError, cache.CacheError) as exc:
+        raise ClaveError(f"cannot measure {bundle}: {exc}") from None
+    if command == "sign":
+        key = flags.get("key")
+        if not key:
+            raise UsageError("usage: clave enclave sign --key KEY.pem [--config config.json] BUNDLE")
+        try:
+            result = signing.sign_app(rootfs, manifest, key)
+        except signing.SignatureError as exc:
+            raise ClaveError(str(exc)) from None
+        except OSError as exc:
+            raise ClaveError(f"cannot sign {bundle}: {exc.strerror}: {exc.filename}") from None
+        print(json.dumps(result))
+        return 0
+    mrsigner = None
+    if document is not None:
+        try:
+            mrsigner = signing.verify_app(manifest, document, bundle).mrsigner.hex()
+        except signing.SignatureError as exc:
+            raise ClaveError(str(exc)) from None
+    print(json.dumps({"mrenclave": measure.app_mrenclave(manifest).hex(), "mrsigner": mrsigner,
+                      "enclave_config": manifest["enclave_config"], "manifest": manifest}))
     return 0

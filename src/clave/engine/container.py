@@ -102,7 +102,7 @@ class Engine:
         cgroup = None
         try:
             sd.lock()
-            handler.prepare(state)
+            handler.prepare(state, self._warn)
             enclave = state.extra.get("enclave")
             if enclave and enclave["insecure"]:
                 self._warn(f"container {container_id}: enclave type {enclave['type']} is INSECURE: no hardware "

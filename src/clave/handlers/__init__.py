@@ -10,6 +10,7 @@ import importlib
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from clave.engine.container import CreateOptions
@@ -27,8 +28,9 @@ class Handler:
 
     name = "base"
 
-    def prepare(self, state: State) -> None:
-        """Validate and adjust the container before anything is created (may record state.extra)."""
+    def prepare(self, state: State, notice: Callable[[str], None]) -> None:
+        """Validate and adjust the container before anything is created (may record state.extra); ``notice``
+        tells the user about slow work (the runtime's log)."""
 
     def spawn(self, state: State, state_dir: StateDir, opts: CreateOptions, cgroup: Any, runtime_hooks: Any) -> int:
         """Create the container's init, waiting for start; returns its pid."""

@@ -26,6 +26,7 @@ from clave.linux import spawn
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from clave.engine.container import CreateOptions
@@ -41,7 +42,7 @@ AGENT_SOCKET = "enclave.sock"
 class EnclaveHandler(NativeHandler):
     name = "enclave"
 
-    def prepare(self, state: State) -> None:
+    def prepare(self, state: State, notice: Callable[[str], None]) -> None:
         config = state.config
         try:
             settings = enclave_config.extract(config)
@@ -50,6 +51,8 @@ class EnclaveHandler(NativeHandler):
                 enclave_config.validate_pal_path(settings.get("runtime_path", ""))
         except enclave_config.EnclaveConfigError as exc:
             raise ClaveError(str(exc)) from None
+        if settings["type"] == "wasm":
+            _compile_language_runtime(config, notice)
         _inject_devices(config, devices, settings["type"])
         insecure = settings["type"] in enclave_config.SOFTWARE_TYPES
         state.extra["enclave"] = {**settings, "insecure": insecure}
@@ -59,6 +62,21 @@ class EnclaveHandler(NativeHandler):
         plan.before_pivot = load_enclave_runtime
         plan.handler_state = dict(state.extra["enclave"])
         return self.spawn_plan(plan, opts, cgroup, runtime_hooks)
+
+
+def _compile_language_runtime(config: dict[str, Any], notice: Callable[[str], None]) -> None:
+    """An app run by a language runtime: compile that runtime now, on the host's cores and memory, so that the
+    init (single-threaded, in the container's cgroup) only loads it."""
+    from clave.enclave.wasm import cache, compiler, interpreters
+
+    args = config["process"].get("args") or [""]
+    language = interpreters.for_command(args[0])
+    if language is None:
+        return
+    try:
+        compiler.ensure_compiled(language.module_path(), announce=notice)
+    except (OSError, cache.CacheError) as exc:
+        raise ClaveError(f"wasm: the {language.name} runtime: {exc}") from None
 
 
 def _inject_devices(config: dict[str, Any], devices: list[str], enclave_type: str) -> None:

@@ -14,11 +14,20 @@ file tree (untrusted inputs, as for an SGX enclave), and the CPU *rate* (``cpu.q
 container's cgroup enforces on the thread running the guest).
 
 ``mrsigner`` = SHA-256 of the signer's public key (DER SubjectPublicKeyInfo).
+
+An app run by a language runtime (``python3 app.py``: see ``interpreters``) has its code in the image's files
+and its arguments, so its measurement covers them: ``mrenclave`` = SHA-256(APP_DOMAIN || canonical JSON of the
+*app manifest*) with the manifest holding the runtime's name and module digest, the digest of the file tree the
+app can read (``tree_digest``), the arguments after the interpreter's name, the working directory, the
+environment variables that choose code (``PYTHON*``) and the enclave config. One changed byte in any file of
+the image changes it; data in OCI mounts (volumes, tmpfs) does not.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 
 from clave import fastjson
 
@@ -27,6 +36,9 @@ if TYPE_CHECKING:
     from typing import Any
 
 DOMAIN = b"clave-wasm-mrenclave/1\0"
+APP_DOMAIN = b"clave-wasm-app-mrenclave/1\0"
+# Image paths left out of the tree digest: where the app's signature travels.
+SIGNATURE_DIR = ".clave"
 CONFIG_KEYS = ("memory_limit", "cpu_time_limit")
 RLIMIT_CPU = "RLIMIT_CPU"
 
@@ -82,3 +94,65 @@ def effective_limits(signed: dict[str, int | None], oci: dict[str, int | None]) 
         values = [v for v in (signed.get(key), oci.get(key)) if v is not None]
         out[key] = min(values) if values else None
     return out
+
+
+def tree_digest(root: str, excluded: set[str] | frozenset[str] = frozenset()) -> bytes:
+    """SHA-256 over every non-directory entry under ``root``, in byte order of path: its path, type, permission
+    bits and content (a regular file's SHA-256, a symlink's target). Directories contribute only through their
+    entries, so the empty mount points a runtime creates do not count; ``excluded`` subtrees (paths relative to
+    ``root``, no leading slash: the OCI mount destinations and ``.clave``) are skipped."""
+    total = hashlib.sha256()
+    pending = [b""]
+    root_bytes = os.fsencode(root)
+    skip = {os.fsencode(p.strip("/")) for p in excluded} | {SIGNATURE_DIR.encode()}
+    while pending:
+        relative = pending.pop()
+        with os.scandir(os.path.join(root_bytes, relative) if relative else root_bytes) as it:
+            entries = sorted(it, key=lambda e: e.name, reverse=True)
+        for entry in entries:
+            path = relative + b"/" + entry.name if relative else entry.name
+            if path in skip:
+                continue
+            st = entry.stat(follow_symlinks=False)
+            kind = stat.S_IFMT(st.st_mode)
+            if kind == stat.S_IFDIR:
+                pending.append(path)
+                continue
+            if kind == stat.S_IFREG:
+                with open(entry.path, "rb") as f:
+                    content = hashlib.file_digest(f, "sha256").digest()
+            elif kind == stat.S_IFLNK:
+                content = os.readlink(entry.path)
+            else:  # devices, fifos, sockets: only that they are there
+                content = b""
+            total.update(b"%s\0%o\0%d\0%s\n" % (path, stat.S_IMODE(st.st_mode), kind >> 12, content.hex().encode()))
+    return total.digest()
+
+
+def app_manifest(runtime: str, runtime_sha256: bytes, tree_sha256: bytes, args: list[str], cwd: str,
+                 code_env: list[str], config: dict[str, int | None]) -> dict[str, Any]:
+    """What an app's measurement covers (``args`` without the interpreter's name, which chose ``runtime``)."""
+    return {"runtime": runtime, "runtime_sha256": runtime_sha256.hex(), "tree_sha256": tree_sha256.hex(),
+            "args": list(args), "cwd": cwd, "env": list(code_env), "enclave_config": check_config(config)}
+
+
+def bundle_manifest(language_name: str, code_env: list[str], runtime_sha256: bytes, rootfs: str,
+                    oci_config: dict[str, Any], config: dict[str, int | None]) -> dict[str, Any]:
+    """The app manifest of a container: its rootfs (less its OCI mount destinations) and its process."""
+    process = oci_config.get("process", {})
+    excluded = {m.get("destination", "") for m in oci_config.get("mounts", []) or []}
+    return app_manifest(language_name, runtime_sha256, tree_digest(rootfs, excluded), process["args"][1:],
+                        process.get("cwd") or "/", code_env, config)
+
+
+def app_mrenclave(manifest: dict[str, Any]) -> bytes:
+    return hashlib.sha256(APP_DOMAIN + fastjson.dumps(_sorted(manifest), compact=True).encode()).digest()
+
+
+def _sorted(value: Any) -> Any:
+    """Dicts with sorted keys, recursively: the canonical JSON the measurements hash."""
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted(v) for v in value]
+    return value

@@ -1,10 +1,13 @@
 """``WasmRuntime``: the built-in WebAssembly enclave runtime, a PAL (API v3) implemented on wasmtime.
 
-It runs the WASI (preview 1) command module named by the process path, with args, env and stdio passed
-through and the container rootfs preopened as "/" (read-only when ``root.readonly``). Before anything runs
-(``prepare``, in the init before pivot_root) the module's signature is checked: an unsigned, tampered or
-badly signed module is refused, and so is a signer outside ``/etc/clave/wasm-signers`` when that file exists
-(one mrsigner in hex per line; ``CLAVE_WASM_SIGNERS`` overrides the path).
+It runs the WASI (preview 1) command module named by the process path, or, when the path names an interpreter
+(``python3``, ``node``...: see ``interpreters``), that language's WebAssembly runtime with the same arguments;
+args, env and stdio are passed through and the container rootfs is preopened as "/" (read-only when
+``root.readonly``; OCI mounts inside it keep their own mode). Before anything runs (``prepare``, in the init
+before pivot_root) the signature is checked: a module's ``MODULE.wasm.sig``, or an app's ``/.clave/enclave.sig``
+over its measured manifest (runtime, files, args). An unsigned, tampered or badly signed one is refused, and so
+is a signer outside ``/etc/clave/wasm-signers`` when that file exists (one mrsigner in hex per line;
+``CLAVE_WASM_SIGNERS`` overrides the path).
 
 Limits (see ``measure``): the guest's linear memory is capped at the tighter of the signed ``memory_limit`` and
 ``linux.resources.memory.limit`` (``memory.grow`` then returns -1, as for any failed allocation); its CPU time
@@ -18,7 +21,9 @@ A guest blocked in a host call (reading stdin) only stops when that call returns
 engine, so ``kill(pid)`` interrupts only that process. A trap ends the process with 128+SIGABRT and the trap
 message on its stderr; ``proc_exit(n)`` gives exit status n (wasmtime accepts n < 126 only; above is a trap).
 
-Compiled modules come from ``cache.ModuleCache`` (warm start: deserialize, about 1 ms).
+Compiled modules come from ``cache.ModuleCache`` (warm start: deserialize, about 1 ms). A language runtime is
+compiled before the container's init exists (``ensure_compiled``, in a compiler process with all cores: about
+10 s for python.wasm), so the init only ever deserializes it.
 """
 
 from __future__ import annotations
@@ -32,14 +37,12 @@ import time
 
 from clave.enclave.runtime import EnclaveError, EnclaveRuntime
 from clave.enclave.wasm import cache as module_cache
-from clave.enclave.wasm import measure, report, signing
+from clave.enclave.wasm import compiler, interpreters, measure, report, signing
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-# Part of the cache key: an engine configured differently must not load these compiled modules.
-ENGINE_SETTINGS = "epoch_interruption=1;opt_level=speed;parallel_compilation=0;v1"
 SIGNERS_FILE = "/etc/clave/wasm-signers"
 ENV_SIGNERS = "CLAVE_WASM_SIGNERS"
 # Signals whose default action is not to terminate: WASI preview 1 has no handlers, so these are ignored.
@@ -49,18 +52,21 @@ NON_TERMINATING_SIGNALS = frozenset({
 })
 WATCHDOG_INTERVAL = 0.01
 MAX_SYMLINKS = 40
+WASM_MAGIC = b"\0asm"
 
 
 class _Loaded:
-    """A verified, compiled module; its first process may use the engine it was compiled for."""
+    """A verified, compiled module; its first process may use the engine it was compiled for. ``signed`` is
+    None for a language runtime (the app's signature covers it)."""
 
-    def __init__(self, guest_path: str, signed: signing.SignedModule, engine: Any, module: Any) -> None:
+    def __init__(self, guest_path: str, signed: signing.SignedModule | None, engine: Any, module: Any) -> None:
         self.guest_path = guest_path
         self.signed = signed
         self.serialized: bytes | None = None  # made when a second process needs its own engine
         self.engine = engine
         self.module = module
         self.engine_taken = False
+        self.digest: bytes | None = None  # SHA-256 of the module
 
 
 class _Process:
@@ -141,6 +147,8 @@ class WasmRuntime(EnclaveRuntime):
         self._oci_limits: dict[str, int | None] = measure.enclave_config(None)
         self._modules: dict[str, _Loaded] = {}
         self._main: _Loaded | None = None
+        self._identity: signing.SignedModule | None = None  # what measurement() and local reports state
+        self._host_dirs: dict[str, int] = {}  # host directories preopened for the guest, opened before pivot
         self._processes: dict[int, _Process] = {}
         self._next_pid = 1
         self._lock = threading.Lock()
@@ -154,7 +162,7 @@ class WasmRuntime(EnclaveRuntime):
         import wasmtime
 
         self._wasmtime = wasmtime
-        self._wasmtime_version = _wasmtime_version(wasmtime)
+        self._wasmtime_version = compiler.wasmtime_version(os.path.dirname(wasmtime.__file__))
         self._rootfs = os.path.abspath(rootfs)
         st = os.stat(self._rootfs)
         self._root_id = (st.st_dev, st.st_ino)
@@ -180,7 +188,78 @@ class WasmRuntime(EnclaveRuntime):
         args = process.get("args") or []
         if not args:
             raise EnclaveError("wasm: process.args is empty: args[0] must name the WASI module")
-        self._main = self._load(args[0])
+        language = self._language(args[0])
+        if language is None:
+            self._main = self._load(args[0])
+            self._identity = self._main.signed
+            return
+        self._main = self._load_language(language)
+        self._identity = self._verify_app(language, self._main, config)
+        for host in language.guest_env([], self._cwd)[1].values():
+            self._host_dir(host)
+
+    def _verify_app(self, language: interpreters.LanguageRuntime, loaded: _Loaded, config: dict[str, Any]
+                    ) -> signing.SignedModule:
+        process = config.get("process", {})
+        try:
+            with open(signing.app_signature_path(self._rootfs), "rb") as f:
+                document: bytes | None = f.read()
+        except FileNotFoundError:
+            document = None
+        except OSError as exc:
+            raise EnclaveError(f"wasm: cannot read /{signing.APP_SIGNATURE}: {exc.strerror}") from None
+        assert loaded.digest is not None
+        try:
+            manifest = measure.bundle_manifest(language.name, language.code_env(process.get("env") or []),
+                                               loaded.digest, self._rootfs, config,
+                                               signing.signed_config(document) or self._oci_limits)
+        except OSError as exc:
+            raise EnclaveError(f"wasm: cannot measure the image: {exc.strerror}: {exc.filename}") from None
+        try:
+            identity = signing.verify_app(manifest, document, f"the {language.name} app")
+        except signing.SignatureError as exc:
+            raise EnclaveError(f"wasm: refused: {exc}") from None
+        self._check_signer(identity, f"the {language.name} app")
+        return identity
+
+    def _check_signer(self, signed: signing.SignedModule, what: str) -> None:
+        if self._allowed_signers is not None and signed.mrsigner.hex() not in self._allowed_signers:
+            raise EnclaveError(f"wasm: refused: {what} is signed by {signed.mrsigner.hex()}, "
+                               "which is not an allowed signer")
+
+    def _language(self, path: str) -> interpreters.LanguageRuntime | None:
+        """The language runtime ``path`` names, unless it is a WebAssembly module in the image."""
+        language = interpreters.for_command(path)
+        if language is None or "/" not in path:
+            return language
+        try:
+            with open(resolve_in_root(self._root_dir, self._guest_path(path)), "rb") as f:
+                return None if f.read(4) == WASM_MAGIC else language
+        except OSError:
+            return language
+
+    def _host_dir(self, path: str) -> str:
+        """A host directory the guest sees, reachable after pivot_root through a descriptor opened before it."""
+        if path not in self._host_dirs:
+            self._host_dirs[path] = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return f"/proc/self/fd/{self._host_dirs[path]}"
+
+    def _load_language(self, language: interpreters.LanguageRuntime) -> _Loaded:
+        name = f"<{language.name} runtime>"
+        if name in self._modules:
+            return self._modules[name]
+        if self._cache is None and self._root_dir == "/":
+            raise EnclaveError(f"wasm: the {language.name} runtime is not loaded in this enclave (its main process "
+                               "runs another language)")
+        try:
+            path = language.module_path()
+            digest = self._cache.file_digest(path) if self._cache is not None else _file_sha256(path)
+            with open(path, "rb") as module_file:
+                loaded = self._compile(name, module_file, digest, None)
+        except OSError as exc:
+            raise EnclaveError(f"wasm: {exc.strerror or exc}") from None
+        self._modules[name] = loaded
+        return loaded
 
     def _guest_path(self, path: str) -> str:
         return posixpath.normpath(posixpath.join(self._cwd, path))
@@ -193,8 +272,13 @@ class WasmRuntime(EnclaveRuntime):
         try:
             module_file = open(host_path, "rb")  # kept open until compiled: closed below
         except OSError as exc:
-            raise EnclaveError(f"wasm: cannot read the module {guest_path}: {exc.strerror}") from None
+            raise EnclaveError(f"wasm: cannot read the module {guest_path}: {exc.strerror} (an entrypoint is a "
+                               f"WASI module or one of the interpreters {interpreters.SUPPORTED})") from None
         with module_file:
+            if module_file.read(4) != WASM_MAGIC:
+                raise EnclaveError(f"wasm: {guest_path} is neither a WebAssembly module nor a supported interpreter "
+                                   f"({interpreters.SUPPORTED})")
+            module_file.seek(0)
             try:
                 with open(host_path + signing.SIG_SUFFIX, "rb") as f:
                     sig: bytes | None = f.read()
@@ -207,32 +291,25 @@ class WasmRuntime(EnclaveRuntime):
                 signed = signing.verify_digest(digest, sig, guest_path)
             except signing.SignatureError as exc:
                 raise EnclaveError(f"wasm: refused: {exc}") from None
-            if self._allowed_signers is not None and signed.mrsigner.hex() not in self._allowed_signers:
-                raise EnclaveError(f"wasm: refused: {guest_path} is signed by {signed.mrsigner.hex()}, "
-                                   "which is not an allowed signer")
-            loaded = self._compile(guest_path, module_file, signed)
+            self._check_signer(signed, guest_path)
+            loaded = self._compile(guest_path, module_file, signed.module_sha256, signed)
         self._modules[guest_path] = loaded
         return loaded
 
     def _new_engine(self) -> Any:
-        wasmtime = self._wasmtime
-        config = wasmtime.Config()
-        config.epoch_interruption = True
-        config.cranelift_opt_level = "speed"
-        # The init must stay single-threaded until it runs the process (the PAL contract): no compiler pool.
-        config.parallel_compilation = False
-        return wasmtime.Engine(config)
+        return compiler.new_engine(self._wasmtime)
 
-    def _compile(self, guest_path: str, module_file: Any, signed: signing.SignedModule) -> _Loaded:
+    def _compile(self, guest_path: str, module_file: Any, digest: bytes, signed: signing.SignedModule | None
+                 ) -> _Loaded:
         wasmtime = self._wasmtime
         engine = self._new_engine()
-        key = module_cache.entry_key(signed.module_sha256, self._wasmtime_version, ENGINE_SETTINGS)
+        key = compiler.cache_key(digest, self._wasmtime_version)
         module = self._from_cache(engine, key)
         self.cache_hit = module is not None
         if module is None:
             module_file.seek(0)
             wasm = module_file.read()
-            if measure.module_digest(wasm) != signed.module_sha256:  # changed since it was hashed
+            if measure.module_digest(wasm) != digest:  # changed since it was hashed
                 raise EnclaveError(f"wasm: refused: {guest_path} changed while it was being loaded")
             try:
                 module = wasmtime.Module(engine, wasm)
@@ -244,7 +321,9 @@ class WasmRuntime(EnclaveRuntime):
                     self._cache.put(key, bytes(module.serialize()))
                 except OSError:  # a full or unreachable cache costs speed, not correctness
                     pass
-        return _Loaded(guest_path, signed, engine, module)
+        loaded = _Loaded(guest_path, signed, engine, module)
+        loaded.digest = digest
+        return loaded
 
     def _from_cache(self, engine: Any, key: str) -> Any:
         """The compiled module from a verified cache entry, mapped by wasmtime from the very file checked."""
@@ -288,7 +367,14 @@ class WasmRuntime(EnclaveRuntime):
         wasmtime = self._wasmtime
         if wasmtime is None:
             raise EnclaveError("pal_create_process: the wasm runtime was not prepared")
-        loaded = self._load(path)
+        language = self._language(path)
+        preopens: dict[str, str] = {}
+        if language is not None:
+            loaded = self._load_language(language)
+            argv = language.argv(argv, self._cwd)
+            env, preopens = language.guest_env(env, self._cwd)
+        else:
+            loaded = self._load(path)
         with self._lock:
             if not loaded.engine_taken:
                 loaded.engine_taken = True
@@ -300,7 +386,9 @@ class WasmRuntime(EnclaveRuntime):
                 module = wasmtime.Module.deserialize(engine, loaded.serialized)
             pid = self._next_pid
             self._next_pid += 1
-        limits = measure.effective_limits(loaded.signed.enclave_config, self._oci_limits)
+        identity = loaded.signed or self._identity
+        signed_config = identity.enclave_config if identity is not None else measure.enclave_config(None)
+        limits = measure.effective_limits(signed_config, self._oci_limits)
         keep: list[Any] = []
         wasi = wasmtime.WasiConfig()
         wasi.argv = list(argv)
@@ -321,6 +409,8 @@ class WasmRuntime(EnclaveRuntime):
                 wasi.stderr_custom = writer
         try:
             wasi.preopen_dir(self._root_dir, "/", fs_mutable=not self._readonly)
+            for guest, host in preopens.items():
+                wasi.preopen_dir(self._host_dir(host), guest, fs_mutable=False)
         except wasmtime.WasmtimeError as exc:
             raise EnclaveError(f"pal_create_process: cannot preopen {self._root_dir}: {exc}") from None
         store = wasmtime.Store(engine)
@@ -397,34 +487,28 @@ class WasmRuntime(EnclaveRuntime):
             self._processes.clear()
         self._modules.clear()
         self._main = None
+        self._identity = None
 
     # -- identity and evidence ----------------------------------------------------------------------------------
 
     def measurement(self) -> dict[str, str]:
-        if self._main is None:
+        if self._identity is None:
             return {}
-        return {"mrenclave": self._main.signed.mrenclave.hex(), "mrsigner": self._main.signed.mrsigner.hex()}
+        return {"mrenclave": self._identity.mrenclave.hex(), "mrsigner": self._identity.mrsigner.hex()}
 
     def local_report(self, target_info: bytes, report_data: bytes) -> bytes:
-        if self._main is None or self._platform_key is None:
+        if self._identity is None or self._platform_key is None:
             raise EnclaveError("pal_get_local_report: no enclave module is loaded")
         if len(report_data) > report.REPORT_DATA_SIZE:
             raise EnclaveError(f"pal_get_local_report: report data is {len(report_data)} bytes, "
                                f"at most {report.REPORT_DATA_SIZE} fit")
-        return report.make_report(self._platform_key, self._main.signed.mrenclave, self._main.signed.mrsigner,
+        return report.make_report(self._platform_key, self._identity.mrenclave, self._identity.mrsigner,
                                   report_data, target_info)
 
 
-def _wasmtime_version(wasmtime: Any) -> str:
-    """The installed wasmtime's version and native library size, without importlib.metadata (~40 ms):
-    from the dist-info directory beside the package."""
-    package = os.path.dirname(wasmtime.__file__)
-    site = os.path.dirname(package)
-    versions = sorted(n[len("wasmtime-"):-len(".dist-info")] for n in os.listdir(site)
-                      if n.startswith("wasmtime-") and n.endswith(".dist-info"))
-    library = os.path.join(package, "linux-x86_64", "_libwasmtime.so")
-    size = os.stat(library).st_size if os.path.exists(library) else 0
-    return f"{','.join(versions) or 'unknown'}:{size}"
+def _file_sha256(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").digest()
 
 
 def _fd_writer(fd: int) -> Any:

@@ -8,6 +8,14 @@ A signature document is JSON::
 The signature is Ed25519 over ``SIGNED_DOMAIN || mrenclave``; since mrenclave covers the module digest and
 the enclave config, it signs both. ``verify`` refuses a missing, malformed, tampered or badly signed
 document with one line, and returns the signed enclave config and the signer's identity.
+
+An app run by a language runtime is signed the same way over its app measurement (see ``measure``); its
+document travels in the image as ``/.clave/enclave.sig`` (outside the measured tree)::
+
+    {"format": "clave-wasm-app-signature/1", "manifest": {...}, "mrenclave": hex, "public_key": PEM,
+     "signature": hex}
+
+``verify_app`` compares the signed manifest with the one measured at load and names what differs.
 """
 
 from __future__ import annotations
@@ -19,9 +27,15 @@ import os
 from clave import fastjson
 from clave.enclave.wasm import measure
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 FORMAT = "clave-wasm-signature/1"
 SIGNED_DOMAIN = b"clave-wasm-signature/1\0"
 SIG_SUFFIX = ".sig"
+APP_FORMAT = "clave-wasm-app-signature/1"
+APP_SIGNATURE = ".clave/enclave.sig"  # in the image, relative to its root
 # Fixed DER prefixes of Ed25519 keys (RFC 8410): SubjectPublicKeyInfo and PKCS#8 PrivateKeyInfo; the 32 key
 # bytes follow. Parsing them here keeps cryptography's serialization module (~25 ms to import) off the start path.
 SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
@@ -114,30 +128,17 @@ def load_private_key(path: str) -> object:
 
 def sign_module(module_path: str, key_path: str, config: dict[str, int | None] | None = None) -> dict[str, str]:
     """Sign a module for an enclave config (default: unlimited) and write ``MODULE.wasm.sig`` beside it."""
-    from cryptography.hazmat.primitives import serialization
-
-    key = load_private_key(key_path)
+    key: Any = load_private_key(key_path)
     with open(module_path, "rb") as f:
         digest = measure.module_digest(f.read())
     enclave_config = measure.check_config(config or measure.enclave_config(None))
     mrenclave = measure.mrenclave(digest, enclave_config)
-    public = key.public_key()  # type: ignore[attr-defined]
-    document = {
-        "format": FORMAT,
-        "module_sha256": digest.hex(),
-        "enclave_config": enclave_config,
-        "mrenclave": mrenclave.hex(),
-        "public_key": public.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ).decode(),
-        "signature": key.sign(SIGNED_DOMAIN + mrenclave).hex(),  # type: ignore[attr-defined]
-    }
+    document = _signed_document(key, mrenclave, {
+        "format": FORMAT, "module_sha256": digest.hex(), "enclave_config": enclave_config})
     path = signature_path(module_path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(fastjson.dumps_indented(document, indent=" ") + "\n")
-    os.replace(tmp, path)
-    return {"mrenclave": mrenclave.hex(), "mrsigner": signer_id(public.public_bytes_raw()).hex(), "sig": path}
+    _write_document(path, document)
+    return {"mrenclave": mrenclave.hex(), "mrsigner": signer_id(key.public_key().public_bytes_raw()).hex(),
+            "sig": path}
 
 
 def verify(module: bytes, signature_document: bytes | None, where: str) -> SignedModule:
@@ -148,9 +149,6 @@ def verify(module: bytes, signature_document: bytes | None, where: str) -> Signe
 def verify_digest(digest: bytes, signature_document: bytes | None, where: str) -> SignedModule:
     """``verify`` for a module given by its SHA-256 (hashed while streaming: large modules are not read
     into memory when their compiled form is cached)."""
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
     if signature_document is None:
         raise SignatureError(f"{where} is not signed (no {os.path.basename(where)}{SIG_SUFFIX}): "
                              "sign it with 'clave enclave sign'")
@@ -161,9 +159,6 @@ def verify_digest(digest: bytes, signature_document: bytes | None, where: str) -
         config = measure.check_config(document["enclave_config"])
         signed_digest = bytes.fromhex(document["module_sha256"])
         signed_mrenclave = bytes.fromhex(document["mrenclave"])
-        signature = bytes.fromhex(document["signature"])
-        raw_public = ed25519_public_raw(document["public_key"])
-        public = Ed25519PublicKey.from_public_bytes(raw_public)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SignatureError(f"signature of {where} is malformed: {exc}") from None
     if digest != signed_digest:
@@ -172,8 +167,106 @@ def verify_digest(digest: bytes, signature_document: bytes | None, where: str) -
     mrenclave = measure.mrenclave(digest, config)
     if mrenclave != signed_mrenclave:
         raise SignatureError(f"signature of {where} is malformed: its mrenclave does not match its contents")
+    raw_public = _check_signature(document, mrenclave, where)
+    return SignedModule(mrenclave, signer_id(raw_public), config, digest)
+
+
+def _signed_document(key: Any, mrenclave: bytes, fields: dict[str, Any]) -> dict[str, Any]:
+    from cryptography.hazmat.primitives import serialization
+
+    public = key.public_key()
+    return {
+        **fields,
+        "mrenclave": mrenclave.hex(),
+        "public_key": public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode(),
+        "signature": key.sign(SIGNED_DOMAIN + mrenclave).hex(),
+    }
+
+
+def _write_document(path: str, document: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(fastjson.dumps_indented(document, indent=" ") + "\n")
+    os.replace(tmp, path)
+
+
+def _check_signature(document: dict[str, Any], mrenclave: bytes, where: str) -> bytes:
+    """Verify the document's Ed25519 signature over ``mrenclave``; returns the signer's raw public key."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        signature = bytes.fromhex(document["signature"])
+        raw_public = ed25519_public_raw(document["public_key"])
+        public = Ed25519PublicKey.from_public_bytes(raw_public)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SignatureError(f"signature of {where} is malformed: {exc}") from None
     try:
         public.verify(signature, SIGNED_DOMAIN + mrenclave)
     except InvalidSignature:
         raise SignatureError(f"signature of {where} does not verify: the signature was modified") from None
-    return SignedModule(mrenclave, signer_id(raw_public), config, digest)
+    return raw_public
+
+
+def app_signature_path(rootfs: str) -> str:
+    return os.path.join(rootfs, APP_SIGNATURE)
+
+
+def sign_app(rootfs: str, manifest: dict[str, Any], key_path: str) -> dict[str, str]:
+    """Sign an app's measured manifest; the document goes into the image as ``/.clave/enclave.sig``."""
+    key: Any = load_private_key(key_path)
+    mrenclave = measure.app_mrenclave(manifest)
+    document = _signed_document(key, mrenclave, {"format": APP_FORMAT, "manifest": manifest})
+    path = app_signature_path(rootfs)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _write_document(path, document)
+    return {"mrenclave": mrenclave.hex(), "mrsigner": signer_id(key.public_key().public_bytes_raw()).hex(),
+            "sig": path}
+
+
+MANIFEST_PARTS = {
+    "runtime": "the language runtime", "runtime_sha256": "the language runtime's module",
+    "tree_sha256": "the app's files", "args": "the arguments", "cwd": "the working directory",
+    "env": "the PYTHON* environment", "enclave_config": "the enclave config (memory and CPU-time limits)",
+}
+
+
+def verify_app(manifest: dict[str, Any], signature_document: bytes | None, where: str) -> SignedModule:
+    """Check an app's measured manifest against its signature document."""
+    if signature_document is None:
+        raise SignatureError(f"{where} is not signed (no /{APP_SIGNATURE} in the image): sign it with "
+                             "'clave enclave sign --key KEY BUNDLE'")
+    try:
+        document = fastjson.loads(signature_document)
+        if not isinstance(document, dict) or document.get("format") != APP_FORMAT:
+            raise ValueError(f"format is not {APP_FORMAT}")
+        signed = document["manifest"]
+        signed_mrenclave = bytes.fromhex(document["mrenclave"])
+        if not isinstance(signed, dict):
+            raise ValueError("manifest is not an object")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SignatureError(f"signature of {where} is malformed: {exc}") from None
+    changed = [what for part, what in MANIFEST_PARTS.items() if signed.get(part) != manifest.get(part)]
+    if changed:
+        raise SignatureError(f"{where} does not match its signature: {', '.join(changed)} changed since it was "
+                             f"signed (mrenclave {measure.app_mrenclave(manifest).hex()[:16]}..., signed "
+                             f"{signed_mrenclave.hex()[:16]}...)")
+    mrenclave = measure.app_mrenclave(manifest)
+    if mrenclave != signed_mrenclave:
+        raise SignatureError(f"signature of {where} is malformed: its mrenclave does not match its manifest")
+    raw_public = _check_signature(document, mrenclave, where)
+    return SignedModule(mrenclave, signer_id(raw_public), manifest["enclave_config"],
+                        bytes.fromhex(manifest["runtime_sha256"]))
+
+
+def signed_config(signature_document: bytes | None) -> dict[str, int | None] | None:
+    """The enclave config an app was signed with (it fixes the limits, as a module's does), or None when the
+    document is absent or unreadable (``verify_app`` then says why)."""
+    if signature_document is None:
+        return None
+    try:
+        return measure.check_config(fastjson.loads(signature_document)["manifest"]["enclave_config"])
+    except (ValueError, KeyError, TypeError):
+        return None
