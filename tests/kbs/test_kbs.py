@@ -234,6 +234,10 @@ def test_malformed_requests_are_refused(kbs: Kbs) -> None:
         assert error.status == 400 and "resource component" in str(error)
         error = refused(lambda: conn.request("GET", f"{protocol.PREFIX}/resource/default/key/db"))
         assert error.status == 401 and "no attested session cookie" in str(error)
+        error = refused(lambda: conn.request("GET", f"{protocol.PREFIX}/nowhere"))
+        assert error.status == 404 and error.problem["type"].endswith("/NotFound")
+        error = refused(lambda: conn.request("POST", f"{protocol.PREFIX}/auth", b"[" * (5 << 20)))
+        assert error.status == 413 and "request body exceeds" in str(error)
     finally:
         conn.close()
     session = Session(kbs)

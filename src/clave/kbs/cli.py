@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import base64
 import os
+import ssl
 import sys
 from pathlib import Path
 
@@ -91,6 +92,11 @@ def _serve(args: argparse.Namespace) -> int:
     for option in ("cert", "key"):
         if not Path(getattr(args, option)).is_file():
             raise UsageError(f"--{option} {getattr(args, option)}: no such file")
+    try:  # uvicorn would fail on these with a traceback
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(args.cert, args.key)
+    except (ssl.SSLError, OSError) as exc:
+        raise UsageError(f"--cert {args.cert} / --key {args.key}: not a usable TLS certificate and key "
+                         f"({exc})") from None
     if args.session_ttl <= 0:
         raise UsageError("--session-ttl must be positive")
     config = Config(

@@ -20,6 +20,7 @@ import base64
 import binascii
 import functools
 import json
+import logging
 import secrets
 import threading
 import time
@@ -30,6 +31,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -41,6 +43,7 @@ from clave.kbs import admin, protocol
 from clave.kbs.policy import ResourcePolicy, verified_from_claims
 from clave.kbs.store import AuditLog, StateDir, StoreError, check_resource
 
+logger = logging.getLogger("clave.kbs")
 MAX_BODY = 4 << 20
 MAX_SESSIONS = 100_000
 ISSUER = "clave-kbs"
@@ -100,16 +103,18 @@ class Sessions:
     ttl: float
     _table: dict[str, Session] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _pruned: float = 0.0  # when expired sessions were last dropped
 
     def create(self, tee: str, hash_algorithm: str) -> Session:
         session = Session(secrets.token_urlsafe(32), base64.b64encode(secrets.token_bytes(32)).decode(), tee,
                           hash_algorithm, time.time() + self.ttl)
         with self._lock:
-            if len(self._table) >= MAX_SESSIONS:
-                now = time.time()
+            now = time.time()
+            if len(self._table) >= MAX_SESSIONS or now - self._pruned > self.ttl:
                 self._table = {k: s for k, s in self._table.items() if s.expires > now}
-                if len(self._table) >= MAX_SESSIONS:
-                    raise Problem(503, "TooManySessions", "too many live sessions; retry later")
+                self._pruned = now
+            if len(self._table) >= MAX_SESSIONS:
+                raise Problem(503, "TooManySessions", "too many live sessions; retry later")
             self._table[session.id] = session
         return session
 
@@ -232,10 +237,21 @@ class Broker:
         return f"{request.client.host}:{request.client.port}" if request.client else None
 
     @staticmethod
-    async def json_body(request: Request) -> Any:
-        body = await request.body()
-        if len(body) > MAX_BODY:
+    async def read_body(request: Request) -> bytes:
+        """The request body, refused past MAX_BODY before it is all in memory."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY:
             raise Problem(413, "InvalidRequest", _layered(Layer.FORMAT, f"request body exceeds {MAX_BODY} bytes"))
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise Problem(413, "InvalidRequest", _layered(Layer.FORMAT, f"request body exceeds {MAX_BODY} bytes"))
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def json_body(self, request: Request) -> Any:
+        body = await self.read_body(request)
         try:
             return json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -475,10 +491,7 @@ class Broker:
                 raise Problem(404, "ResourceNotFound", f"resource {resource} does not exist", event="admin")
             outcome = "deleted"
         else:
-            body = await request.body()
-            if len(body) > MAX_BODY:
-                raise Problem(413, "InvalidRequest", f"resource exceeds {MAX_BODY} bytes", event="admin")
-            self.state.put_resource(resource, body)
+            self.state.put_resource(resource, await self.read_body(request))
             outcome = "stored"
         self.audit.record(event="admin", outcome=outcome, client=self.client_of(request), resource=resource)
         return Response(status_code=200)
@@ -524,12 +537,24 @@ def build_app(config: Config) -> Starlette:
             try:
                 return await handler(request)
             except Problem as problem:
-                context = getattr(request.state, "audit", {})
-                broker.audit.record(event=problem.event or request.url.path.rsplit("/", 1)[-1], outcome="refused",
-                                    client=broker.client_of(request), reason=problem.detail, **context)
-                return _problem_response(problem)
+                refusal = problem
+                outcome = "refused"
+            except Exception as exc:  # never a bare 500 page: a problem answer, and an audit line
+                logger.exception("clave-kbs: %s %s failed", request.method, request.url.path)
+                refusal = Problem(500, "InternalError", f"internal error ({type(exc).__name__}); see the KBS log")
+                outcome = "error"
+            context = getattr(request.state, "audit", {})
+            broker.audit.record(event=refusal.event or request.url.path.rsplit("/", 1)[-1], outcome=outcome,
+                                client=broker.client_of(request), reason=refusal.detail, **context)
+            return _problem_response(refusal)
 
         return endpoint
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        kind = {404: "NotFound", 405: "MethodNotAllowed"}.get(status, "InvalidRequest")
+        detail = f"{request.method} {request.url.path}: {exc.detail if isinstance(exc, HTTPException) else exc}"
+        return _problem_response(Problem(status, kind, detail))
 
     routes = [
         Route(f"{protocol.PREFIX}/auth", guarded(broker.auth), methods=["POST"]),
@@ -538,7 +563,7 @@ def build_app(config: Config) -> Starlette:
               methods=["GET", "POST", "DELETE"]),
         Route(f"{protocol.PREFIX}/resource-policy", guarded(broker.resource_policy), methods=["GET", "POST"]),
     ]
-    app = Starlette(routes=routes)
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
     app.state.broker = broker
     return app
 
