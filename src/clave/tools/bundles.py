@@ -53,3 +53,49 @@ def make_bundle(bundle: str, args: list[str], rootfs: str | None = None, termina
     with open(os.path.join(bundle, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     return config
+
+
+def write_files(rootfs: str, files: dict[str, str | bytes]) -> None:
+    """Write ``files`` (image path → content) into a rootfs."""
+    for path, content in files.items():
+        target = os.path.join(rootfs, path.lstrip("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as f:
+            f.write(content.encode() if isinstance(content, str) else content)
+
+
+def make_app_bundle(bundle: str, files: dict[str, str | bytes], args: list[str], cwd: str = "/",
+                    env: list[str] | tuple[str, ...] = (), enclave: bool = True) -> dict[str, Any]:
+    """A bundle whose busybox image also holds an app (``files``) run by ``args`` (``python3 app.py``): a
+    WebAssembly enclave container (``ENCLAVE_TYPE=wasm``, read-only root) unless ``enclave`` is false."""
+    config = make_bundle(bundle, args)
+    write_files(os.path.join(bundle, "rootfs"), files)
+    config["process"]["cwd"] = cwd
+    config["process"]["env"] += list(env) + (["ENCLAVE_TYPE=wasm"] if enclave else [])
+    config["root"]["readonly"] = True
+    with open(os.path.join(bundle, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return config
+
+
+def host_python_mounts(python: str = "/usr/bin/python3") -> list[dict[str, Any]]:
+    """Read-only bind mounts that let a native busybox container run the host's CPython as /usr/bin/python3:
+    the interpreter, its standard library and the shared libraries it links (the same app then runs natively
+    and in the WebAssembly enclave, for comparison)."""
+    real = os.path.realpath(python)
+    version = os.path.basename(real)  # python3.11
+    sources = [(real, "/usr/bin/python3"), (f"/usr/lib/{version}", f"/usr/lib/{version}")]
+    ldd = subprocess.run(["ldd", real], capture_output=True, text=True, check=True).stdout
+    for line in ldd.splitlines():
+        parts = line.split()
+        path = parts[2] if "=>" in parts and len(parts) > 2 else parts[0] if parts else ""
+        if path.startswith("/"):
+            directory = os.path.dirname(path)
+            sources.append((os.path.realpath(directory), directory))
+    mounts, seen = [], set()
+    for source, destination in sources:
+        if destination not in seen:
+            seen.add(destination)
+            mounts.append({"destination": destination, "type": "bind", "source": source,
+                           "options": ["rbind", "ro", "nosuid", "nodev"]})
+    return mounts

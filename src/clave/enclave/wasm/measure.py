@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import stat
 
 from clave import fastjson
@@ -37,8 +38,11 @@ if TYPE_CHECKING:
 
 DOMAIN = b"clave-wasm-mrenclave/1\0"
 APP_DOMAIN = b"clave-wasm-app-mrenclave/1\0"
-# Image paths left out of the tree digest: where the app's signature travels.
+# Image paths left out of the tree digest: where the app's signature travels, and what container runtimes
+# mount over or create in every container (the kernel's file systems, /dev, the name and resolver files that
+# CRI bind-mounts), so that an app signed from its bundle measures the same under containerd and Kubernetes.
 SIGNATURE_DIR = ".clave"
+RUNTIME_PATHS = frozenset({SIGNATURE_DIR, "proc", "sys", "dev", "etc/hosts", "etc/hostname", "etc/resolv.conf"})
 CONFIG_KEYS = ("memory_limit", "cpu_time_limit")
 RLIMIT_CPU = "RLIMIT_CPU"
 
@@ -99,12 +103,12 @@ def effective_limits(signed: dict[str, int | None], oci: dict[str, int | None]) 
 def tree_digest(root: str, excluded: set[str] | frozenset[str] = frozenset()) -> bytes:
     """SHA-256 over every non-directory entry under ``root``, in byte order of path: its path, type, permission
     bits and content (a regular file's SHA-256, a symlink's target). Directories contribute only through their
-    entries, so the empty mount points a runtime creates do not count; ``excluded`` subtrees (paths relative to
-    ``root``, no leading slash: the OCI mount destinations and ``.clave``) are skipped."""
+    entries, so the empty mount points a runtime creates do not count; ``RUNTIME_PATHS`` and the ``excluded``
+    subtrees (the OCI mount destinations) are skipped."""
     total = hashlib.sha256()
     pending = [b""]
     root_bytes = os.fsencode(root)
-    skip = {os.fsencode(p.strip("/")) for p in excluded} | {SIGNATURE_DIR.encode()}
+    skip = {os.fsencode(posixpath.normpath("/" + p).strip("/")) for p in excluded | RUNTIME_PATHS}
     while pending:
         relative = pending.pop()
         with os.scandir(os.path.join(root_bytes, relative) if relative else root_bytes) as it:

@@ -114,6 +114,22 @@ def resolve_in_root(root: str, path: str, cwd: str = "/") -> str:
     return os.path.join(root, *resolved)
 
 
+def writable_mounts(config: dict[str, Any]) -> list[str]:
+    """The destinations of the OCI mounts a guest may write below a read-only root: writable bind and tmpfs
+    mounts, not the kernel's file systems."""
+    out = []
+    for mount in config.get("mounts", []) or []:
+        destination = posixpath.normpath("/" + mount.get("destination", ""))
+        options = mount.get("options") or []
+        kind = mount.get("type") or ("bind" if "bind" in options or "rbind" in options else "")
+        if kind not in ("bind", "tmpfs") or "ro" in options or destination == "/":
+            continue
+        if destination.split("/")[1] in ("proc", "sys", "dev"):
+            continue
+        out.append(destination)
+    return out
+
+
 def allowed_signers_from_policy() -> frozenset[str] | None:
     """The allowed mrsigners from the host policy file, or None (any signer) when it does not exist."""
     path = os.environ.get(ENV_SIGNERS) or SIGNERS_FILE
@@ -144,6 +160,7 @@ class WasmRuntime(EnclaveRuntime):
         self._root_dir = "/"
         self._cwd = "/"
         self._readonly = False
+        self._writable_mounts: list[str] = []
         self._oci_limits: dict[str, int | None] = measure.enclave_config(None)
         self._modules: dict[str, _Loaded] = {}
         self._main: _Loaded | None = None
@@ -170,6 +187,7 @@ class WasmRuntime(EnclaveRuntime):
         process = config.get("process", {})
         self._cwd = process.get("cwd") or "/"
         self._readonly = bool(config.get("root", {}).get("readonly", False))
+        self._writable_mounts = writable_mounts(config) if self._readonly else []
         self._oci_limits = measure.enclave_config(config)
         if self._allowed_signers is None:
             self._allowed_signers = allowed_signers_from_policy()
@@ -409,6 +427,10 @@ class WasmRuntime(EnclaveRuntime):
                 wasi.stderr_custom = writer
         try:
             wasi.preopen_dir(self._root_dir, "/", fs_mutable=not self._readonly)
+            for guest in self._writable_mounts:  # the root is read-only for WASI, these stay writable
+                host = resolve_in_root(self._root_dir, guest)
+                if os.path.isdir(host):
+                    wasi.preopen_dir(host, guest, fs_mutable=True)
             for guest, host in preopens.items():
                 wasi.preopen_dir(self._host_dir(host), guest, fs_mutable=False)
         except wasmtime.WasmtimeError as exc:
