@@ -389,3 +389,28 @@ def test_client_module_imports_no_server_libraries() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={"PYTHONPATH": str(REPO / "src")}, timeout=30)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
+
+
+def test_seal_wraps_to_rsa_oaep_keys_and_refuses_weak_ones() -> None:
+    from joserfc.jwk import RSAKey
+
+    from clave.kbs.server import Problem, seal
+
+    key = RSAKey.generate_key(2048, private=True)
+    jwk = dict(key.as_dict(private=False), alg="RSA-OAEP-256")
+    response = seal(b"rsa secret", jwk)
+    protected = json.loads(base64.urlsafe_b64decode(response["protected"] + "=="))
+    assert protected == {"alg": "RSA-OAEP-256", "enc": "A256GCM"}
+    from joserfc import jwe
+
+    assert jwe.decrypt_compact(protocol.response_to_jwe(response), key,
+                               algorithms=["RSA-OAEP-256", "A256GCM"]).plaintext == b"rsa secret"
+    with pytest.raises(Problem, match="RSA1_5 is refused"):
+        seal(b"x", dict(jwk, alg="RSA1_5"))
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    numbers = rsa.generate_private_key(65537, 1024).public_key().public_numbers()
+    small = {"kty": "RSA", "alg": "RSA-OAEP", "e": "AQAB",
+             "n": base64.urlsafe_b64encode(numbers.n.to_bytes(128, "big")).decode().rstrip("=")}
+    with pytest.raises(Problem, match="shorter than 2048"):
+        seal(b"x", small)

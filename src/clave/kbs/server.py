@@ -164,12 +164,12 @@ def _import_tee_key(jwk: Any) -> Any:
         if kty == "RSA":
             if alg not in ("RSA-OAEP", "RSA-OAEP-256"):
                 raise ValueError("RSA tee-pubkey alg must be RSA-OAEP or RSA-OAEP-256 (RSA1_5 is refused)")
-            key = RSAKey.import_key({k: jwk[k] for k in ("kty", "n", "e") if k in jwk})
-            if key.raw_value.key_size < 2048:
+            modulus = base64.urlsafe_b64decode(str(jwk.get("n", "")) + "==")
+            if int.from_bytes(modulus, "big").bit_length() < 2048:
                 raise ValueError("RSA tee-pubkey is shorter than 2048 bits")
-            return key
+            return RSAKey.import_key({k: jwk[k] for k in ("kty", "n", "e") if k in jwk})
         raise ValueError(f"tee-pubkey kty {kty!r} is not EC or RSA")
-    except (JoseError, ValueError, TypeError, KeyError) as exc:
+    except (JoseError, ValueError, TypeError, KeyError, binascii.Error) as exc:
         raise Problem(400, "InvalidRequest", _layered(Layer.FORMAT, f"runtime-data.tee-pubkey: {exc}")) from None
 
 
