@@ -465,3 +465,45 @@ def test_enclave_container_from_pod_annotations(cri: Cri, tmp_path_factory: pyte
         assert "hello from the enclave" in log and "pal_destroy" in log, log
         cri.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=cid), timeout=30)
     _assert_nothing_left(cri, [pod, cid])
+
+
+def test_python_enclave_app_from_an_image(cri: Cri, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """An ordinary image whose command is `python3 app.py` runs in the WebAssembly enclave when its CRI
+    annotations say enclave.type=wasm; the app's signature travels in the image."""
+    pytest.importorskip("wasmtime")
+    from clave.enclave.wasm import interpreters
+    from clave.tools import bundles
+
+    try:
+        interpreters.PYTHON.module_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    base = tmp_path_factory.mktemp("pyapp")
+    bundle = base / "bundle"
+    app = "import os\nprint('python in the enclave, cwd', os.getcwd(), open('motd.txt').read().strip())\n"
+    bundles.make_app_bundle(str(bundle), {"/app/app.py": app, "/app/motd.txt": "from the image"},
+                            ["python3", "app.py"], cwd="/app")
+    clave = str(Path(sys.executable).parent / "clave")
+    subprocess.run([clave, "enclave", "keygen", "--out", str(base / "key.pem")], check=True, capture_output=True)
+    subprocess.run([clave, "enclave", "sign", "--key", str(base / "key.pem"), str(bundle)], check=True,
+                   capture_output=True)
+    image = "localhost/clave/pyapp:1"
+    tar = write_oci_image(bundle / "rootfs", image, {"Env": ["PATH=/usr/bin:/bin"], "WorkingDir": "/app",
+                                                     "Cmd": ["python3", "app.py"]}, base / "pyapp.tar")
+    _ctr(cri.address, "image", "import", str(tar))
+    pb = cri.pb
+    with running_pod(cri, "pyapp") as (pod, sandbox):
+        config = pb.ContainerConfig(
+            metadata=pb.ContainerMetadata(name="app"), image=pb.ImageSpec(image=image), log_path="app.log",
+            annotations={"enclave.type": "wasm"},
+            linux=pb.LinuxContainerConfig(security_context=pb.LinuxContainerSecurityContext(
+                namespace_options=pb.NamespaceOption(network=pb.NODE, pid=pb.CONTAINER, ipc=pb.POD))))
+        cid = cri.runtime.CreateContainer(pb.CreateContainerRequest(pod_sandbox_id=pod, config=config,
+                                                                    sandbox_config=sandbox), timeout=60).container_id
+        cri.runtime.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=60)
+        _wait_for(lambda: _status(cri, cid)[0].state == pb.CONTAINER_EXITED, "the app to exit", timeout=60)
+        log = (Path(sandbox.log_directory) / "app.log").read_text()
+        assert _status(cri, cid)[0].exit_code == 0, log
+        assert "python in the enclave, cwd /app from the image" in log, log
+        cri.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=cid), timeout=30)
+    _assert_nothing_left(cri, [pod, cid])

@@ -8,6 +8,7 @@ import pty
 import select
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -195,4 +196,29 @@ def test_enclave_container_through_the_shim(containerd: Containerd, busybox_root
         assert "pal_create_process path=/bin/sh" in calls and "pal_destroy" in calls
     finally:
         log.unlink(missing_ok=True)
+    _assert_gone(containerd, cid)
+
+
+def test_python_enclave_app_through_the_shim(containerd: Containerd, tmp_path: Path) -> None:
+    """`ctr run` with the wasm annotation runs an image's `python3 app.py` in the WebAssembly enclave."""
+    pytest.importorskip("wasmtime")
+    from clave.enclave.wasm import interpreters
+    from clave.tools import bundles
+
+    try:
+        interpreters.PYTHON.module_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    bundle = tmp_path / "bundle"
+    app = "import sys\nprint('enclaved python', sys.platform, sys.argv[1:])\nsys.exit(6)\n"
+    bundles.make_app_bundle(str(bundle), {"/app/app.py": app}, ["python3", "/app/app.py", "x"])
+    key = tmp_path / "signer.pem"
+    clave = str(Path(sys.executable).parent / "clave")
+    subprocess.run([clave, "enclave", "keygen", "--out", str(key)], check=True, capture_output=True)
+    subprocess.run([clave, "enclave", "sign", "--key", str(key), str(bundle)], check=True, capture_output=True)
+    cid = _id("py")
+    result = _run(containerd, bundle / "rootfs", ["--rm", "--annotation", "enclave.type=wasm"], cid,
+                  "python3", "/app/app.py", "x", timeout=60)
+    assert result.returncode == 6, result.stderr
+    assert result.stdout == "enclaved python wasi ['x']\n"
     _assert_gone(containerd, cid)
