@@ -27,6 +27,9 @@ from clave.kbs import protocol
 from clave.kbs.client import Connection, KbsError, decrypt_response, fetch_resource
 from clave.kbs.store import StateDir, write_private
 
+for _dependency in ("joserfc", "starlette", "uvicorn"):  # clave-kbs's own (imported lazily by its modules)
+    pytest.importorskip(_dependency, reason=f"clave-kbs needs {_dependency} (pip install {_dependency})")
+
 SECRET = b"database password: correct horse battery staple"
 Attest = Callable[[bytes], tuple[str, bytes]]
 
