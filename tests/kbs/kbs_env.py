@@ -124,14 +124,16 @@ def _wait_ready(process: subprocess.Popen[bytes], port: int, ca_file: Path, dead
     raise RuntimeError("clave-kbs did not start listening in time")
 
 
-def start_kbs(material: Material, state: Path, *extra: str) -> Kbs:
+def start_kbs(material: Material, state: Path, *extra: str, admin: bool = True) -> Kbs:
+    """``clave-kbs serve`` as a process on a free loopback port, returned once it answers TLS handshakes."""
     port = free_port()
     argv = [
         sys.executable, "-m", "clave.kbs.cli", "serve", "--listen", f"127.0.0.1:{port}",
         "--cert", str(material.cert), "--key", str(material.key), "--state", str(state),
-        "--admin-pubkey", str(material.admin_public), "--collateral", str(material.collateral),
-        "--policy", str(material.policy), *extra,
+        "--collateral", str(material.collateral), "--policy", str(material.policy), *extra,
     ]
+    if admin:
+        argv += ["--admin-pubkey", str(material.admin_public)]
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:

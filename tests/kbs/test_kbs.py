@@ -328,16 +328,24 @@ def test_admin_sets_policy_and_deletes_resources(kbs: Kbs, material: Material) -
     assert result.returncode == 0, result.stderr
 
 
-def test_admin_disabled_without_admin_pubkey(material: Material, tmp_path: Path) -> None:
-    server = start_kbs(material, tmp_path / "state", "--allow-insecure")
+def test_admin_api_is_off_without_admin_pubkey_and_keygen_makes_a_pair(material: Material, tmp_path: Path) -> None:
+    private, public = tmp_path / "k.pem", tmp_path / "k.pub"
+    assert cli("keygen", str(private), str(public)).returncode == 0
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert cli("keygen", str(private), str(public)).returncode == 2  # never overwrites a key
+    server = start_kbs(material, tmp_path / "state", "--allow-insecure", admin=False)
     try:
-        # the fixture passes --admin-pubkey: prove the keygen CLI pair works against it instead
-        private, public = tmp_path / "k.pem", tmp_path / "k.pub"
-        assert cli("keygen", str(private), str(public)).returncode == 0
-        assert stat.S_IMODE(private.stat().st_mode) == 0o600
-        assert cli("keygen", str(private), str(public)).returncode == 2  # never overwrites a key
         result = cli("put-resource", *admin_args(server, private), "default/key/x", str(public))
-        assert result.returncode == 1 and "AdminAuthAccess" in result.stderr
+        assert result.returncode == 1 and "admin API disabled" in result.stderr
+    finally:
+        stop_kbs(server)
+    fresh = material.directory / "fresh-admin.pub"
+    fresh.write_bytes(public.read_bytes())
+    server = start_kbs(material, tmp_path / "state2", "--allow-insecure", "--admin-pubkey", str(fresh), admin=False)
+    try:  # the pair keygen made is accepted by a KBS given its public half
+        result = cli("put-resource", *admin_args(server, private), "default/key/x", str(public))
+        assert result.returncode == 0, result.stderr
+        assert (tmp_path / "state2/resources/default/key/x").read_bytes() == public.read_bytes()
     finally:
         stop_kbs(server)
 
