@@ -386,6 +386,11 @@ def test_state_writes_are_private_and_atomic(tmp_path: Path) -> None:
     assert stat.S_IMODE(state.token_key_path.stat().st_mode) == 0o600
 
 
+def test_client_refuses_a_kbs_whose_certificate_it_does_not_trust(kbs: Kbs) -> None:
+    with pytest.raises(KbsError, match="TLS with KBS .* failed: CERTIFICATE_VERIFY_FAILED"):
+        fetch_resource(kbs.url, "default/key/db", sample())  # system CAs only: the self-signed cert is unknown
+
+
 def test_client_refuses_plain_http_and_bad_resource_names() -> None:
     with pytest.raises(KbsError, match="must be https"):
         fetch_resource("http://127.0.0.1:1", "a/b/c", sample())
