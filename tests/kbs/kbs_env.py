@@ -109,12 +109,11 @@ def make_material(directory: Path) -> Material:
                     directory / "other-admin.key", wasm_key, collateral, policy)
 
 
-def _wait_ready(process: subprocess.Popen[bytes], port: int, ca_file: Path, deadline: float) -> None:
+def _wait_ready(process: subprocess.Popen[bytes], port: int, ca_file: Path, stderr: Path, deadline: float) -> None:
     context = ssl.create_default_context(cafile=str(ca_file))
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            err = process.stderr.read().decode() if process.stderr else ""
-            raise RuntimeError(f"clave-kbs exited with {process.returncode}: {err.strip()}")
+            raise RuntimeError(f"clave-kbs exited with {process.returncode}: {stderr.read_text().strip()}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5) as raw:
                 with context.wrap_socket(raw, server_hostname="127.0.0.1"):
@@ -135,9 +134,11 @@ def start_kbs(material: Material, state: Path, *extra: str, admin: bool = True) 
     if admin:
         argv += ["--admin-pubkey", str(material.admin_public)]
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    stderr = state.with_name(state.name + ".stderr")  # a file, not a pipe: a chatty server never blocks on it
+    with stderr.open("wb") as err:
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env)
     try:
-        _wait_ready(process, port, material.cert, time.monotonic() + 20)
+        _wait_ready(process, port, material.cert, stderr, time.monotonic() + 20)
     except BaseException:
         process.kill()
         process.wait()
@@ -153,5 +154,3 @@ def stop_kbs(kbs: Kbs) -> None:
         except subprocess.TimeoutExpired:
             os.kill(kbs.process.pid, signal.SIGKILL)
             kbs.process.wait()
-    if kbs.process.stderr:
-        kbs.process.stderr.close()
