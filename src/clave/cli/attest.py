@@ -2,9 +2,14 @@
 
 usage: clave attest [--attester NAME] [--nonce HEX] [--report-data HEX] [--format json|cert] [--out FILE]
        clave attest ID --nonce HEX        evidence of a running enclave container, from its enclave runtime
+       clave attest [ID] --kbs URL --resource REPO/TYPE/TAG --out PATH [--kbs-ca CA.pem] [--attester NAME]
 --format json prints {"tee", "attester", "insecure", "report_data", "evidence" (base64)}; the report data is the
 given --report-data, or SHA-256 of the nonce. --format cert prints an RA-TLS certificate (PEM) binding a fresh
 key and the nonce, then its private key (PEM). `clave-verify evidence|cert` checks either.
+
+With --kbs, the evidence goes to a key broker (the KBS protocol) and the secret it releases is written to PATH,
+which must be on a tmpfs: with ID, by that enclave container's own runtime, inside the container (it must have
+been started with enclave.kbs.url); without, by this host's or this container's attester.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "report-data": ("str", ()),
     "format": ("str", ("f",)),
     "out": ("str", ("o",)),
+    "kbs": ("str", ()),
+    "resource": ("str", ()),
+    "kbs-ca": ("str", ()),
     "help": ("bool", ("h",)),
 }
 
@@ -51,6 +59,8 @@ def run(parsed: Parsed, ctx: Any) -> int:
 
         parsed.flags.update(parse_flags(parsed.args[1:], FLAGS, "attest").flags)
         parsed.args = parsed.args[:1]
+    if parsed.flags.get("kbs"):
+        return _fetch(parsed, ctx)
     nonce = _hex(parsed.flags.get("nonce"), "nonce", 64)
     report_data = _hex(parsed.flags.get("report-data"), "report-data", 64)
     if parsed.args:
@@ -90,4 +100,42 @@ def run(parsed: Parsed, ctx: Any) -> int:
             f.write(text)
     else:
         print(text, end="")
+    return 0
+
+
+def _fetch(parsed: Parsed, ctx: Any) -> int:
+    """--kbs: attest to a key broker and write the released secret to --out (a tmpfs)."""
+    url, resource, out = parsed.flags.get("kbs"), parsed.flags.get("resource"), parsed.flags.get("out")
+    if not (url and resource and out):
+        raise UsageError("usage: clave attest [ID] --kbs URL --resource REPO/TYPE/TAG --out PATH [--kbs-ca CA.pem]")
+    ca = parsed.flags.get("kbs-ca")
+    if parsed.args:
+        from clave.engine.container import Engine
+
+        ca_pem = None
+        if ca:
+            try:
+                with open(ca) as f:
+                    ca_pem = f.read()
+            except OSError as exc:
+                raise ClaveError(f"--kbs-ca {ca}: {exc.strerror}") from None
+        Engine(ctx.root, ctx.log).fetch_secret(parsed.args[0], url, resource, out, ca_pem)
+        return 0
+    import os
+
+    from clave.attestation import registry
+    from clave.attestation.base import AttesterUnavailable
+    from clave.enclave import provision
+    from clave.enclave.runtime import EnclaveError
+    from clave.kbs import client
+
+    try:
+        attester = registry.attester(parsed.flags.get("attester"))
+        if getattr(attester, "insecure", False) or attester.tee == "sample":
+            ctx.log.warning(f"attester {attester.name} is INSECURE: its evidence proves nothing about a TEE")
+        secret = client.fetch_resource(url, resource, lambda data: (attester.tee, attester.attest(data).data),
+                                       ca_file=ca)
+        provision.write_secret(out, secret, os.geteuid(), os.getegid())
+    except (AttesterUnavailable, KeyError, client.KbsError, EnclaveError) as exc:
+        raise ClaveError(f"attest: {exc}") from None
     return 0

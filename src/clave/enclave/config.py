@@ -18,6 +18,11 @@ SETTINGS = {
     "runtime_path": ("ENCLAVE_RUNTIME_PATH", "enclave.runtime.path"),
     "runtime_args": ("ENCLAVE_RUNTIME_ARGS", "enclave.runtime.args"),
     "log_level": ("ENCLAVE_RUNTIME_LOGLEVEL", "enclave.runtime.loglevel"),
+    # Clave's own: what the enclave runtime provisions for the app before it runs (see clave.enclave.provision)
+    "attestation_dir": ("ENCLAVE_ATTESTATION_DIR", "enclave.attestation.dir"),
+    "kbs_url": ("ENCLAVE_KBS_URL", "enclave.kbs.url"),
+    "kbs_resources": ("ENCLAVE_KBS_RESOURCES", "enclave.kbs.resources"),
+    "kbs_ca": ("ENCLAVE_KBS_CA", "enclave.kbs.ca"),
 }
 
 # Enclave types and the host devices each needs (rune's rule for the hardware ones).

@@ -321,15 +321,24 @@ class Engine:
     # ---------------------------------------------------------------- attest
     def attest(self, container_id: str, report_data: bytes) -> dict[str, Any]:
         """Evidence from a running enclave container's own enclave runtime, binding ``report_data``."""
+        return self._enclave_request(container_id, {"op": "attest", "report_data": report_data.hex()})
+
+    def fetch_secret(self, container_id: str, url: str, resource: str, path: str, ca_pem: str | None = None) -> None:
+        """A running enclave container's runtime attests to the KBS at ``url`` and writes ``resource`` to
+        ``path`` inside the container (a tmpfs)."""
+        self._enclave_request(container_id, {"op": "kbs", "url": url, "resource": resource, "path": path,
+                                             "ca": ca_pem}, timeout=60)
+
+    def _enclave_request(self, container_id: str, request: dict[str, Any], timeout: float = 10) -> dict[str, Any]:
         sd, state = self._open(container_id)
         try:
             if state.handler != "enclave":
                 raise ClaveError(f"container {container_id} is not an enclave container: nothing to attest")
             if st.status(state, sd) not in ("running", "paused"):
                 raise ClaveError(f"container {container_id} is not running")
-            from clave.handlers.enclave import attest_enclave
+            from clave.handlers.enclave import agent_request
 
-            return attest_enclave(sd.path, report_data)
+            return agent_request(sd.path, request, timeout)
         finally:
             sd.unlock()
 

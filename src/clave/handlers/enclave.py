@@ -18,6 +18,7 @@ import threading
 
 from clave import fastjson
 from clave.enclave import config as enclave_config
+from clave.enclave import provision
 from clave.enclave.runtime import EnclaveError, EnclaveRuntime
 from clave.errors import ClaveError
 from clave.handlers.native import NativeHandler, make_plan
@@ -49,7 +50,8 @@ class EnclaveHandler(NativeHandler):
             devices = enclave_config.check_host(settings)
             if settings["type"] != "wasm":
                 enclave_config.validate_pal_path(settings.get("runtime_path", ""))
-        except enclave_config.EnclaveConfigError as exc:
+            provision.Provisioning(settings)  # its settings are checked now, not in the init
+        except (enclave_config.EnclaveConfigError, EnclaveError) as exc:
             raise ClaveError(str(exc)) from None
         if settings["type"] == "wasm":
             _compile_language_runtime(config, notice)
@@ -113,29 +115,33 @@ def load_enclave_runtime(plan: spawn.InitPlan) -> None:
     runtime = make_runtime(settings)
     try:
         runtime.prepare(plan.rootfs, plan.config)
+        provisioning = provision.Provisioning(settings)
+        provisioning.before_pivot()
     except EnclaveError as exc:
         raise spawn.SpawnError(str(exc)) from None
     agent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     agent.bind(os.path.join(plan.state_dir, AGENT_SOCKET))  # before pivot_root, where the path resolves
     agent.listen(16)
-    plan.handler_state = (settings, runtime, agent)
+    plan.handler_state = (settings, runtime, agent, provisioning)
 
 
 def enclave_launch(plan: spawn.InitPlan, ctx: dict[str, Any]) -> None:
     """After start: pal_init, confinement, then the entrypoint through the PAL with signals forwarded."""
-    settings, runtime, agent = plan.handler_state
+    settings, runtime, agent, provisioning = plan.handler_state
     process = dict(plan.process)
     if plan.linux.get("seccomp"):
         process["_seccomp"] = plan.linux["seccomp"]
     env = proc.environment(process, plan.extra_env)
     runtime.init(settings["runtime_args"], settings["log_level"])
+    user = process.get("user", {})
+    provisioning.run(runtime, user.get("uid", 0), user.get("gid", 0))  # before the app; as root, unconfined
     proc.finalize(process, in_userns="user" in plan.namespaces)
     proc.mark_fds_cloexec(2 + plan.keep_fds)
     args = process["args"]
     pid = runtime.create_process(_entrypoint(args[0], env), args, [f"{k}={v}" for k, v in env.items()], (0, 1, 2))
     os.write(ctx["exec_fifo"], b"0")
     os.close(ctx["exec_fifo"])
-    os._exit(run_forwarding_signals(runtime, pid, agent))
+    os._exit(run_forwarding_signals(runtime, pid, agent, provisioning))
 
 
 def _entrypoint(name: str, env: dict[str, str]) -> str:
@@ -150,7 +156,8 @@ def _entrypoint(name: str, env: dict[str, str]) -> str:
         return name
 
 
-def run_forwarding_signals(runtime: EnclaveRuntime, pid: int, agent: socket.socket | None = None) -> int:
+def run_forwarding_signals(runtime: EnclaveRuntime, pid: int, agent: socket.socket | None = None,
+                           provisioning: provision.Provisioning | None = None) -> int:
     """Run the enclave process in a worker thread; the main thread forwards signals as pal_kill(-1, sig)
     (Python runs signal handlers only in the main thread, and only between bytecodes) and serves `clave exec`
     requests on the agent socket."""
@@ -184,7 +191,7 @@ def run_forwarding_signals(runtime: EnclaveRuntime, pid: int, agent: socket.sock
         if done_r in ready or agent is None:
             break
         fd, _ = agent._accept()  # type: ignore[attr-defined]  # _socket has no accept()
-        _serve_agent_request(runtime, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd))
+        _serve_agent_request(runtime, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd), provisioning)
     thread.join()
     try:
         runtime.destroy()
@@ -204,7 +211,8 @@ def _send(conn: socket.socket, **message: Any) -> None:
     conn.sendall(fastjson.dumps(message).encode() + b"\n")
 
 
-def _serve_agent_request(runtime: EnclaveRuntime, conn: socket.socket) -> None:
+def _serve_agent_request(runtime: EnclaveRuntime, conn: socket.socket,
+                         provisioning: provision.Provisioning | None = None) -> None:
     """One request: ``exec`` (with the process's stdio as SCM_RIGHTS) or ``kill``. create_process runs here,
     in the main thread; the process itself runs in a thread that reports its exit on the connection."""
     fds: list[int] = []
@@ -214,6 +222,13 @@ def _serve_agent_request(runtime: EnclaveRuntime, conn: socket.socket) -> None:
         request = fastjson.loads(data)
         if request.get("op") == "kill":
             runtime.kill(int(request["pid"]), int(request["sig"]))
+            _send(conn, ok=True)
+            conn.close()
+            return
+        if request.get("op") == "kbs":
+            if provisioning is None:
+                raise EnclaveError("this enclave runtime cannot fetch secrets")
+            provisioning.fetch_for_agent(runtime, request)
             _send(conn, ok=True)
             conn.close()
             return
@@ -308,18 +323,23 @@ class _LineReader:
 def attest_enclave(state_dir: str, report_data: bytes) -> dict[str, Any]:
     """Evidence for a running enclave container, produced by its enclave runtime (the PAL's local report),
     binding ``report_data``."""
+    return agent_request(state_dir, {"op": "attest", "report_data": report_data.hex()})
+
+
+def agent_request(state_dir: str, request: dict[str, Any], timeout: float = 10) -> dict[str, Any]:
+    """One request to a running enclave container's agent (its init), answered with one JSON line."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        conn.settimeout(10)
+        conn.settimeout(timeout)
         conn.connect(os.path.join(state_dir, AGENT_SOCKET))
-        conn.sendall(fastjson.dumps({"op": "attest", "report_data": report_data.hex()}).encode() + b"\n")
+        conn.sendall(fastjson.dumps(request).encode() + b"\n")
         reply: dict[str, Any] = fastjson.loads(_LineReader(conn).readline() or b'{"error": "no reply"}')
     except OSError as exc:
         raise ClaveError(f"enclave agent: {exc.strerror or exc}") from None
     finally:
         conn.close()
     if "error" in reply:
-        raise ClaveError(f"attest: {reply['error']}")
+        raise ClaveError(f"{request['op']}: {reply['error']}")
     return reply
 
 

@@ -115,6 +115,19 @@ def _tee_key() -> tuple[Any, dict[str, str]]:
     return key, jwk
 
 
+def preload() -> None:
+    """Import everything ``fetch_resource`` needs, for a caller that loses the file system before it fetches (a
+    container's init after pivot_root): one JWE round trip under a throwaway key loads joserfc's and
+    cryptography's lazily imported parts."""
+    from joserfc import jwe
+
+    key, _ = _tee_key()
+    token = jwe.encrypt_compact({"alg": protocol.TEE_KEY_ALG, "enc": protocol.CONTENT_ENC}, b"preload", key)
+    jwe.decrypt_compact(token, key, algorithms=[protocol.TEE_KEY_ALG, protocol.CONTENT_ENC])
+    ssl.create_default_context()
+    "kbs.example".encode("idna")  # http.client encodes host names with the idna codec
+
+
 def decrypt_response(response: Any, key: Any) -> bytes:
     """The plaintext of a resource ``Response`` (flattened JWE) under the TEE private key."""
     from joserfc import jwe

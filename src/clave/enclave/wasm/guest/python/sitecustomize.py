@@ -1,9 +1,9 @@
 # Run by CPython-for-WASI at start-up, from a directory Clave's WebAssembly enclave preopens read-only.
 # WASI has no working directory: enter the container's (process.cwd) before the app runs, then hand over to
-# the image's own sitecustomize, if it has one.
+# the image's own sitecustomize, if it has one. Only modules already loaded are used: importing importlib from
+# the runtime's zipped stdlib would cost every start ~40 ms.
 import os
 import sys
-from importlib.machinery import PathFinder
 
 _here = os.path.dirname(__file__)
 _cwd = os.environ.pop("CLAVE_CWD", "")
@@ -16,10 +16,8 @@ else:
     os.environ.pop("PYTHONPATH", None)
 if _here in sys.path:
     sys.path.remove(_here)
-_spec = PathFinder.find_spec("sitecustomize", sys.path)
+_spec = sys.modules["_frozen_importlib_external"].PathFinder.find_spec("sitecustomize", sys.path)
 if _spec is not None and _spec.loader is not None:
-    from importlib.util import module_from_spec
-
-    _image = module_from_spec(_spec)
+    _image = sys.modules["_frozen_importlib"].module_from_spec(_spec)
     sys.modules["sitecustomize"] = _image
     _spec.loader.exec_module(_image)
