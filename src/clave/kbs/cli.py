@@ -3,6 +3,7 @@
     clave-kbs serve --listen HOST:PORT --cert CERT --key KEY --state DIR [--admin-pubkey PEM] [--policy FILE]
                     [--collateral DIR] [--roots DIR] [--allow-insecure] [--session-ttl SECONDS]
     clave-kbs keygen PRIVATE.pem PUBLIC.pem
+    clave-kbs tls-cert CERT.pem KEY.pem [--host NAME_OR_IP]...   (a self-signed certificate for development)
     clave-kbs put-resource    [--url URL] [--ca-file PEM] --admin-key KEY repo/type/tag FILE
     clave-kbs delete-resource [--url URL] [--ca-file PEM] --admin-key KEY repo/type/tag
     clave-kbs set-policy      [--url URL] [--ca-file PEM] --admin-key KEY FILE
@@ -56,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     keygen = verbs.add_parser("keygen", help="make an Ed25519 admin key pair")
     keygen.add_argument("private", metavar="PRIVATE.pem")
     keygen.add_argument("public", metavar="PUBLIC.pem")
+
+    tls = verbs.add_parser("tls-cert", help="make a self-signed TLS certificate and key (development)")
+    tls.add_argument("cert", metavar="CERT.pem")
+    tls.add_argument("key", metavar="KEY.pem")
+    tls.add_argument("--host", action="append", metavar="NAME_OR_IP",
+                     help="a name or address the certificate is for (repeatable; default 127.0.0.1 and localhost)")
 
     remote = argparse.ArgumentParser(add_help=False)
     remote.add_argument("--url", default=DEFAULT_URL, help=f"KBS base URL (default {DEFAULT_URL})")
@@ -135,6 +142,44 @@ def _keygen(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _tls_cert(args: argparse.Namespace) -> int:
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    hosts = args.host or ["127.0.0.1", "localhost"]
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"clave-kbs {hosts[0]}")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=365))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(key, hashes.SHA256()))
+    try:
+        fd = os.open(args.key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise UsageError(f"{args.key} exists; not overwriting a key") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    Path(args.cert).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    print(f"TLS certificate: {args.cert} (for {', '.join(hosts)}; clients trust it with --ca-file)")
+    print(f"TLS key: {args.key}")
+    return EXIT_OK
+
+
 def _admin(args: argparse.Namespace) -> int:
     from clave.kbs import protocol
     from clave.kbs.admin import AdminAuthError, make_admin_token
@@ -183,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.verb == "keygen":
             return _keygen(args)
+        if args.verb == "tls-cert":
+            return _tls_cert(args)
         return _admin(args)
     except (UsageError, PolicyError) as exc:
         print(f"clave-kbs: {exc}", file=sys.stderr)
