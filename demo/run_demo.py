@@ -6,7 +6,13 @@
 3. Shows `clave run` passing the exit status through, and a bad config failing cleanly.
 4. Runs a signed WebAssembly module as an enclave container, shows its measurement and evidence, and shows a
    module changed by one byte being refused.
-5. Verifies genuine TEE evidence (an SGX quote, an SEV-SNP report) offline with `clave-verify`.
+5. Builds a small Python app image from files and runs it unmodified as a native container (the host's CPython)
+   and as an enclave container (CPython for WebAssembly), printing its measurement.
+6. The remote-attestation story: a key broker (`clave-kbs`) holds a secret for that app's measurement; the
+   enclave container's runtime attests and the app uses the secret; the app changed by one byte is refused (by
+   the KBS when re-signed by someone else, at load when not re-signed); a verifier checks the running app
+   through the node's relay (`clave-relay`, `clave-verify remote`).
+7. Verifies genuine TEE evidence (an SGX quote, an SEV-SNP report) offline with `clave-verify`.
 """
 
 from __future__ import annotations
@@ -24,6 +30,14 @@ REPO = os.path.dirname(HERE)
 BIN = os.path.dirname(sys.executable)
 CLAVE = os.path.join(BIN, "clave")
 VERIFY = os.path.join(BIN, "clave-verify")
+KBS = os.path.join(BIN, "clave-kbs")
+APP = """\
+import hashlib, sys
+print(f"hello from {sys.implementation.name} on {sys.platform}")
+if "--use-token" in sys.argv:
+    token = open("/run/secrets/api-token").read().strip()
+    print(f"  the app read its API token from the KBS: sha256 {hashlib.sha256(token.encode()).hexdigest()[:12]}...")
+"""
 TESTDATA = os.path.join(os.path.dirname(REPO), "shared", "testdata", "attestation")
 
 INSIDE = r"""
@@ -141,6 +155,123 @@ def enclave(workdir: str) -> None:
     print(f"  tampered module: exit {result.returncode}: {refusal[-1] if refusal else ''}")
 
 
+def python_app(workdir: str) -> str:
+    step("An ordinary Python app image, unmodified: natively, then in the WebAssembly enclave (CPython for WASI)")
+    from clave.tools.bundles import host_python_mounts, make_app_bundle
+
+    native = os.path.join(workdir, "py-native")
+    config = make_app_bundle(native, {"/app/app.py": APP}, ["python3", "app.py"], cwd="/app", enclave=False)
+    config["mounts"] += host_python_mounts()  # the image has no CPython of its own: lend it the host's
+    with open(os.path.join(native, "config.json"), "w") as f:
+        json.dump(config, f)
+    clave("run", "--bundle", native, "py-native")
+    clave("enclave", "compile", "python")  # once per host: shows its progress
+    bundle = os.path.join(workdir, "py-enclave")
+    make_app_bundle(bundle, {"/app/app.py": APP}, ["python3", "app.py"], cwd="/app")
+    key = os.path.join(workdir, "signer.pem")
+    clave("enclave", "sign", "--key", key, bundle, stdout=subprocess.DEVNULL)
+    measured = json.loads(clave("enclave", "measure", bundle, stdout=subprocess.PIPE).stdout)
+    manifest = measured["manifest"]
+    print(f"  mrenclave={measured['mrenclave']}\n  mrsigner={measured['mrsigner']}\n"
+          f"  (runtime {manifest['runtime']} {manifest['runtime_sha256'][:12]}..., files "
+          f"{manifest['tree_sha256'][:12]}..., args {manifest['args']})")
+    clave("run", "--bundle", bundle, "py-enclave", stderr=subprocess.DEVNULL)
+    return key
+
+
+def key_broker(workdir: str, key: str) -> None:
+    step("Secrets for attested apps only: clave-kbs releases a token to the app's measurement")
+    from clave.enclave.wasm import report
+    from clave.tools.bundles import make_app_bundle
+
+    kbs_dir = os.path.join(workdir, "kbs")
+    os.makedirs(os.path.join(kbs_dir, "collateral"))
+    cert, tls_key = os.path.join(kbs_dir, "tls.crt"), os.path.join(kbs_dir, "tls.key")
+    admin, admin_pub = os.path.join(kbs_dir, "admin.key"), os.path.join(kbs_dir, "admin.pub")
+    subprocess.run([KBS, "tls-cert", cert, tls_key], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([KBS, "keygen", admin, admin_pub], check=True, stdout=subprocess.DEVNULL)
+    with open(os.path.join(kbs_dir, "collateral", "wasm_platform_key.pem"), "wb") as f:
+        f.write(report.platform_public_pem(report.load_platform_key()))  # the host key wasm evidence is signed with
+    port = _free_port()
+    url = f"https://127.0.0.1:{port}"
+    print(f"$ clave-kbs serve --listen 127.0.0.1:{port} --allow-insecure ...  (wasm evidence is software-only)")
+    server = subprocess.Popen([KBS, "serve", "--listen", f"127.0.0.1:{port}", "--cert", cert, "--key", tls_key,
+                               "--state", os.path.join(kbs_dir, "state"), "--admin-pubkey", admin_pub,
+                               "--collateral", os.path.join(kbs_dir, "collateral"), "--allow-insecure"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port(port)
+        admin_args = ["--url", url, "--ca-file", cert, "--admin-key", admin]
+        token = os.path.join(kbs_dir, "api-token")
+        with open(token, "w") as f:
+            f.write("s3cr3t-api-token")
+        subprocess.run([KBS, "put-resource", *admin_args, "default/token/api", token], check=True)
+        bundle = os.path.join(workdir, "py-kbs")
+
+        def app_bundle(path: str, source: str, signer: str) -> dict[str, str]:
+            config = make_app_bundle(path, {"/app/app.py": source}, ["python3", "app.py", "--use-token"],
+                                     cwd="/app")
+            config["mounts"].append({"destination": "/run/secrets", "type": "tmpfs", "source": "tmpfs",
+                                     "options": ["nosuid", "nodev", "mode=0755", "size=1m"]})
+            config["linux"]["namespaces"] = [n for n in config["linux"]["namespaces"] if n["type"] != "network"]
+            config["annotations"] = {"enclave.kbs.url": url, "enclave.kbs.ca": cert,
+                                     "enclave.kbs.resources": "default/token/api=/run/secrets/api-token"}
+            with open(os.path.join(path, "config.json"), "w") as f:
+                json.dump(config, f)
+            clave("enclave", "sign", "--key", signer, path, stdout=subprocess.DEVNULL)
+            measured: dict[str, str] = json.loads(clave("enclave", "measure", path, stdout=subprocess.PIPE).stdout)
+            return measured
+
+        measured = app_bundle(bundle, APP, key)
+        policy = os.path.join(kbs_dir, "policy.json")
+        with open(policy, "w") as f:
+            json.dump({"default/token/api": [{"tee": ["wasm"], "reference_values": {
+                "mrenclave": [measured["mrenclave"]], "mrsigner": [measured["mrsigner"]]}}]}, f)
+        subprocess.run([KBS, "set-policy", *admin_args, policy], check=True, stdout=subprocess.DEVNULL)
+        print(f"  resource policy: default/token/api for mrenclave {measured['mrenclave'][:16]}... only")
+        clave("run", "--bundle", bundle, "py-kbs", stderr=subprocess.DEVNULL)
+
+        forged = os.path.join(workdir, "py-forged")
+        other = os.path.join(workdir, "other-signer.pem")
+        clave("enclave", "keygen", "--out", other, stdout=subprocess.DEVNULL)
+        app_bundle(forged, APP.replace("hello from", "hello frm "), other)
+        result = clave("run", "--bundle", forged, "py-forged", check=False, stderr=subprocess.PIPE)
+        print(f"  one byte changed, re-signed by another key: exit {result.returncode}: {_last_line(result.stderr)}")
+        with open(os.path.join(bundle, "rootfs", "app", "app.py"), "a") as f:
+            f.write("#")
+        result = clave("run", "--bundle", bundle, "py-tampered", check=False, stderr=subprocess.PIPE)
+        print(f"  one byte changed, not re-signed:          exit {result.returncode}: {_last_line(result.stderr)}")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip() and "level=warning" not in line]
+    return lines[-1] if lines else ""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_port(port: int) -> None:
+    import socket
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f"demo failed: nothing listens on port {port}")
+
+
 def attestation() -> None:
     step("Verifying genuine TEE evidence offline (clave-verify)")
     if not os.path.isdir(TESTDATA):
@@ -191,6 +322,8 @@ def main() -> None:
         lifecycle(workdir)
         run_and_errors(workdir)
         enclave(workdir)
+        key = python_app(workdir)
+        key_broker(workdir, key)
         attestation()
     finally:
         subprocess.run([CLAVE, "--root", ROOT, "delete", "--force", "demo"], capture_output=True)
