@@ -175,3 +175,34 @@ def test_attestation_files_and_fetching_into_a_running_container(story: Story) -
         if child.poll() is None:
             child.kill()
     assert out.read_text() == "hello, attested world\n-----BEGIN CERTIFICATE-----\n"
+
+
+def test_clave_attest_kbs_with_the_host_attester(tmp_path: Path) -> None:
+    """Without a container id, `clave attest --kbs` attests with this host's attester (here `sample`, allowed
+    by the default test policy) and writes the secret to a tmpfs; a disk path is refused before any request."""
+    (tmp_path / "kbs").mkdir()
+    material = make_material(tmp_path / "kbs")
+    kbs = start_kbs(material, tmp_path / "kbs-state", "--allow-insecure")
+    try:
+        secret = tmp_path / "db.pass"
+        secret.write_text("correct horse")
+        subprocess.run([sys.executable, "-m", "clave.kbs.cli", "put-resource", "--url", kbs.url, "--ca-file",
+                        kbs.ca_file, "--admin-key", str(material.admin_private), "default/key/db", str(secret)],
+                       check=True, capture_output=True)
+        out = Path("/dev/shm") / f"clave-test-{os.getpid()}"
+        fetched = clave("attest", "--attester", "sample", "--kbs", kbs.url, "--kbs-ca", kbs.ca_file, "--resource",
+                        "default/key/db", "--out", str(out))
+        try:
+            assert fetched.returncode == 0, fetched.stderr
+            assert out.read_text() == "correct horse" and out.stat().st_mode & 0o777 == 0o400
+            assert "INSECURE" in fetched.stderr
+        finally:
+            out.unlink(missing_ok=True)
+        refused = clave("attest", "--attester", "sample", "--kbs", kbs.url, "--kbs-ca", kbs.ca_file, "--resource",
+                        "default/key/db", "--out", str(tmp_path / "on-disk"))
+        assert refused.returncode == 1 and "is not on a tmpfs mount" in refused.stderr
+        assert not (tmp_path / "on-disk").exists()
+        bad = clave("attest", "--kbs", kbs.url, "--resource", "default/key/db")
+        assert bad.returncode != 0 and "usage: clave attest" in bad.stderr
+    finally:
+        stop_kbs(kbs)

@@ -74,6 +74,7 @@ def run(parsed: Parsed, ctx: Any) -> int:
     if fmt not in ("json", "cert"):
         raise UsageError(f"invalid format option {fmt!r}: use json or cert")
     try:
+        provision.check_tmpfs(out)  # before anything is released
         attester = registry.attester(parsed.flags.get("attester"))
     except (AttesterUnavailable, KeyError) as exc:
         raise ClaveError(f"attest: {exc}") from None
@@ -130,6 +131,7 @@ def _fetch(parsed: Parsed, ctx: Any) -> int:
     from clave.kbs import client
 
     try:
+        provision.check_tmpfs(out)  # before anything is released
         attester = registry.attester(parsed.flags.get("attester"))
         if getattr(attester, "insecure", False) or attester.tee == "sample":
             ctx.log.warning(f"attester {attester.name} is INSECURE: its evidence proves nothing about a TEE")

@@ -137,7 +137,7 @@ class EnclaveAttester:
                         insecure=self.runtime.insecure)
 
 
-def _check_tmpfs(path: str) -> None:
+def check_tmpfs(path: str) -> None:
     directory = os.path.dirname(path) or "/"
     if not os.path.isdir(directory):
         raise EnclaveError(f"{directory} does not exist in the container")
@@ -162,7 +162,7 @@ def _fs_type(path: str) -> str:
 
 
 def _write(path: str, data: bytes, uid: int, gid: int, mode: int = 0o400) -> None:
-    _check_tmpfs(path)
+    check_tmpfs(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
@@ -197,7 +197,7 @@ def fetch_secret(runtime: EnclaveRuntime, url: str, resource: str, path: str, ui
                  ca_file: str | None) -> None:
     from clave.kbs import client
 
-    _check_tmpfs(path)
+    check_tmpfs(path)
 
     def attest(report_data: bytes) -> tuple[str, bytes]:
         return runtime.name, runtime.local_report(b"", report_data)

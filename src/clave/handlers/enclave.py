@@ -54,7 +54,10 @@ class EnclaveHandler(NativeHandler):
         except (enclave_config.EnclaveConfigError, EnclaveError) as exc:
             raise ClaveError(str(exc)) from None
         if settings["type"] == "wasm":
+            from clave.enclave.wasm import runtime as wasm_runtime
+
             _compile_language_runtime(config, notice)
+            wasm_runtime.preload()  # before the init is forked: a shim pays it once for all its containers
         _inject_devices(config, devices, settings["type"])
         insecure = settings["type"] in enclave_config.SOFTWARE_TYPES
         state.extra["enclave"] = {**settings, "insecure": insecure}

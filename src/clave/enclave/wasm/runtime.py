@@ -114,6 +114,15 @@ def resolve_in_root(root: str, path: str, cwd: str = "/") -> str:
     return os.path.join(root, *resolved)
 
 
+def preload() -> None:
+    """Import what ``prepare`` imports (wasmtime ~50 ms, cryptography's Ed25519): called by the enclave handler
+    in the runtime process before it forks the init. Under `clave run` that only moves the cost; a long-lived
+    caller (the shim) pays it once and every init it forks inherits the modules."""
+    import wasmtime  # noqa: F401
+    from cryptography.exceptions import InvalidSignature  # noqa: F401
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey  # noqa: F401
+
+
 def writable_mounts(config: dict[str, Any]) -> list[str]:
     """The destinations of the OCI mounts a guest may write below a read-only root: writable bind and tmpfs
     mounts, not the kernel's file systems."""
