@@ -74,7 +74,6 @@ def run(parsed: Parsed, ctx: Any) -> int:
     if fmt not in ("json", "cert"):
         raise UsageError(f"invalid format option {fmt!r}: use json or cert")
     try:
-        provision.check_tmpfs(out)  # before anything is released
         attester = registry.attester(parsed.flags.get("attester"))
     except (AttesterUnavailable, KeyError) as exc:
         raise ClaveError(f"attest: {exc}") from None
