@@ -259,3 +259,12 @@ def test_concurrent_cold_starts_compile_once(app: App, tmp_path: Path) -> None:
     assert sum("compiled quickjs.wasm" in n for n in notices) >= 1
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".tmp-")]
     app.assert_clean()
+
+
+def test_clave_check_reports_the_language_runtimes(app: App) -> None:
+    app.make({"/app/app.py": "print('x')\n"}, ["python3", "app.py"])
+    assert app.clave("run", "warm").returncode == 0  # compiled by now
+    report = json.loads(app.clave("check", "--format", "json").stdout)
+    python = report["language_runtimes"]["python"]
+    assert python.startswith("supported (") and python.endswith("; compiled)")
+    assert interpreters.PYTHON.module_path() in python

@@ -36,6 +36,31 @@ def enclave_types() -> dict[str, str]:
     return report
 
 
+def language_runtimes() -> dict[str, str]:
+    """The WebAssembly builds of Python and JavaScript, and whether this host has compiled them yet."""
+    from clave.enclave.wasm import cache, compiler, interpreters
+
+    report = {}
+    for language in (interpreters.PYTHON, interpreters.JAVASCRIPT):
+        try:
+            path = language.module_path()
+        except FileNotFoundError as exc:
+            report[language.name] = f"no: {exc}"
+            continue
+        state = "not compiled yet (the first container compiles it; or run 'clave enclave compile')"
+        try:
+            store = cache.ModuleCache()
+            store.open()
+            fd = store.open_verified(compiler.cache_key(store.file_digest(path)))
+            if fd is not None:
+                os.close(fd)
+                state = "compiled"
+        except (OSError, cache.CacheError) as exc:
+            state = f"cache unusable: {exc}"
+        report[language.name] = f"supported ({path}; {state})"
+    return report
+
+
 def attesters() -> dict[str, str]:
     from clave.attestation import registry
     from clave.attestation.base import AttesterUnavailable
@@ -87,6 +112,7 @@ def report() -> dict[str, Any]:
         },
         "handlers": {"native": "supported", "enclave": "supported", "vm": "not available in this version"},
         "enclave_types": enclave_types(),
+        "language_runtimes": language_runtimes(),
         "attesters": attesters(),
         "vm_acceleration": vm_acceleration(),
     }
