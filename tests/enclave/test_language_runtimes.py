@@ -190,6 +190,25 @@ def test_measurement_covers_the_app_and_matches_the_running_enclave(app: App) ->
     try:
         attested = json.loads(app.clave("attest", "m", "--nonce", "00" * 8).stdout)
         assert attested["measurement"] == {"mrenclave": before["mrenclave"], "mrsigner": before["mrsigner"]}
+        # An RA-TLS certificate from the running enclave, checked against the measured reference values.
+        cert = app.clave("attest", "m", "--nonce", "ab" * 16, "--format", "cert")
+        assert cert.returncode == 0 and "INSECURE" in cert.stderr, cert.stderr
+        pem = app.base / "enclave.pem"
+        pem.write_text(cert.stdout.split("-----BEGIN PRIVATE KEY-----")[0])
+        collateral = app.base / "collateral"
+        collateral.mkdir()
+        from clave.enclave.wasm import report
+
+        (collateral / "wasm_platform_key.pem").write_bytes(report.platform_public_pem(report.load_platform_key()))
+        policy = app.base / "policy.json"
+        policy.write_text(json.dumps({"reference_values": {"mrenclave": [before["mrenclave"]]}}))
+        verdict = subprocess.run([str(BIN / "clave-verify"), "cert", str(pem), "--nonce", "ab" * 16, "--collateral",
+                                  str(collateral), "--policy", str(policy), "--json"], capture_output=True, text=True)
+        assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+        assert json.loads(verdict.stdout)["claims"]["mrenclave"] == before["mrenclave"]
+        stale = subprocess.run([str(BIN / "clave-verify"), "cert", str(pem), "--nonce", "cd" * 16, "--collateral",
+                                str(collateral), "--policy", str(policy), "--json"], capture_output=True, text=True)
+        assert stale.returncode != 0 and json.loads(stale.stdout)["layer"] == "freshness"
     finally:
         app.clave("delete", "--force", "m")
     (app.rootfs / "app" / "app.py").write_text("import time\ntime.sleep(31)\n")
