@@ -1,7 +1,7 @@
 """attest: produce TEE evidence from this host's (or this enclave's) best attester.
 
 usage: clave attest [--attester NAME] [--nonce HEX] [--report-data HEX] [--format json|cert] [--out FILE]
-       clave attest ID --nonce HEX        evidence of a running enclave container, from its enclave runtime
+       clave attest ID --nonce HEX [--format json|cert]   evidence of a running enclave container, from its runtime
        clave attest [ID] --kbs URL --resource REPO/TYPE/TAG --out PATH [--kbs-ca CA.pem] [--attester NAME]
 --format json prints {"tee", "attester", "insecure", "report_data", "evidence" (base64)}; the report data is the
 given --report-data, or SHA-256 of the nonce. --format cert prints an RA-TLS certificate (PEM) binding a fresh
