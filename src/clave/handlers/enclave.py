@@ -323,14 +323,9 @@ class _LineReader:
         return line + b"\n"
 
 
-def attest_enclave(state_dir: str, report_data: bytes) -> dict[str, Any]:
-    """Evidence for a running enclave container, produced by its enclave runtime (the PAL's local report),
-    binding ``report_data``."""
-    return agent_request(state_dir, {"op": "attest", "report_data": report_data.hex()})
-
-
 def agent_request(state_dir: str, request: dict[str, Any], timeout: float = 10) -> dict[str, Any]:
-    """One request to a running enclave container's agent (its init), answered with one JSON line."""
+    """One request to a running enclave container's agent (its init), answered with one JSON line: ``attest``
+    (evidence from its enclave runtime binding ``report_data``) or ``kbs`` (a secret fetched into it)."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.settimeout(timeout)
