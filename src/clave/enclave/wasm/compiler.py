@@ -15,36 +15,31 @@ import sys
 import time
 
 from clave.enclave.wasm import cache as module_cache
+from clave.enclave.wasm import capi
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import Any
 
 # Part of the cache key: an engine configured differently must not load these compiled modules. (How many
 # threads compile is not a code-generation setting: the compiler process's output loads in the init.)
 ENGINE_SETTINGS = "epoch_interruption=1;opt_level=speed;parallel_compilation=0;v1"
 
 
-def new_engine(wasmtime: Any, parallel: bool = False) -> Any:
-    config = wasmtime.Config()
-    config.epoch_interruption = True
-    config.cranelift_opt_level = "speed"
+def new_engine(parallel: bool = False) -> capi.Engine:
     # The init must stay single-threaded until it runs the process (the PAL contract): no compiler pool there.
-    config.parallel_compilation = parallel
-    return wasmtime.Engine(config)
+    return capi.Engine(epoch_interruption=True, opt_level="speed", parallel_compilation=parallel)
 
 
 def wasmtime_version(package_dir: str | None = None) -> str:
     """The installed wasmtime's version and native library size, without importing it or importlib.metadata
     (~40 ms): from the dist-info directory beside the package."""
     if package_dir is None:
-        package_dir = next((os.path.join(p, "wasmtime") for p in sys.path
-                            if p and os.path.isfile(os.path.join(p, "wasmtime", "__init__.py"))), "")
+        package_dir = capi.package_dir() or ""
     site = os.path.dirname(package_dir)
     versions = sorted(n[len("wasmtime-"):-len(".dist-info")] for n in (os.listdir(site) if site else [])
                       if n.startswith("wasmtime-") and n.endswith(".dist-info"))
-    library = os.path.join(package_dir, "linux-x86_64", "_libwasmtime.so")
+    library = capi.library_path(package_dir) if package_dir else ""
     size = os.stat(library).st_size if os.path.exists(library) else 0
     return f"{','.join(versions) or 'unknown'}:{size}"
 
@@ -85,8 +80,6 @@ _CHILD = ("import os, sys; sys.path[:0] = sys.argv[1].split(os.pathsep); "
 
 def _compile() -> None:
     """The compiler process: compile with every core into the cache (once, under the entry's lock)."""
-    import wasmtime
-
     module_path, directory = sys.argv[2], sys.argv[3]
     store = module_cache.ModuleCache(directory)
     store.open()
@@ -94,9 +87,9 @@ def _compile() -> None:
         wasm = f.read()
     import hashlib
 
-    key = cache_key(hashlib.sha256(wasm).digest(), wasmtime_version(os.path.dirname(wasmtime.__file__)))
+    key = cache_key(hashlib.sha256(wasm).digest(), wasmtime_version())
 
     def build() -> bytes:
-        return bytes(wasmtime.Module(new_engine(wasmtime, parallel=True), wasm).serialize())
+        return capi.Module(new_engine(parallel=True), wasm).serialize()
 
     store.build_once(key, build)

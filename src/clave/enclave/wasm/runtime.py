@@ -37,10 +37,11 @@ import time
 
 from clave.enclave.runtime import EnclaveError, EnclaveRuntime
 from clave.enclave.wasm import cache as module_cache
-from clave.enclave.wasm import compiler, interpreters, measure, report, signing
+from clave.enclave.wasm import capi, compiler, interpreters, measure, report, signing
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 SIGNERS_FILE = "/etc/clave/wasm-signers"
@@ -59,7 +60,8 @@ class _Loaded:
     """A verified, compiled module; its first process may use the engine it was compiled for. ``signed`` is
     None for a language runtime (the app's signature covers it)."""
 
-    def __init__(self, guest_path: str, signed: signing.SignedModule | None, engine: Any, module: Any) -> None:
+    def __init__(self, guest_path: str, signed: signing.SignedModule | None, engine: capi.Engine,
+                 module: capi.Module) -> None:
         self.guest_path = guest_path
         self.signed = signed
         self.serialized: bytes | None = None  # made when a second process needs its own engine
@@ -72,16 +74,15 @@ class _Loaded:
 class _Process:
     """One enclave process: its own engine (so an epoch interruption stops only it), store and state."""
 
-    def __init__(self, pid: int, loaded: _Loaded, engine: Any, module: Any, store: Any,
-                 stdio: tuple[int, int, int], cpu_time_limit: int | None, keep: list[Any]) -> None:
+    def __init__(self, pid: int, loaded: _Loaded, engine: capi.Engine, module: capi.Module, store: capi.Store,
+                 stdio: tuple[int, int, int], cpu_time_limit: int | None) -> None:
         self.pid = pid
         self.loaded = loaded
         self.engine = engine
         self.module = module
-        self.store = store
+        self.store = store  # keeps the stdout/stderr callbacks it calls alive
         self.stdio = stdio
         self.cpu_time_limit = cpu_time_limit
-        self.keep = keep  # objects the store's callbacks need alive
         self.kill_signal: int | None = None
         self.cpu_exceeded = False
         self.started = False
@@ -115,10 +116,13 @@ def resolve_in_root(root: str, path: str, cwd: str = "/") -> str:
 
 
 def preload() -> None:
-    """Import what ``prepare`` imports (wasmtime ~50 ms, cryptography's Ed25519): called by the enclave handler
+    """Load what ``prepare`` loads (wasmtime's library, cryptography's Ed25519): called by the enclave handler
     in the runtime process before it forks the init. Under `clave run` that only moves the cost; a long-lived
-    caller (the shim) pays it once and every init it forks inherits the modules."""
-    import wasmtime  # noqa: F401
+    caller (the shim) pays it once and every init it forks inherits them."""
+    try:
+        capi.load()
+    except capi.WasmtimeError:
+        pass  # prepare reports it, in the init
     from cryptography.exceptions import InvalidSignature  # noqa: F401
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey  # noqa: F401
 
@@ -160,7 +164,7 @@ class WasmRuntime(EnclaveRuntime):
         self._cache_dir = cache_dir
         self._platform_key_path = platform_key_path
         self._allowed_signers = allowed_signers
-        self._wasmtime: Any = None
+        self._prepared = False
         self._wasmtime_version = ""
         self._cache: module_cache.ModuleCache | None = None
         self._platform_key: Any = None
@@ -183,12 +187,13 @@ class WasmRuntime(EnclaveRuntime):
     # -- pal_init and loading -------------------------------------------------------------------------------
 
     def prepare(self, rootfs: str, config: dict[str, Any]) -> None:
-        # Imported here, in the init before pivot_root (the package files are out of reach afterwards):
-        # wasmtime costs ~50 ms and nothing else in Clave needs it.
-        import wasmtime
-
-        self._wasmtime = wasmtime
-        self._wasmtime_version = compiler.wasmtime_version(os.path.dirname(wasmtime.__file__))
+        # Loaded here, in the init before pivot_root (the package files are out of reach afterwards).
+        try:
+            capi.load()
+        except capi.WasmtimeError as exc:
+            raise EnclaveError(f"wasm: {exc}") from None
+        self._prepared = True
+        self._wasmtime_version = compiler.wasmtime_version()
         self._rootfs = os.path.abspath(rootfs)
         st = os.stat(self._rootfs)
         self._root_id = (st.st_dev, st.st_ino)
@@ -323,12 +328,11 @@ class WasmRuntime(EnclaveRuntime):
         self._modules[guest_path] = loaded
         return loaded
 
-    def _new_engine(self) -> Any:
-        return compiler.new_engine(self._wasmtime)
+    def _new_engine(self) -> capi.Engine:
+        return compiler.new_engine()
 
     def _compile(self, guest_path: str, module_file: Any, digest: bytes, signed: signing.SignedModule | None
                  ) -> _Loaded:
-        wasmtime = self._wasmtime
         engine = self._new_engine()
         key = compiler.cache_key(digest, self._wasmtime_version)
         module = self._from_cache(engine, key)
@@ -339,22 +343,20 @@ class WasmRuntime(EnclaveRuntime):
             if measure.module_digest(wasm) != digest:  # changed since it was hashed
                 raise EnclaveError(f"wasm: refused: {guest_path} changed while it was being loaded")
             try:
-                module = wasmtime.Module(engine, wasm)
-            except wasmtime.WasmtimeError as exc:
-                raise EnclaveError(f"wasm: {guest_path} is not a valid WebAssembly module: {_cause(str(exc))}"
-                                   ) from None
+                module = capi.Module(engine, wasm)
+            except capi.WasmtimeError as exc:
+                raise EnclaveError(f"wasm: {guest_path} is not a valid WebAssembly module: {exc.cause}") from None
             if self._cache is not None:
                 try:
-                    self._cache.put(key, bytes(module.serialize()))
+                    self._cache.put(key, module.serialize())
                 except OSError:  # a full or unreachable cache costs speed, not correctness
                     pass
         loaded = _Loaded(guest_path, signed, engine, module)
         loaded.digest = digest
         return loaded
 
-    def _from_cache(self, engine: Any, key: str) -> Any:
+    def _from_cache(self, engine: capi.Engine, key: str) -> capi.Module | None:
         """The compiled module from a verified cache entry, mapped by wasmtime from the very file checked."""
-        wasmtime = self._wasmtime
         if self._cache is None:
             return None
         try:
@@ -365,16 +367,16 @@ class WasmRuntime(EnclaveRuntime):
             return None
         try:
             if os.path.exists(f"/proc/self/fd/{fd}"):
-                return wasmtime.Module.deserialize_file(engine, f"/proc/self/fd/{fd}")
+                return capi.Module.deserialize_file(engine, f"/proc/self/fd/{fd}")
             with os.fdopen(os.dup(fd), "rb") as f:  # no /proc: copy it in
-                return wasmtime.Module.deserialize(engine, f.read())
-        except wasmtime.WasmtimeError:
+                return capi.Module.deserialize(engine, f.read())
+        except capi.WasmtimeError:
             return None  # written by an incompatible build: recompile over it
         finally:
             os.close(fd)
 
     def init(self, args: str, log_level: str) -> None:
-        if self._wasmtime is None:
+        if not self._prepared:
             raise EnclaveError("pal_init: the wasm runtime was not prepared")
         # After pivot_root the rootfs is "/": the same directory (a bind mount keeps device and inode).
         st = os.stat("/")
@@ -391,8 +393,7 @@ class WasmRuntime(EnclaveRuntime):
     # -- processes --------------------------------------------------------------------------------------------
 
     def create_process(self, path: str, argv: list[str], env: list[str], stdio: tuple[int, int, int]) -> int:
-        wasmtime = self._wasmtime
-        if wasmtime is None:
+        if not self._prepared:
             raise EnclaveError("pal_create_process: the wasm runtime was not prepared")
         language = self._language(path)
         preopens: dict[str, str] = {}
@@ -408,48 +409,44 @@ class WasmRuntime(EnclaveRuntime):
                 engine, module = loaded.engine, loaded.module
             else:  # one engine per process, so that an epoch interruption stops only that process
                 if loaded.serialized is None:
-                    loaded.serialized = bytes(loaded.module.serialize())
+                    loaded.serialized = loaded.module.serialize()
                 engine = self._new_engine()
-                module = wasmtime.Module.deserialize(engine, loaded.serialized)
+                module = capi.Module.deserialize(engine, loaded.serialized)
             pid = self._next_pid
             self._next_pid += 1
         identity = loaded.signed or self._identity
         signed_config = identity.enclave_config if identity is not None else measure.enclave_config(None)
         limits = measure.effective_limits(signed_config, self._oci_limits)
-        keep: list[Any] = []
-        wasi = wasmtime.WasiConfig()
-        wasi.argv = list(argv)
-        wasi.env = [entry.split("=", 1) for entry in env if "=" in entry]
-        if stdio[0] == 0:
-            wasi.inherit_stdin()
-        else:
-            wasi.stdin_file = f"/proc/self/fd/{stdio[0]}"
+        wasi = capi.WasiConfig()
+        try:
+            wasi.set_argv(list(argv))
+            wasi.set_env((name, value) for name, _, value in (entry.partition("=") for entry in env if "=" in entry))
+            if stdio[0] == 0:
+                wasi.inherit_stdin()
+            else:
+                wasi.set_stdin_file(f"/proc/self/fd/{stdio[0]}")
+        except capi.WasmtimeError as exc:
+            raise EnclaveError(f"pal_create_process: {exc}") from None
         for guest_fd, fd in ((1, stdio[1]), (2, stdio[2])):
             if fd == guest_fd:
                 (wasi.inherit_stdout if guest_fd == 1 else wasi.inherit_stderr)()
-                continue
-            writer = _fd_writer(fd)
-            keep.append(writer)
-            if guest_fd == 1:
-                wasi.stdout_custom = writer
             else:
-                wasi.stderr_custom = writer
+                (wasi.set_stdout if guest_fd == 1 else wasi.set_stderr)(_fd_writer(fd))
         try:
-            wasi.preopen_dir(self._root_dir, "/", fs_mutable=not self._readonly)
+            wasi.preopen_dir(self._root_dir, "/", mutable=not self._readonly)
             for guest in self._writable_mounts:  # the root is read-only for WASI, these stay writable
                 host = resolve_in_root(self._root_dir, guest)
                 if os.path.isdir(host):
-                    wasi.preopen_dir(host, guest, fs_mutable=True)
+                    wasi.preopen_dir(host, guest, mutable=True)
             for guest, host in preopens.items():
-                wasi.preopen_dir(self._host_dir(host), guest, fs_mutable=False)
-        except wasmtime.WasmtimeError as exc:
+                wasi.preopen_dir(self._host_dir(host), guest, mutable=False)
+        except capi.WasmtimeError as exc:
             raise EnclaveError(f"pal_create_process: cannot preopen {self._root_dir}: {exc}") from None
-        store = wasmtime.Store(engine)
-        store.set_wasi(wasi)
+        store = capi.Store(engine, wasi)
         store.set_epoch_deadline(1)
         if limits["memory_limit"] is not None:
-            store.set_limits(memory_size=limits["memory_limit"])
-        process = _Process(pid, loaded, engine, module, store, stdio, limits["cpu_time_limit"], keep=keep)
+            store.set_memory_limit(limits["memory_limit"])
+        process = _Process(pid, loaded, engine, module, store, stdio, limits["cpu_time_limit"])
         with self._lock:
             self._processes[pid] = process
         return pid
@@ -466,7 +463,6 @@ class WasmRuntime(EnclaveRuntime):
                 self._processes.pop(pid, None)
 
     def _run(self, process: _Process) -> int:
-        wasmtime = self._wasmtime
         if process.kill_signal is not None:
             return -process.kill_signal
         done = threading.Event()
@@ -475,24 +471,24 @@ class WasmRuntime(EnclaveRuntime):
             threading.Thread(target=_cpu_watchdog, args=(process, clock, done), name=f"wasm-cpu-{process.pid}",
                              daemon=True).start()
         try:
-            linker = wasmtime.Linker(process.engine)
+            linker = capi.Linker(process.engine)
             linker.define_wasi()
             instance = linker.instantiate(process.store, process.module)
-            start = instance.exports(process.store).get("_start")
-            if not isinstance(start, wasmtime.Func):
+            start = instance.get_func(process.store, "_start")
+            if start is None:
                 _say(process, f"{process.loaded.guest_path} exports no _start function: not a WASI command")
                 return 126
-            start(process.store)
+            start.call(process.store)
             return 0
-        except wasmtime.ExitTrap as exc:
+        except capi.Exit as exc:
             return exc.code
-        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+        except capi.WasmtimeError as exc:  # a trap, or an error from a host call
             if process.kill_signal is not None:
                 return -process.kill_signal
             if process.cpu_exceeded:
                 _say(process, f"CPU time limit exceeded ({process.cpu_time_limit} s)")
                 return -signal.SIGXCPU
-            _say(process, f"wasm trap: {_cause(str(exc))}")
+            _say(process, f"wasm trap: {exc.cause}")
             return -signal.SIGABRT
         finally:
             done.set()
@@ -542,7 +538,7 @@ def _file_sha256(path: str) -> bytes:
         return hashlib.file_digest(f, "sha256").digest()
 
 
-def _fd_writer(fd: int) -> Any:
+def _fd_writer(fd: int) -> Callable[[bytes], None]:
     def write(data: bytes) -> None:
         view = memoryview(data)
         while view:
@@ -556,13 +552,6 @@ def _say(process: _Process, message: str) -> None:
         os.write(process.stdio[2], f"clave: {message}\n".encode())
     except OSError:
         pass
-
-
-def _cause(message: str) -> str:
-    """The last line of wasmtime's multi-line error (the cause after the backtrace), without its prefix."""
-    lines = [line.strip() for line in message.strip().split("\n") if line.strip()]
-    cause = lines[-1] if lines else "unknown error"
-    return cause.removeprefix("wasm trap: ")
 
 
 def _cpu_watchdog(process: _Process, clock: int, done: threading.Event) -> None:
