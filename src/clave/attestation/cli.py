@@ -3,6 +3,12 @@
     clave-verify evidence FILE [--tee TEE|auto] [--collateral DIR] [--at TIME] [--policy FILE]
                               [--roots DIR] [--nonce HEX] [--json]
     clave-verify cert FILE.pem [same options but --tee]
+    clave-verify remote HOST:PORT --container ID [--policy FILE] [--reference MEASURE.json]
+                              [--relay-policy FILE] [--collateral DIR] [--trust-on-first-use] [--json] ...
+
+remote asks a clave-relay, over attested TLS, for the named container's evidence bound to a fresh nonce and
+appraises both: the relay's own evidence against --relay-policy, the container's against --policy plus the
+reference values of --reference (the output of `clave enclave measure`). See docs/relay.md.
 
 Exit status: 0 accepted, 1 rejected, 2 usage error. Heavy imports (cryptography) happen only when needed.
 """
@@ -45,19 +51,30 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clave-verify", description="Verify TEE evidence or an attested TLS certificate offline."
     )
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--collateral", metavar="DIR", help="collateral files named by role")
-    common.add_argument("--at", metavar="TIME", type=_parse_time, help="verification time, ISO-8601")
-    common.add_argument("--policy", metavar="FILE", help="appraisal policy JSON (default policy otherwise)")
-    common.add_argument("--roots", metavar="DIR", help="trust anchors overriding the packaged vendor roots")
+    base = argparse.ArgumentParser(add_help=False)
+    base.add_argument("--collateral", metavar="DIR", help="collateral files named by role")
+    base.add_argument("--at", metavar="TIME", type=_parse_time, help="verification time, ISO-8601")
+    base.add_argument("--policy", metavar="FILE", help="appraisal policy JSON (default policy otherwise)")
+    base.add_argument("--roots", metavar="DIR", help="trust anchors overriding the packaged vendor roots")
+    base.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    common = argparse.ArgumentParser(add_help=False, parents=[base])
     common.add_argument("--nonce", metavar="HEX", type=_parse_hex, help="nonce the evidence must carry")
-    common.add_argument("--json", action="store_true", help="print the verdict as JSON")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{evidence,cert}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{evidence,cert,remote}")
     evidence = verbs.add_parser("evidence", parents=[common], help="verify an evidence file")
     evidence.add_argument("file", metavar="FILE")
     evidence.add_argument("--tee", choices=TEES, default="auto", help="evidence type (default: recognise it)")
     cert = verbs.add_parser("cert", parents=[common], help="verify an RA-TLS certificate (PEM or DER)")
     cert.add_argument("file", metavar="FILE.pem")
+    remote = verbs.add_parser("remote", parents=[base], help="appraise a container through a clave-relay")
+    remote.add_argument("address", metavar="HOST:PORT", help="the relay (HOST:PORT or a unix socket path)")
+    remote.add_argument("--container", metavar="ID", required=True, help="the container to appraise")
+    remote.add_argument("--reference", metavar="FILE", action="append", default=[],
+                        help="reference values from `clave enclave measure` (repeatable: any of them passes)")
+    remote.add_argument("--relay-policy", metavar="FILE", help="policy for the relay's own evidence")
+    remote.add_argument("--trust-on-first-use", action="store_true",
+                        help="use the wasm platform key the relay serves when --collateral has none, and save "
+                             "it there once accepted (INSECURE on first contact)")
+    remote.add_argument("--timeout", metavar="SECONDS", type=float, default=30.0, help="network timeout")
     return parser
 
 
@@ -90,6 +107,55 @@ def _policy(args: argparse.Namespace) -> Any:
         return Policy.load(args.policy)
     except PolicyError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _load_policy(path: str) -> Any:
+    from clave.attestation.policy import Policy, PolicyError
+
+    try:
+        return Policy.load(path)
+    except PolicyError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _with_references(policy: Any, paths: list[str]) -> Any:
+    """Add the mrenclave/mrsigner printed by `clave enclave measure` to the policy's reference values."""
+    import dataclasses
+
+    refs = {name: list(values) for name, values in policy.reference_values.items()}
+    for path in paths:
+        try:
+            measured = json.loads(_read(path))
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--reference {path}: not JSON: {exc}") from None
+        if not isinstance(measured, dict) or not isinstance(measured.get("mrenclave"), str):
+            raise UsageError(f"--reference {path}: no mrenclave (expected `clave enclave measure` output)")
+        for name in ("mrenclave", "mrsigner"):
+            if isinstance(measured.get(name), str):
+                refs.setdefault(name, []).append(measured[name])
+    return dataclasses.replace(policy, reference_values={k: tuple(v) for k, v in refs.items()})
+
+
+def _verify_remote(args: argparse.Namespace) -> Any:
+    from clave.attestation.appraise import Verdict
+    from clave.attestation.policy import DEFAULT_POLICY
+    from clave.relay import client, protocol
+
+    try:
+        address = protocol.parse_address(args.address)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    ctx = _context(args)
+    policy = _with_references(_policy(args), args.reference)
+    relay_policy = _load_policy(args.relay_policy) if args.relay_policy else DEFAULT_POLICY
+    pin = Path(args.collateral) if args.trust_on_first_use and args.collateral else None
+    try:
+        return client.verify_remote(address, args.container, policy=policy, relay_policy=relay_policy, ctx=ctx,
+                                    trust_on_first_use=args.trust_on_first_use, pin_directory=pin,
+                                    timeout=args.timeout)
+    except client.RelayUnavailable as exc:
+        return client.RemoteVerdict(Verdict(False, None, reason=f"relay unavailable: {exc}"),
+                                    container=args.container)
 
 
 def _verify_evidence(args: argparse.Namespace) -> Any:
@@ -128,6 +194,21 @@ def _json_default(value: object) -> object:
     return str(value)
 
 
+def _print_remote(remote: Any) -> None:
+    relay = remote.relay
+    if remote.accepted:
+        print(f"accepted: container {remote.container}: {remote.verdict.tee} evidence, through a relay "
+              f"attested by {relay.tee} evidence")
+        for name, value in remote.verdict.claims.items():
+            print(f"  {name}: {json.dumps(value, default=_json_default)}")
+    else:
+        print(f"rejected: {remote.verdict.reason}")
+    if remote.pinned_platform_key is not None:
+        print(f"note: wasm platform key pinned in {remote.pinned_platform_key}")
+    for warning in remote.verdict.warnings:
+        print(f"warning: {warning}")
+
+
 def _print_human(verdict: Any) -> None:
     if verdict.accepted:
         print(f"accepted: {verdict.tee} evidence")
@@ -142,7 +223,8 @@ def _print_human(verdict: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        verdict = _verify_evidence(args) if args.verb == "evidence" else _verify_cert(args)
+        verify = {"evidence": _verify_evidence, "cert": _verify_cert, "remote": _verify_remote}[args.verb]
+        verdict = verify(args)
     except UsageError as exc:
         print(f"clave-verify: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -152,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps(verdict.as_json(), indent=2, default=_json_default), flush=True)
         else:
-            _print_human(verdict)
+            (_print_remote if args.verb == "remote" else _print_human)(verdict)
             sys.stdout.flush()
     except BrokenPipeError:  # e.g. piped into head: the verdict still decides the exit status
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
