@@ -283,11 +283,11 @@ class Module(_Owned):
 
     _delete = "wasmtime_module_delete"
 
-    def __init__(self, engine: Engine, wasm: bytes) -> None:
+    def __init__(self, engine: Engine, wasm: bytes | bytearray) -> None:
         """Compile a WebAssembly binary."""
         out = ctypes.c_void_p()
-        wasm = _immutable(wasm)
-        _check(load().wasmtime_module_new(engine.handle, wasm, len(wasm), ctypes.byref(out)))
+        binary = _immutable(wasm)
+        _check(load().wasmtime_module_new(engine.handle, binary, len(binary), ctypes.byref(out)))
         self._handle = out.value
         self.engine = engine
 
@@ -299,11 +299,11 @@ class Module(_Owned):
         return module
 
     @classmethod
-    def deserialize(cls, engine: Engine, serialized: bytes) -> Module:
+    def deserialize(cls, engine: Engine, serialized: bytes | bytearray) -> Module:
         """A module from ``serialize()``'s output, made by a compatible engine (else WasmtimeError)."""
         out = ctypes.c_void_p()
-        serialized = _immutable(serialized)
-        _check(load().wasmtime_module_deserialize(engine.handle, serialized, len(serialized), ctypes.byref(out)))
+        data = _immutable(serialized)
+        _check(load().wasmtime_module_deserialize(engine.handle, data, len(data), ctypes.byref(out)))
         return cls._made(engine, out.value)
 
     @classmethod
@@ -323,18 +323,20 @@ class Module(_Owned):
             lib.wasm_byte_vec_delete(ctypes.byref(vec))
 
 
-def _immutable(data: bytes) -> bytes:
-    """``data`` as bytes, which ctypes hands to C without a copy (a bytearray or memoryview is copied once)."""
+def _immutable(data: bytes | bytearray) -> bytes:
+    """``data`` as bytes, which ctypes hands to C without a copy (a bytearray is copied once)."""
     return data if type(data) is bytes else bytes(data)
 
 
 def _output_callback(write: Callable[[bytes], int | None]) -> ctypes._CFunctionType:
-    """A C stdout/stderr callback calling ``write(data)``, which returns the bytes written (None: all)."""
+    """A C stdout/stderr callback calling ``write(data)``, which returns the bytes written (None: all). It runs
+    on one of wasmtime's threads."""
 
     def call(_data: int | None, pointer: int | None, size: int) -> int:
         try:
             written = write(ctypes.string_at(pointer, size) if pointer and size else b"")
-            return size if written is None else written
+            # wasmtime aborts the process on a count above the size
+            return size if written is None else max(0, min(int(written), size))
         except OSError as exc:
             return -(exc.errno or EIO)
         except Exception:  # an exception cannot cross into wasmtime: the guest's write fails instead
