@@ -145,6 +145,8 @@ def _verify_remote(args: argparse.Namespace) -> Any:
         address = protocol.parse_address(args.address)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.trust_on_first_use and args.collateral and not os.path.exists(args.collateral):
+        os.makedirs(args.collateral, mode=0o700)  # the pin store of trust on first use
     ctx = _context(args)
     policy = _with_references(_policy(args), args.reference)
     relay_policy = _load_policy(args.relay_policy) if args.relay_policy else DEFAULT_POLICY
