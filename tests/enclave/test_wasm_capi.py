@@ -312,3 +312,29 @@ def test_no_wasmtime_package_is_imported(tmp_path: Path) -> None:
     assert "clave.enclave.wasm.capi" in imported
     assert not {name for name in imported if name == "wasmtime" or name.startswith("wasmtime.")}
     assert not imported & {"typing", "enum", "dataclasses", "pathlib", "platform"}
+
+
+RUNTIME_CHILD = """
+import os, sys
+from clave.enclave.wasm import runtime as wasm_runtime
+root, rootfs = sys.argv[1:]
+wasm_runtime.preload()
+runtime = wasm_runtime.WasmRuntime(cache_dir=root + "/cache", platform_key_path=root + "/platform.pem")
+runtime.prepare(rootfs, {"process": {"args": ["/app/main.wasm"]}})
+runtime.init("", "info")
+status = runtime.exec(runtime.create_process("/app/main.wasm", ["main.wasm"], [], (0, 1, 2)))
+assert not [name for name in sys.modules if name.split(".")[0] == "wasmtime"], "the wasmtime package was imported"
+sys.exit(status)
+"""
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_the_runtime_never_imports_the_wasmtime_package(tmp_path: Path, cached: bool) -> None:
+    """What a container's init does (preload, prepare, run a process), compiling then loading from the cache."""
+    rootfs = tmp_path / "rootfs"
+    wat.install(rootfs, "/app/main.wasm", wat.hello("from the runtime\n"), wat.make_key(tmp_path))
+    env = {**os.environ, "CLAVE_WASM_SIGNERS": str(tmp_path / "no-signer-policy")}
+    for _ in range(2 if cached else 1):
+        done = subprocess.run([sys.executable, "-c", RUNTIME_CHILD, str(tmp_path), str(rootfs)], capture_output=True,
+                              env=env, timeout=60)
+        assert (done.returncode, done.stdout, done.stderr) == (0, b"from the runtime\n", b"")
