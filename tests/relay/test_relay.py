@@ -107,8 +107,8 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
 
 
 class RelayProcess:
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, *args, "--listen", "127.0.0.1:0"], env=env,
+    def __init__(self, args: list[str], env: dict[str, str], listen: str = "127.0.0.1:0") -> None:
+        self.proc = subprocess.Popen([sys.executable, *args, "--listen", listen], env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -220,6 +220,19 @@ def test_relay_refusals_are_one_line_errors(node: Node, relay: RelayProcess) -> 
     assert reply["msgtype"] == "ERROR" and reply["message"] == "nonce must be 32 bytes, got 1"
     code, verdict, _ = verify(node, "127.0.0.1:1", *pinned(node))
     assert code == 1 and verdict["reason"].startswith("relay unavailable: cannot connect to 127.0.0.1:1")
+
+
+def test_relay_on_a_unix_socket(node: Node, tmp_path: Path) -> None:
+    path = str(tmp_path / "relay.sock")
+    unix_relay = RelayProcess(["-m", "clave.relay.main", "--root", str(node.root), "--attester", "sample"],
+                              node.env, listen=path)
+    try:
+        assert unix_relay.address == path
+        code, verdict, _ = verify(node, path, *pinned(node))
+        assert code == 0 and verdict["claims"]["container"] == "app"
+    finally:
+        assert unix_relay.stop() == 0
+    assert not os.path.exists(path)  # removed on a clean stop
 
 
 # ---------------------------------------------------------------- refusals by the verifier

@@ -26,6 +26,7 @@ from clave.relay.protocol import ProtocolError
 # The CLI's root, and one root per containerd namespace for containers run through the shim.
 DEFAULT_ROOTS = ("/run/clave", "/run/containerd/clave/*")
 REQUEST_TIMEOUT = 30.0
+MAX_CONNECTIONS = 64  # served at once; more are closed at once rather than queued behind slow peers
 
 log = logging.getLogger("clave.relay")
 
@@ -106,6 +107,7 @@ class Relay:
         self.tls = AttestedServer(attester, handshake_timeout=handshake_timeout)
         # Every connection gets a fresh certificate, but over this one key: it names the relay's sessions.
         self.key_hash = protocol.relay_key_hash(ratls.spki_der(self.tls.key))
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
 
     # ------------------------------------------------------------------ requests
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -164,7 +166,10 @@ class Relay:
         evidence = reply.get("evidence")
         if not isinstance(evidence, str):
             raise RelayError(f"container {container}'s runtime returned no evidence")
-        base64.b64decode(evidence, validate=True)  # the runtime's reply is passed on only if well formed
+        try:
+            base64.b64decode(evidence, validate=True)  # the runtime's reply is passed on only if well formed
+        except ValueError:
+            raise RelayError(f"container {container}'s runtime returned evidence that is not base64") from None
         measurement = reply.get("measurement") or {}
         platform_key = self.source.platform_public_key() if reply.get("tee") == "wasm" else None
         return {
@@ -183,6 +188,12 @@ class Relay:
 
     # ------------------------------------------------------------------ connections
     def serve_connection(self, sock: socket.socket, peer: object) -> None:
+        try:
+            self._serve_connection(sock, peer)
+        finally:
+            self.slots.release()
+
+    def _serve_connection(self, sock: socket.socket, peer: object) -> None:
         try:
             conn = self.tls.wrap_socket(sock)
         except Exception as exc:  # a failed handshake costs only this connection
@@ -215,6 +226,10 @@ class Relay:
             try:
                 sock, peer = listener.accept()
             except TimeoutError:
+                continue
+            if not self.slots.acquire(blocking=False):
+                log.warning("%s: refused, %d connections in service", peer, MAX_CONNECTIONS)
+                sock.close()
                 continue
             sock.settimeout(None)
             threading.Thread(target=self.serve_connection, args=(sock, peer), daemon=True,
