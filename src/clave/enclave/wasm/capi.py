@@ -164,7 +164,7 @@ def library_path(directory: str | None = None) -> str:
     """The native library inside the wasmtime package (``directory``, default: the installed one)."""
     machine = os.uname().machine
     machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine.lower(), machine)
-    return os.path.join(directory or package_dir() or "wasmtime", f"{sys.platform}-{machine}", "_libwasmtime.so")
+    return os.path.join(directory or package_dir() or "", f"{sys.platform}-{machine}", "_libwasmtime.so")
 
 
 def load() -> ctypes.CDLL:
@@ -185,20 +185,21 @@ def load() -> ctypes.CDLL:
     return _lib
 
 
-def _message(function: str, handle: int) -> str:
+def _message(lib: ctypes.CDLL, function: str, handle: int) -> str:
+    """The message of an error or trap (``function`` fills a byte vector, which this frees)."""
     vec = _ByteVec()
-    getattr(_lib, function)(handle, ctypes.byref(vec))
+    getattr(lib, function)(handle, ctypes.byref(vec))
     try:
-        return ctypes.string_at(vec.data, vec.size).decode("utf-8", "replace").rstrip("\0")
+        return ctypes.string_at(vec.data, vec.size).decode("utf-8", "replace").rstrip("\0")  # a trap's ends in NUL
     finally:
-        _lib.wasm_byte_vec_delete(ctypes.byref(vec))  # type: ignore[union-attr]
+        lib.wasm_byte_vec_delete(ctypes.byref(vec))
 
 
 def _error(handle: int) -> WasmtimeError:
     """The exception for an owned wasmtime_error_t, which this frees."""
     lib = load()
     try:
-        message = _message("wasmtime_error_message", handle)
+        message = _message(lib, "wasmtime_error_message", handle)
         status = ctypes.c_int(0)
         if lib.wasmtime_error_exit_status(handle, ctypes.byref(status)):
             return Exit(message, status.value)
@@ -213,7 +214,7 @@ def _trap(handle: int) -> Trap:
     try:
         code = ctypes.c_uint8(0)
         interrupted = bool(lib.wasmtime_trap_code(handle, ctypes.byref(code))) and code.value == TRAP_CODE_INTERRUPT
-        return Trap(_message("wasm_trap_message", handle), interrupted)
+        return Trap(_message(lib, "wasm_trap_message", handle), interrupted)
     finally:
         lib.wasm_trap_delete(handle)
 

@@ -1,4 +1,4 @@
-"""``WasmRuntime``: the built-in WebAssembly enclave runtime, a PAL (API v3) implemented on wasmtime.
+"""``WasmRuntime``: the built-in WebAssembly enclave runtime, a PAL (API v3) implemented on wasmtime (``capi``).
 
 It runs the WASI (preview 1) command module named by the process path, or, when the path names an interpreter
 (``python3``, ``node``...: see ``interpreters``), that language's WebAssembly runtime with the same arguments;
