@@ -108,13 +108,15 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
 
 class RelayProcess:
     def __init__(self, args: list[str], env: dict[str, str], listen: str = "127.0.0.1:0") -> None:
+        self.log = tempfile.TemporaryFile("w+")  # a file: a pipe nobody reads could fill and block the relay
         self.proc = subprocess.Popen([sys.executable, *args, "--listen", listen], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line.startswith("clave-relay: listening on "):
             self.stop()
-            raise AssertionError(f"relay did not start: {line!r} {self.proc.stderr.read() if self.proc.stderr else ''}")
+            self.log.seek(0)
+            raise AssertionError(f"relay did not start: {line!r} {self.log.read()}")
         self.line = line
         self.address = line.split()[3]
 
@@ -124,9 +126,9 @@ class RelayProcess:
         try:
             return self.proc.wait(timeout=10)
         finally:
-            for stream in (self.proc.stdout, self.proc.stderr):
-                if stream is not None:
-                    stream.close()
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+            self.log.close()
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     remote.add_argument("address", metavar="HOST:PORT", help="the relay (HOST:PORT or a unix socket path)")
     remote.add_argument("--container", metavar="ID", required=True, help="the container to appraise")
     remote.add_argument("--reference", metavar="FILE", action="append", default=[],
-                        help="reference values from `clave enclave measure` (repeatable: any of them passes)")
+                        help="reference values from `clave enclave measure` (repeatable: each adds accepted values)")
     remote.add_argument("--relay-policy", metavar="FILE", help="policy for the relay's own evidence")
     remote.add_argument("--trust-on-first-use", action="store_true",
                         help="use the wasm platform key the relay serves when --collateral has none, and save "

@@ -69,8 +69,10 @@ def _attester(name: str | None) -> Any:
     try:
         attester = registry.attester(name)
         evidence = attester.attest(bytes(protocol.REPORT_DATA_SIZE))  # fail now, not on the first verifier
-    except (AttesterUnavailable, KeyError, OSError) as exc:
+    except (AttesterUnavailable, KeyError) as exc:
         raise SystemExit(f"clave-relay: attester: {exc}") from None
+    except Exception as exc:  # the device is there but failed: still one line
+        raise SystemExit(f"clave-relay: attester {name or 'default'} failed: {exc}") from None
     return attester, evidence.insecure
 
 
