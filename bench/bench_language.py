@@ -72,6 +72,8 @@ def main() -> None:
                           "interleaved)", samples, baseline="native (host CPython)", label="container")
         cold = [start(enclave, root, log, {"CLAVE_WASM_CACHE": str(base / f"cache-{i}")})
                 for i in range(args.cold_runs)]
+        if not cold:
+            return
         print_ratio_table(f"cold start (empty compiled-module cache: compiles python.wasm), {args.cold_runs} runs",
                           {"native (host CPython)": samples["native (host CPython)"], "enclave, cold": cold},
                           baseline="native (host CPython)", label="container")
