@@ -141,6 +141,7 @@ with open("/data/out.txt", "w") as f:
 """
     app.make({"/app/app.py": script}, ["python3", "app.py"])
     oci = json.loads((app.bundle / "config.json").read_text())
+    oci["root"]["readonly"] = False  # the measured image is read-only for the app all the same
     oci["mounts"].append({"destination": "/data", "type": "bind", "source": str(data), "options": ["rbind", "rw"]})
     (app.bundle / "config.json").write_text(json.dumps(oci))
     result = app.clave("run", "rw")

@@ -3,7 +3,8 @@
 It runs the WASI (preview 1) command module named by the process path, or, when the path names an interpreter
 (``python3``, ``node``...: see ``interpreters``), that language's WebAssembly runtime with the same arguments;
 args, env and stdio are passed through and the container rootfs is preopened as "/" (read-only when
-``root.readonly``; OCI mounts inside it keep their own mode). Before anything runs (``prepare``, in the init
+``root.readonly``, and always for an app run by a language runtime, whose image is measured; writable OCI mounts
+inside it stay writable). Before anything runs (``prepare``, in the init
 before pivot_root) the signature is checked: a module's ``MODULE.wasm.sig``, or an app's ``/.clave/enclave.sig``
 over its measured manifest (runtime, files, args). An unsigned, tampered or badly signed one is refused, and so
 is a signer outside ``/etc/clave/wasm-signers`` when that file exists (one mrsigner in hex per line;
@@ -201,7 +202,7 @@ class WasmRuntime(EnclaveRuntime):
         process = config.get("process", {})
         self._cwd = process.get("cwd") or "/"
         self._readonly = bool(config.get("root", {}).get("readonly", False))
-        self._writable_mounts = writable_mounts(config) if self._readonly else []
+        self._writable_mounts = writable_mounts(config)
         self._oci_limits = measure.enclave_config(config)
         if self._allowed_signers is None:
             self._allowed_signers = allowed_signers_from_policy()
@@ -227,6 +228,7 @@ class WasmRuntime(EnclaveRuntime):
             return
         self._main = self._load_language(language)
         self._identity = self._verify_app(language, self._main, config)
+        self._readonly = True  # the measured image stays as measured: apps write to OCI mounts only
         for host in language.guest_env([], self._cwd)[1].values():
             self._host_dir(host)
 
@@ -434,7 +436,7 @@ class WasmRuntime(EnclaveRuntime):
                 (wasi.set_stdout if guest_fd == 1 else wasi.set_stderr)(_fd_writer(fd))
         try:
             wasi.preopen_dir(self._root_dir, "/", mutable=not self._readonly)
-            for guest in self._writable_mounts:  # the root is read-only for WASI, these stay writable
+            for guest in self._writable_mounts if self._readonly else ():  # writable below a read-only root
                 host = resolve_in_root(self._root_dir, guest)
                 if os.path.isdir(host):
                     wasi.preopen_dir(host, guest, mutable=True)
