@@ -246,6 +246,42 @@ def key_broker(workdir: str, key: str) -> None:
         server.wait(timeout=10)
 
 
+def relay(workdir: str, key: str) -> None:
+    step("A remote verifier checks the running app through the node's relay (clave-relay, clave-verify remote)")
+    from clave.enclave.wasm import report
+    from clave.tools.bundles import make_app_bundle
+
+    bundle = os.path.join(workdir, "py-service")
+    make_app_bundle(bundle, {"/app/service.py": "import time\nprint('serving', flush=True)\ntime.sleep(60)\n"},
+                    ["python3", "service.py"], cwd="/app")
+    clave("enclave", "sign", "--key", key, bundle, stdout=subprocess.DEVNULL)
+    reference = os.path.join(workdir, "service.ref.json")
+    with open(reference, "w") as f:
+        f.write(clave("enclave", "measure", bundle, stdout=subprocess.PIPE).stdout)
+    collateral = os.path.join(workdir, "verifier-collateral")
+    os.makedirs(collateral)
+    with open(os.path.join(collateral, "wasm_platform_key.pem"), "wb") as f:
+        f.write(report.platform_public_pem(report.load_platform_key()))  # the verifier trusts this host's key
+    clave("run", "--detach", "--bundle", bundle, "service", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = _free_port()
+    print(f"$ clave-relay --listen 127.0.0.1:{port} --root {ROOT} --attester sample   (no TPM or TEE on this host)")
+    server = subprocess.Popen([os.path.join(BIN, "clave-relay"), "--listen", f"127.0.0.1:{port}", "--root", ROOT,
+                               "--attester", "sample"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port(port)
+        print(f"$ clave-verify remote 127.0.0.1:{port} --container service --reference service.ref.json "
+              "--collateral DIR")
+        result = subprocess.run([VERIFY, "remote", f"127.0.0.1:{port}", "--container", "service", "--reference",
+                                 reference, "--collateral", collateral], capture_output=True, text=True)
+        for line in result.stdout.splitlines():
+            print(f"  {line}")
+        print(f"  exit {result.returncode}")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        clave("delete", "--force", "service", check=False)
+
+
 def _last_line(text: str) -> str:
     lines = [line for line in text.splitlines() if line.strip() and "level=warning" not in line]
     return lines[-1] if lines else ""
@@ -324,6 +360,7 @@ def main() -> None:
         enclave(workdir)
         key = python_app(workdir)
         key_broker(workdir, key)
+        relay(workdir, key)
         attestation()
     finally:
         subprocess.run([CLAVE, "--root", ROOT, "delete", "--force", "demo"], capture_output=True)
