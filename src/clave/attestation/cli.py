@@ -78,20 +78,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read(path: str) -> bytes:
+def read_file(path: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
 
 
-def _context(args: argparse.Namespace) -> Any:
-    from clave.attestation.base import Collateral, Roots, VerifyContext
-
-    for option in ("collateral", "roots"):
+def check_directories(args: argparse.Namespace, options: tuple[str, ...] = ("collateral", "roots")) -> None:
+    """Each of these options, when given, names an existing directory."""
+    for option in options:
         directory = getattr(args, option)
         if directory is not None and not Path(directory).is_dir():
             raise UsageError(f"--{option} {directory}: not a directory")
+
+
+def _context(args: argparse.Namespace) -> Any:
+    from clave.attestation.base import Collateral, Roots, VerifyContext
+
+    check_directories(args)
     ctx = VerifyContext(collateral=Collateral(args.collateral), roots=Roots(args.roots))
     if args.at is not None:
         ctx.now = args.at
@@ -125,7 +130,7 @@ def _with_references(policy: Any, paths: list[str]) -> Any:
     refs = {name: list(values) for name, values in policy.reference_values.items()}
     for path in paths:
         try:
-            measured = json.loads(_read(path))
+            measured = json.loads(read_file(path))
         except json.JSONDecodeError as exc:
             raise UsageError(f"--reference {path}: not JSON: {exc}") from None
         if not isinstance(measured, dict) or not isinstance(measured.get("mrenclave"), str):
@@ -163,7 +168,7 @@ def _verify_remote(args: argparse.Namespace) -> Any:
 def _verify_evidence(args: argparse.Namespace) -> Any:
     from clave.attestation.appraise import UnknownTee, appraise
 
-    data = _read(args.file)
+    data = read_file(args.file)
     ctx = _context(args)
     ctx.nonce = args.nonce
     try:
@@ -177,7 +182,7 @@ def _verify_cert(args: argparse.Namespace) -> Any:
     from clave.attestation.appraise import Verdict
     from clave.attestation.base import VerificationError
 
-    data = _read(args.file)
+    data = read_file(args.file)
     ctx, policy = _context(args), _policy(args)
     try:
         peer = ratls.verify_certificate(data, policy=policy, nonce=args.nonce, ctx=ctx)

@@ -52,7 +52,10 @@ def run(parsed: Parsed, ctx: Any) -> int:
     if os.path.isdir(sub.args[0]):
         return _app(command, flags, sub.args[0])
     if command == "sign":
-        return _sign(flags, sub.args[0])
+        from clave.enclave.wasm import signing
+
+        module = sub.args[0]
+        return _sign(flags, module, lambda key: signing.sign_module(module, key, _oci_config(flags)))
     return _measure(flags, sub.args[0])
 
 
@@ -87,18 +90,19 @@ def _oci_config(flags: dict[str, Any]) -> dict[str, int | None] | None:
         raise ClaveError(f"{path} is not an OCI config: {exc}") from None
 
 
-def _sign(flags: dict[str, Any], module: str) -> int:
+def _sign(flags: dict[str, Any], target: str, sign: Any) -> int:
+    """Run ``sign(key_path)`` for a module or a bundle and print its result."""
     from clave.enclave.wasm import signing
 
     key = flags.get("key")
     if not key:
-        raise UsageError("usage: clave enclave sign --key KEY.pem [--config config.json] MODULE.wasm")
+        raise UsageError(f"usage: clave enclave sign --key KEY.pem [--config config.json] {target}")
     try:
-        result = signing.sign_module(module, key, _oci_config(flags))
+        result = sign(key)
     except signing.SignatureError as exc:
         raise ClaveError(str(exc)) from None
     except OSError as exc:
-        raise ClaveError(f"cannot sign {module}: {exc.strerror}: {exc.filename}") from None
+        raise ClaveError(f"cannot sign {target}: {exc.strerror}: {exc.filename}") from None
     print(json.dumps(result))
     return 0
 
@@ -178,17 +182,7 @@ def _app(command: str, flags: dict[str, Any], bundle: str) -> int:
     except (OSError, cache.CacheError) as exc:
         raise ClaveError(f"cannot measure {bundle}: {exc}") from None
     if command == "sign":
-        key = flags.get("key")
-        if not key:
-            raise UsageError("usage: clave enclave sign --key KEY.pem [--config config.json] BUNDLE")
-        try:
-            result = signing.sign_app(rootfs, manifest, key)
-        except signing.SignatureError as exc:
-            raise ClaveError(str(exc)) from None
-        except OSError as exc:
-            raise ClaveError(f"cannot sign {bundle}: {exc.strerror}: {exc.filename}") from None
-        print(json.dumps(result))
-        return 0
+        return _sign(flags, bundle, lambda key: signing.sign_app(rootfs, manifest, key))
     mrsigner = None
     if document is not None:
         try:

@@ -21,12 +21,10 @@ import ssl
 import sys
 from pathlib import Path
 
+from clave.attestation.cli import UsageError, check_directories, read_file
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_URL = "https://127.0.0.1:8080"
-
-
-class UsageError(Exception):
-    pass
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -79,23 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read(path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-
-
 def _serve(args: argparse.Namespace) -> int:
     from clave.attestation.policy import PolicyError
     from clave.kbs.admin import AdminAuthError
     from clave.kbs.server import Config, serve
     from clave.kbs.store import StoreError
 
-    for option in ("collateral", "roots"):
-        directory = getattr(args, option)
-        if directory is not None and not Path(directory).is_dir():
-            raise UsageError(f"--{option} {directory}: not a directory")
+    check_directories(args)
     for option in ("cert", "key"):
         if not Path(getattr(args, option)).is_file():
             raise UsageError(f"--{option} {getattr(args, option)}: no such file")
@@ -108,10 +96,10 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError("--session-ttl must be positive")
     config = Config(
         state=Path(args.state),
-        admin_pubkey=_read(args.admin_pubkey) if args.admin_pubkey else None,
+        admin_pubkey=read_file(args.admin_pubkey) if args.admin_pubkey else None,
         collateral=Path(args.collateral) if args.collateral else None,
         roots=Path(args.roots) if args.roots else None,
-        policy=_read(args.policy) if args.policy else None,
+        policy=read_file(args.policy) if args.policy else None,
         allow_insecure=args.allow_insecure,
         session_ttl=args.session_ttl,
     )
@@ -186,7 +174,7 @@ def _admin(args: argparse.Namespace) -> int:
     from clave.kbs.client import Connection, parse_resource
 
     try:
-        token = make_admin_token(_read(args.admin_key))
+        token = make_admin_token(read_file(args.admin_key))
     except AdminAuthError as exc:
         raise UsageError(f"--admin-key {args.admin_key}: {exc}") from None
     headers = {"Authorization": f"Bearer {token}"}
@@ -196,7 +184,7 @@ def _admin(args: argparse.Namespace) -> int:
             path = "/".join(parse_resource(args.resource))
             url = f"{protocol.PREFIX}/resource/{path}"
             if args.verb == "put-resource":
-                conn.request("POST", url, _read(args.file), headers)
+                conn.request("POST", url, read_file(args.file), headers)
                 print(f"stored {path}")
             else:
                 conn.request("DELETE", url, None, headers)
@@ -204,7 +192,7 @@ def _admin(args: argparse.Namespace) -> int:
         elif args.verb == "set-policy":
             from clave.kbs.policy import ResourcePolicy
 
-            text = _read(args.file)
+            text = read_file(args.file)
             ResourcePolicy.from_json(text)  # refuse a broken policy before sending it
             encoded = base64.urlsafe_b64encode(text).decode().rstrip("=")
             conn.request("POST", f"{protocol.PREFIX}/resource-policy", {"policy": encoded}, headers)
