@@ -9,7 +9,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from swtpm_process import running_swtpm  # noqa: E402  (beside this file)
 
 from clave.attestation import registry
 from clave.attestation import tpm_wire as wire
@@ -200,53 +200,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _free_port_pair() -> int:
-    """A free loopback port P with P+1 free too: TCG's swtpm TCTI expects the control channel on P+1."""
-    for _ in range(50):
-        port = _free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no pair of free loopback ports")
-
-
 @pytest.fixture(scope="module")
 def swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A fresh swtpm on loopback; yields its TCTI string."""
-    if shutil.which("swtpm") is None:
-        pytest.skip("swtpm is not installed")
-    state = tmp_path_factory.mktemp("swtpm")
-    port = _free_port_pair()
-    ctrl = port + 1
-    proc = subprocess.Popen(
-        ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}",
-         "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
-         "--ctrl", f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
-         "--flags", "not-need-init,startup-clear"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    err = proc.stderr.read().decode() if proc.stderr and proc.poll() is not None else ""
-                    pytest.fail(f"swtpm did not start on port {port}: {err.strip()}")
-                time.sleep(0.05)
-        yield f"swtpm:host=127.0.0.1,port={port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with running_swtpm(tmp_path_factory.mktemp("swtpm")) as tcti:
+        yield tcti
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,10 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +20,9 @@ import pytest
 pytest.importorskip("wasmtime")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "enclave"))
 import _wasm_modules as wat  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "attestation"))
+from swtpm_process import running_swtpm  # noqa: E402
 
 from clave.attestation import tls  # noqa: E402
 from clave.config.defaults import default_spec  # noqa: E402
@@ -319,43 +319,10 @@ def test_trust_on_first_use_trusts_whatever_the_relay_serves(node: Node, tmp_pat
 # ---------------------------------------------------------------- the relay's identity from a (software) TPM
 
 
-def _free_port_pair() -> int:
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return int(port)
-    raise AssertionError("no free port pair")
-
-
 @pytest.fixture
 def swtpm(tmp_path: Path) -> Iterator[str]:
-    if shutil.which("swtpm") is None:
-        pytest.skip("swtpm is not installed")
-    port = _free_port_pair()
-    proc = subprocess.Popen(
-        ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={tmp_path}",
-         "--server", f"type=tcp,port={port},bindaddr=127.0.0.1", "--ctrl", f"type=tcp,port={port + 1},"
-         "bindaddr=127.0.0.1", "--flags", "not-need-init,startup-clear"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "swtpm did not start"
-                time.sleep(0.05)
-        yield f"swtpm:host=127.0.0.1,port={port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with running_swtpm(tmp_path) as tcti:
+        yield tcti
 
 
 def test_relay_attested_by_a_tpm(node: Node, swtpm: str, tmp_path: Path) -> None:
