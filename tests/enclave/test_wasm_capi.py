@@ -338,3 +338,11 @@ def test_the_runtime_never_imports_the_wasmtime_package(tmp_path: Path, cached: 
         done = subprocess.run([sys.executable, "-c", RUNTIME_CHILD, str(tmp_path), str(rootfs)], capture_output=True,
                               env=env, timeout=60)
         assert (done.returncode, done.stdout, done.stderr) == (0, b"from the runtime\n", b"")
+
+
+def test_the_installed_major_is_read_from_the_dist_info(tmp_path: Path) -> None:
+    (tmp_path / "wasmtime").mkdir()
+    assert capi.installed_major(str(tmp_path / "wasmtime")) is None
+    (tmp_path / "wasmtime-51.0.0.dist-info").mkdir()
+    assert capi.installed_major(str(tmp_path / "wasmtime")) == 51 != capi.API_MAJOR
+    assert capi.installed_major(capi.package_dir() or "") == capi.API_MAJOR

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
 # wasmtime_opt_level_t and wasmtime_trap_code_t values (wasmtime/config.h, wasmtime/trap.h).
+API_MAJOR = 50  # the wasmtime whose C API these layouts and signatures are
 OPT_LEVELS = {"none": 0, "speed": 1, "speed_and_size": 2}
 TRAP_CODE_INTERRUPT = 10
 EXTERN_FUNC = 0  # wasmtime_extern_kind_t
@@ -160,6 +161,16 @@ def package_dir() -> str | None:
     return _package_dir
 
 
+def installed_major(directory: str) -> int | None:
+    """The major version of the wasmtime package in ``directory``, from its dist-info beside it (None: unknown)."""
+    site = os.path.dirname(directory)
+    for name in os.listdir(site):
+        if name.startswith("wasmtime-") and name.endswith(".dist-info"):
+            major = name[len("wasmtime-"):].split(".")[0]
+            return int(major) if major.isdigit() else None
+    return None
+
+
 def library_path(directory: str | None = None) -> str:
     """The native library inside the wasmtime package (``directory``, default: the installed one)."""
     machine = os.uname().machine
@@ -171,8 +182,13 @@ def load() -> ctypes.CDLL:
     """Load the library and declare its functions (once): before pivot_root, while the package is reachable."""
     global _lib
     if _lib is None:
-        if package_dir() is None:
+        directory = package_dir()
+        if directory is None:
             raise WasmtimeError("wasmtime is not installed: no wasmtime package on sys.path")
+        installed = installed_major(directory)
+        if installed not in (None, API_MAJOR):
+            raise WasmtimeError(f"wasmtime {installed} is installed, but this binding speaks wasmtime {API_MAJOR}'s "
+                                f"C API (struct layouts change between majors): install wasmtime=={API_MAJOR}.*")
         try:
             lib = ctypes.CDLL(library_path())
         except OSError as exc:
