@@ -20,7 +20,7 @@ Any failure stops the container before the app runs, with one line naming the st
 
 from __future__ import annotations
 
-import base64
+import binascii
 import hashlib
 import os
 
@@ -184,7 +184,7 @@ def write_attestation(runtime: EnclaveRuntime, directory: str, uid: int, gid: in
         evidence = runtime.local_report(b"", report_data)
         document = {"tee": runtime.name, "attester": "enclave", "insecure": runtime.insecure,
                     "measurement": runtime.measurement(), "nonce": nonce.hex(), "report_data": report_data.hex(),
-                    "evidence": base64.b64encode(evidence).decode()}
+                    "evidence": binascii.b2a_base64(evidence, newline=False).decode()}
         _write(os.path.join(directory, "cert.pem"), cert.cert_pem(), uid, gid, 0o444)
         _write(os.path.join(directory, "key.pem"), cert.key_pem(), uid, gid)
         _write(os.path.join(directory, "evidence.json"), fastjson.dumps_indented(document).encode() + b"\n", uid,

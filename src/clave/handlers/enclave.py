@@ -7,11 +7,12 @@ container's, built by the same layers.
 from __future__ import annotations
 
 # Everything the init uses after pivot_root is imported here, before it forks: the package is out of reach then.
-# Raw _socket: the socket module's enum import would cost every enclave start ~10 ms.
+# Raw _socket: the socket module's enum import would cost every enclave start ~10 ms; binascii, not base64
+# (which imports re).
 import _signal
 import _socket as socket
 import array
-import base64
+import binascii
 import os
 import select
 import threading
@@ -238,7 +239,7 @@ def _serve_agent_request(runtime: EnclaveRuntime, conn: socket.socket,
         if request.get("op") == "attest":
             evidence = runtime.local_report(b"", bytes.fromhex(request.get("report_data", "")))
             _send(conn, tee=runtime.name, insecure=runtime.insecure, measurement=runtime.measurement(),
-                  evidence=base64.b64encode(evidence).decode())
+                  evidence=binascii.b2a_base64(evidence, newline=False).decode())
             conn.close()
             return
         if runtime.api_version < 2:

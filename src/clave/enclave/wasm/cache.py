@@ -28,7 +28,6 @@ import hashlib
 import hmac
 import mmap
 import os
-import secrets
 import stat
 import struct
 import time
@@ -89,10 +88,10 @@ class ModuleCache:
                 raise CacheError(f"wasm cache key {path} is corrupt ({len(key)} bytes): remove it")
             except FileNotFoundError:
                 pass
-            tmp = os.path.join(self.directory, f"{TMP_PREFIX}key-{os.getpid()}-{secrets.token_hex(4)}")
+            tmp = os.path.join(self.directory, f"{TMP_PREFIX}key-{os.getpid()}-{os.urandom(4).hex()}")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(32))
+                f.write(os.urandom(32))
                 f.flush()
                 os.fsync(f.fileno())
             try:
@@ -236,7 +235,7 @@ class ModuleCache:
     def _write(self, path: str, key: str, data: bytes) -> os.stat_result:
         """Write ``path`` atomically; returns the identity of the file now there (after the rename, which
         changes its ctime)."""
-        tmp = os.path.join(self.directory, f"{TMP_PREFIX}{key[:16]}-{os.getpid()}-{secrets.token_hex(4)}")
+        tmp = os.path.join(self.directory, f"{TMP_PREFIX}{key[:16]}-{os.getpid()}-{os.urandom(4).hex()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:

@@ -10,7 +10,6 @@ per-entry lock) and the others wait for that entry.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 
@@ -62,6 +61,8 @@ def ensure_compiled(module_path: str, cache_dir: str | None = None,
         size = os.stat(module_path).st_size >> 20
         announce(f"compiling {os.path.basename(module_path)} ({size} MiB) for this host, once: "
                  "this takes a while (about 10 s for python.wasm on two cores)")
+    import subprocess  # only on a cache miss: not on every start
+
     started = time.monotonic()
     argv = [sys.executable, "-I", "-S", "-c", _CHILD, os.pathsep.join(sys.path), module_path, store.directory]
     result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

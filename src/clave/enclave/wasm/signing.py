@@ -20,7 +20,6 @@ document travels in the image as ``/.clave/enclave.sig`` (outside the measured t
 
 from __future__ import annotations
 
-import base64
 import binascii
 import os
 
@@ -67,7 +66,7 @@ def pem_body(pem: bytes | str, label: str) -> bytes:
     if start < 0 or stop < start:
         raise ValueError(f"no PEM {label} block")
     try:
-        return base64.b64decode("".join(text[start + len(begin):stop].split()), validate=True)
+        return binascii.a2b_base64("".join(text[start + len(begin):stop].split()), strict_mode=True)
     except binascii.Error as exc:
         raise ValueError(f"PEM {label} block is not base64: {exc}") from None
 
