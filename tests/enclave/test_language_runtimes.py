@@ -288,3 +288,24 @@ def test_clave_check_reports_the_language_runtimes(app: App) -> None:
     python = report["language_runtimes"]["python"]
     assert python.startswith("supported (") and python.endswith("; compiled)")
     assert interpreters.PYTHON.module_path() in python
+
+
+@pytest.mark.parametrize(("annotations", "error"), [
+    ({"enclave.kbs.resources": "default/key/x=/run/secrets/x"}, "enclave.kbs.resources needs enclave.kbs.url"),
+    ({"enclave.kbs.url": "https://127.0.0.1:1", "enclave.kbs.resources": "default/key=/x"},
+     "'default/key=/x' is not repo/type/tag=/absolute/path"),
+    ({"enclave.kbs.url": "https://127.0.0.1:1", "enclave.kbs.ca": "ca.pem"}, "must be an absolute, normalised"),
+    ({"enclave.kbs.url": "https://127.0.0.1:1", "enclave.kbs.ca": "/etc"}, "/etc is not a certificate file"),
+    ({"enclave.kbs.url": "https://127.0.0.1:1", "enclave.kbs.ca": "/nonexistent/ca.pem"}, "No such file"),
+])
+def test_bad_provisioning_settings_fail_with_one_line_and_leave_nothing(app: App, annotations: dict[str, str],
+                                                                       error: str) -> None:
+    app.make({"/app/app.py": "print('never')\n"}, ["python3", "app.py"])
+    oci = json.loads((app.bundle / "config.json").read_text())
+    oci["annotations"] = annotations
+    (app.bundle / "config.json").write_text(json.dumps(oci))
+    result = app.clave("run", "bad")
+    assert result.returncode != 0 and result.stdout == ""
+    lines = [line for line in result.stderr.splitlines() if "level=warning" not in line]
+    assert len(lines) == 1 and error in lines[0], result.stderr
+    app.assert_clean()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import binascii
 import hashlib
 import os
+import stat
 
 from clave import fastjson
 from clave.enclave.runtime import EnclaveError, EnclaveRuntime
@@ -30,6 +31,8 @@ from clave.enclave.runtime import EnclaveError, EnclaveRuntime
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
+
+MAX_CA_FILE = 1 << 20
 
 class Provisioning:
     """Parsed settings, plus what must be opened or imported before pivot_root."""
@@ -48,6 +51,8 @@ class Provisioning:
         if self.resources and not self.kbs_url:
             raise EnclaveError("enclave.kbs.resources needs enclave.kbs.url")
         self.kbs_ca = settings.get("kbs_ca") or None
+        if self.kbs_ca and (not self.kbs_ca.startswith("/") or os.path.normpath(self.kbs_ca) != self.kbs_ca):
+            raise EnclaveError(f"enclave.kbs.ca {self.kbs_ca!r} must be an absolute, normalised host path")
         self.ca_fd: int | None = None
         self.preloaded = False
 
@@ -59,9 +64,13 @@ class Provisioning:
         pivot_root."""
         if self.kbs_ca:
             try:
-                self.ca_fd = os.open(self.kbs_ca, os.O_RDONLY | os.O_CLOEXEC)
+                self.ca_fd = os.open(self.kbs_ca, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             except OSError as exc:
                 raise EnclaveError(f"enclave.kbs.ca {self.kbs_ca}: {exc.strerror}") from None
+            st = os.fstat(self.ca_fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_CA_FILE:
+                raise EnclaveError(f"enclave.kbs.ca {self.kbs_ca} is not a certificate file (a regular file of at "
+                                   f"most {MAX_CA_FILE >> 10} KiB)")
         if self.attestation_dir or self.kbs_url:
             preload()
             self.preloaded = True
