@@ -26,7 +26,7 @@ def run(parsed: Parsed, ctx: Any) -> int:
         for s in states:
             print(s["id"])
     elif fmt == "json":
-        print(fastjson.dumps(states))
+        print(fastjson.dumps(states or None))  # runc (Go) encodes an empty list as null
     elif fmt == "table":
         rows = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")]
         rows += [(s["id"], str(s["pid"]), s["status"], s["bundle"], s["created"], s["owner"]) for s in states]
