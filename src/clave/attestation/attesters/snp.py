@@ -15,15 +15,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import os
-import secrets
 import struct
 from pathlib import Path
 
+from clave.attestation.attesters.tsm import TSM_REPORT as TSM_REPORT_DIR
+from clave.attestation.attesters.tsm import TsmReports
 from clave.attestation.base import Attester, AttesterUnavailable, Evidence
 
 SEV_GUEST_DEVICE = Path("/dev/sev-guest")
-TSM_REPORT_DIR = Path("/sys/kernel/config/tsm/report")
 TSM_PROVIDER = "sev_guest"
 
 REPORT_DATA_SIZE = 64
@@ -49,20 +48,20 @@ class SnpAttester(Attester):
             raise ValueError(f"VMPL must be 0..3, got {vmpl}")
         self.vmpl = vmpl
         self.device = device
-        self.tsm_report_dir = tsm_report_dir
+        self.tsm = TsmReports(tsm_report_dir)
 
     def available(self) -> None:
         if not (self._use_tsm() or self.device.exists()):
             raise AttesterUnavailable(self._unavailable_reason())
 
     def _unavailable_reason(self) -> str:
-        if self.tsm_report_dir.is_dir():
+        if self.tsm.present():
             return f"no {self.device}, and configfs-tsm is not backed by {TSM_PROVIDER}"
         return f"no {self.device} or configfs-tsm on this host"
 
     def _use_tsm(self) -> bool:
         """configfs-tsm is present and its provider is the SEV guest driver (not e.g. tdx_guest)."""
-        if not self.tsm_report_dir.is_dir():
+        if not self.tsm.present():
             return False
         try:
             return self._tsm_provider() == TSM_PROVIDER
@@ -85,32 +84,11 @@ class SnpAttester(Attester):
 
     # -- configfs-tsm ----------------------------------------------------------------------------------
 
-    def _tsm_entry(self) -> Path:
-        entry = self.tsm_report_dir / f"clave-{os.getpid()}-{secrets.token_hex(4)}"
-        entry.mkdir()
-        return entry
-
     def _tsm_provider(self) -> str:
-        entry = self._tsm_entry()
-        try:
-            return (entry / "provider").read_text().strip()
-        finally:
-            entry.rmdir()
+        return self.tsm.provider()
 
     def _report_via_tsm(self, report_data: bytes) -> bytes:
-        entry = self._tsm_entry()
-        try:
-            if self.vmpl:
-                (entry / "privlevel").write_text(str(self.vmpl))
-            (entry / "inblob").write_bytes(report_data)
-            generation = (entry / "generation").read_text().strip()
-            report = (entry / "outblob").read_bytes()
-            # Another writer to this entry between our write and read would bump the generation.
-            if (entry / "generation").read_text().strip() != generation:
-                raise OSError(errno.EBUSY, "configfs-tsm report entry changed while reading it")
-            return report
-        finally:
-            entry.rmdir()
+        return self.tsm.report(report_data, TSM_PROVIDER, privlevel=self.vmpl or None)
 
     # -- /dev/sev-guest --------------------------------------------------------------------------------
 

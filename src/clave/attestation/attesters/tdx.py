@@ -8,13 +8,11 @@ TDREPORT (ioctl TDX_CMD_GET_REPORT0), which needs a host-side quoting service to
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
+from clave.attestation.attesters.tsm import TSM_REPORT, TsmReports
 from clave.attestation.base import Attester, AttesterUnavailable, Evidence
 
-TSM_REPORT = Path("/sys/kernel/config/tsm/report")
 TDX_GUEST_DEVICE = Path("/dev/tdx_guest")
 REPORT_DATA_LEN = 64
 _TDX_QUOTE_PREFIXES = (b"\x04\x00\x02\x00\x81\x00\x00\x00", b"\x05\x00\x02\x00\x81\x00\x00\x00")
@@ -40,43 +38,29 @@ class TdxAttester(Attester):
     priority = 80
 
     def __init__(self, tsm_root: Path = TSM_REPORT, device: Path = TDX_GUEST_DEVICE) -> None:
-        self.tsm_root = tsm_root
+        self.tsm = TsmReports(tsm_root)
         self.device = device
 
     def available(self) -> None:
-        tsm = self.tsm_root.is_dir()
+        tsm = self.tsm.present()
         guest = self.device.exists() or _cpu_flag("tdx_guest")
         if tsm and guest:
             return
         if guest:
             raise AttesterUnavailable(
-                f"this is a TDX guest but configfs-tsm ({self.tsm_root}) is missing: mount configfs "
+                f"this is a TDX guest but configfs-tsm ({self.tsm.root}) is missing: mount configfs "
                 "(mount -t configfs none /sys/kernel/config) on a kernel with TSM reports (6.7+)"
             )
         if tsm:
             raise AttesterUnavailable(
                 f"configfs-tsm is present but this is not a TDX guest (no {self.device}, no tdx_guest CPU flag)"
             )
-        raise AttesterUnavailable(f"no {self.device} or configfs-tsm ({self.tsm_root}) on this host")
+        raise AttesterUnavailable(f"no {self.device} or configfs-tsm ({self.tsm.root}) on this host")
 
     def attest(self, report_data: bytes) -> Evidence:
         inblob = _pad_report_data(report_data)
         self.available()
-        entry = Path(tempfile.mkdtemp(prefix="clave-", dir=self.tsm_root))  # configfs: mkdir creates the report
-        try:
-            provider = (entry / "provider").read_text().strip()
-            if provider != "tdx_guest":
-                raise AttesterUnavailable(f"configfs-tsm provider is {provider!r}, not tdx_guest")
-            for _ in range(3):  # generation changes when someone else wrote inblob in between
-                (entry / "inblob").write_bytes(inblob)
-                generation = (entry / "generation").read_text()
-                quote = (entry / "outblob").read_bytes()
-                if (entry / "generation").read_text() == generation:
-                    break
-            else:
-                raise OSError(f"{entry}: report kept changing under concurrent writers")
-        finally:
-            os.rmdir(entry)
+        quote = self.tsm.report(inblob, "tdx_guest")
         if not quote.startswith(_TDX_QUOTE_PREFIXES):
             raise OSError(f"configfs-tsm returned {len(quote)} bytes that are not a TDX ECDSA quote")
         return Evidence(tee=self.tee, data=quote)
