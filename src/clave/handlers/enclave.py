@@ -1,7 +1,9 @@
 """The enclave handler: the container's init never execs the entrypoint; it drives an enclave runtime through
 the Enclave Runtime PAL API (a C PAL, or the built-in WebAssembly runtime) and forwards every signal to it as
-``pal_kill(-1, sig)``. Everything else (namespaces, cgroups, rootfs, hooks, confinement) is the native
-container's, built by the same layers.
+``pal_kill(-1, sig)``. Before the entrypoint runs, the runtime provisions the app (attestation files, secrets
+from a key broker: ``clave.enclave.provision``); while it runs, the init's agent socket serves `clave exec`,
+`clave attest ID` and `clave attest ID --kbs`. Everything else (namespaces, cgroups, rootfs, hooks, confinement)
+is the native container's, built by the same layers.
 """
 
 from __future__ import annotations
