@@ -16,48 +16,19 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
-from common import interleave, machine_description, print_ratio_table, run_command_ms
+from bench_runtime import Runtime, find_runtimes, precompile_clave
+from common import interleave, machine_description, print_ratio_table
 
 from clave.tools.bundles import make_bundle
 
 
-@dataclass
-class Runtime:
-    name: str
-    binary: str
-    root: Path
-    stderr: IO[str]
-    container_id: str
-
-    def argv(self, *args: str) -> list[str]:
-        return [self.binary, "--root", str(self.root), *args]
-
-    def call(self, *args: str) -> float:
-        return run_command_ms(self.argv(*args), self.stderr, what=f"{self.name} {' '.join(args)}")
-
-    def stop(self) -> None:
-        subprocess.run(self.argv("delete", "--force", self.container_id), capture_output=True)
-
-
-def find_runtimes(names: list[str], base: Path) -> list[Runtime]:
-    found = []
-    for name in names:
-        binary = str(Path(sys.executable).parent / "clave") if name == "clave" else shutil.which(name)
-        if binary is None or not os.access(binary, os.X_OK):
-            print(f"note: {name} not installed, skipped")
-            continue
-        root = base / "state" / name
-        root.mkdir(parents=True)
-        found.append(Runtime(name, binary, root, open(base / f"{name}.stderr", "w+"), f"exec-bench-{name}"))
-    return found
+def container_id(runtime: Runtime) -> str:
+    return f"exec-bench-{runtime.name}"
 
 
 def start_containers(runtimes: list[Runtime], bundle: Path) -> list[Runtime]:
@@ -65,7 +36,7 @@ def start_containers(runtimes: list[Runtime], bundle: Path) -> list[Runtime]:
     running = []
     for runtime in runtimes:
         try:
-            runtime.call("run", "--detach", "--bundle", str(bundle), runtime.container_id)
+            runtime.call("run", "--detach", "--bundle", str(bundle), container_id(runtime))
         except RuntimeError as error:
             if runtime.name in ("clave", "runc"):
                 raise
@@ -76,15 +47,7 @@ def start_containers(runtimes: list[Runtime], bundle: Path) -> list[Runtime]:
 
 
 def measure_exec(runtime: Runtime) -> Callable[[], float]:
-    return lambda: runtime.call("exec", runtime.container_id, "/bin/true")
-
-
-def precompile_clave() -> None:
-    """Write clave's bytecode first, as `pip install` does (PYTHONDONTWRITEBYTECODE is set on these machines)."""
-    import clave
-
-    package_dir = os.path.dirname(clave.__file__)
-    subprocess.run([sys.executable, "-m", "compileall", "-q", package_dir], check=True, stdout=subprocess.DEVNULL)
+    return lambda: runtime.call("exec", container_id(runtime), "/bin/true")
 
 
 def main() -> None:
@@ -111,7 +74,7 @@ def main() -> None:
                           samples, baseline="runc", label="runtime")
     finally:
         for runtime in runtimes:
-            runtime.stop()
+            runtime.force_delete_all()
             runtime.stderr.close()
         shutil.rmtree(base, ignore_errors=True)
 
