@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from conftest import wait_for  # tests/interop is not a package: its conftest is top-level
 
 if TYPE_CHECKING:
     from conftest import Containerd
@@ -23,15 +23,6 @@ def _new_id(prefix: str) -> str:
 def _run_args(clave: Path, rootfs: Path, option: str, container_id: str, *command: str) -> list[str]:
     """`ctr run` arguments: --rootfs is a boolean flag, the rootfs dir takes the image's place after the flags."""
     return ["run", "--runc-binary", str(clave), option, "--rootfs", str(rootfs), container_id, *command]
-
-
-def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _task_row(containerd: Containerd, container_id: str) -> tuple[int, str] | None:
@@ -58,9 +49,9 @@ def _assert_nothing_left(containerd: Containerd, container_id: str, init_pid: in
     assert not (containerd.runc_root / container_id).exists(), "clave state left under the shim's runc root"
     assert not containerd.bundle_dir(container_id).exists(), "bundle left in containerd's state dir"
     assert containerd.cgroups(container_id) == []
-    _wait_for(lambda: not containerd.shims(container_id), "the shim to exit")
+    wait_for(lambda: not containerd.shims(container_id), "the shim to exit")
     if init_pid is not None:
-        _wait_for(lambda: _pid_gone(init_pid), f"container init {init_pid} to be gone")
+        wait_for(lambda: _pid_gone(init_pid), f"container init {init_pid} to be gone")
 
 
 def test_run_prints_output_and_returns_exit_status(containerd: Containerd, clave: Path, busybox_rootfs: Path) -> None:
@@ -131,7 +122,7 @@ def test_foreground_task_killed_with_sigkill(containerd: Containerd, clave: Path
                *_run_args(clave, busybox_rootfs, "--rm", container_id, "sleep", "1000")]
     runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: (_task_row(containerd, container_id) or (0, ""))[1] == "RUNNING", "the task to run")
+        wait_for(lambda: (_task_row(containerd, container_id) or (0, ""))[1] == "RUNNING", "the task to run")
         row = _task_row(containerd, container_id)
         assert row is not None
         init_pid = row[0]
@@ -162,7 +153,7 @@ def test_detached_task_listed_killed_and_deleted(containerd: Containerd, clave: 
     assert '"status": "running"' in state.stdout and f'"pid": {init_pid}' in state.stdout, state.stdout
 
     containerd.ctr("task", "kill", "-s", "SIGKILL", container_id, check=True)
-    _wait_for(lambda: (_task_row(containerd, container_id) or (0, ""))[1] == "STOPPED", "the task to stop")
+    wait_for(lambda: (_task_row(containerd, container_id) or (0, ""))[1] == "STOPPED", "the task to stop")
     containerd.ctr("task", "delete", container_id, check=True)
     containerd.ctr("container", "delete", container_id, check=True)
     _assert_nothing_left(containerd, container_id, init_pid)
@@ -173,7 +164,7 @@ def test_kill_after_exit_reports_process_already_finished(containerd: Containerd
     container_id = _new_id("late")
     containerd.ctr(*_run_args(clave, busybox_rootfs, "-d", container_id, "/bin/true"), check=True)
     try:
-        _wait_for(lambda: (_task_row(containerd, container_id) or (0, ""))[1] == "STOPPED", "the task to exit")
+        wait_for(lambda: (_task_row(containerd, container_id) or (0, ""))[1] == "STOPPED", "the task to exit")
         result = containerd.ctr("task", "kill", "-s", "SIGKILL", container_id)
         assert result.returncode != 0
         assert "process already finished: not found" in result.stderr, result.stderr

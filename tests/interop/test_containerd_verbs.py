@@ -4,25 +4,16 @@ long-running container (`ctr run -d --runc-binary clave --rootfs DIR ID sleep 30
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from conftest import wait_for  # tests/interop is not a package: its conftest is top-level
 
 if TYPE_CHECKING:
     from conftest import Containerd
-
-
-def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _task_status(containerd: Containerd, container_id: str) -> str | None:
@@ -46,7 +37,7 @@ def running(containerd: Containerd, clave: Path, busybox_rootfs: Path) -> Iterat
     container_id = f"verbs-{uuid.uuid4().hex[:6]}"
     containerd.ctr("run", "-d", "--runc-binary", str(clave), "--rootfs", str(busybox_rootfs), container_id,
                    "sleep", "300", check=True)
-    _wait_for(lambda: _task_status(containerd, container_id) == "RUNNING", "the task to run")
+    wait_for(lambda: _task_status(containerd, container_id) == "RUNNING", "the task to run")
     yield container_id
     if container_id in containerd.task_ids():
         containerd.ctr("task", "kill", "-s", "SIGKILL", container_id)
@@ -101,12 +92,12 @@ def test_task_kill_delete_and_container_rm(containerd: Containerd, running: str)
     pid = int(containerd.ctr("task", "ps", running, check=True).stdout.splitlines()[1].split()[0])
     # SIGKILL: pid 1 of a pid namespace ignores SIGTERM unless it handles it, as sleep does not.
     containerd.ctr("task", "kill", "-s", "SIGKILL", running, check=True)
-    _wait_for(lambda: _task_status(containerd, running) == "STOPPED", "the task to stop")
+    wait_for(lambda: _task_status(containerd, running) == "STOPPED", "the task to stop")
     containerd.ctr("task", "delete", running, check=True)
     assert running not in containerd.task_ids()
     containerd.ctr("container", "rm", running, check=True)
     assert running not in containerd.container_ids()
     assert not (containerd.runc_root / running).exists(), "clave state left under the shim's runc root"
     assert containerd.cgroups(running) == []
-    _wait_for(lambda: not _alive(pid), "the container's process to be gone")
-    _wait_for(lambda: not containerd.shims(running), "the shim to exit")
+    wait_for(lambda: not _alive(pid), "the container's process to be gone")
+    wait_for(lambda: not containerd.shims(running), "the shim to exit")

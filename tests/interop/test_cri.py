@@ -8,6 +8,7 @@ busybox image built from Debian's busybox-static; both are OCI image tarballs wr
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import importlib
@@ -31,7 +32,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from conftest import cgroup_dirs, process_argvs, stop_pid
+from conftest import cgroup_dirs, process_argvs, stop_pid, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "containerd.md"
@@ -338,11 +339,7 @@ def _status(cri: Cri, cid: str) -> tuple[Any, dict[str, Any]]:
     return response.status, json.loads(response.info.get("info", "{}"))
 
 
-def _wait_for(predicate: Any, what: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+_wait_for = functools.partial(wait_for, timeout=15, interval=0.1)  # CRI calls settle slower
 
 
 def _parent_pid(pid: int) -> int:

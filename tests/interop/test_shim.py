@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Containerd, shim_pids  # tests/interop is not a package: its conftest is top-level
+from conftest import Containerd, shim_pids, wait_for  # tests/interop is not a package: its conftest is top-level
 
 RUNTIME = "io.containerd.clave.v2"
 
@@ -30,13 +30,6 @@ def _run(containerd: Containerd, rootfs: Path, flags: list[str], cid: str, *comm
     """`ctr run --rootfs`: flags first, then the rootfs path (--rootfs is a switch), the id and the command."""
     return containerd.ctr("run", "--runtime", RUNTIME, *flags, "--rootfs", str(rootfs), cid, *command,
                           timeout=timeout)
-
-
-def _wait_for(predicate: object, what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def _status(containerd: Containerd, container_id: str) -> str:
@@ -87,7 +80,7 @@ def test_detached_task_verbs(containerd: Containerd, busybox_rootfs: Path) -> No
         metrics = containerd.ctr("task", "metrics", cid, check=True).stdout
         assert "memory.usage_in_bytes" in metrics and "pids.current" in metrics
         containerd.ctr("task", "kill", "-s", "SIGKILL", cid, check=True)
-        _wait_for(lambda: _status(containerd, cid) == "STOPPED", "the task to stop")
+        wait_for(lambda: _status(containerd, cid) == "STOPPED", "the task to stop")
     finally:
         containerd.ctr("task", "delete", "--force", cid)
         containerd.ctr("container", "delete", cid)
@@ -131,7 +124,7 @@ def test_events_in_order(containerd: Containerd, busybox_rootfs: Path) -> None:
             assert _run(containerd, busybox_rootfs, ["-d"], cid, "sleep", "300").returncode == 0
             containerd.ctr("task", "exec", "--exec-id", "x", cid, "true", check=True)
             containerd.ctr("task", "kill", "-s", "SIGKILL", cid, check=True)
-            _wait_for(lambda: _status(containerd, cid) == "STOPPED", "the task to stop")
+            wait_for(lambda: _status(containerd, cid) == "STOPPED", "the task to stop")
             containerd.ctr("task", "delete", cid, check=True)
             containerd.ctr("container", "delete", cid, check=True)
             time.sleep(0.3)
@@ -161,7 +154,7 @@ def test_one_shim_per_pod(containerd: Containerd, busybox_rootfs: Path) -> None:
     finally:
         for cid in reversed(members):
             containerd.ctr("task", "kill", "-s", "SIGKILL", cid)
-            _wait_for(lambda c=cid: _status(containerd, c) in ("STOPPED", ""), "the task to stop")
+            wait_for(lambda c=cid: _status(containerd, c) in ("STOPPED", ""), "the task to stop")
             containerd.ctr("task", "delete", "--force", cid)
             containerd.ctr("container", "delete", cid)
     for cid in members:

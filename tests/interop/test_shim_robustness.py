@@ -10,9 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from conftest import (  # tests/interop is not a package: its conftest is top-le
     cgroup_dirs,
     shim_pids,
     stop_pid,
+    wait_for,
 )
 
 from clave.proto.generated.ttrpc import Request, Response
@@ -101,13 +101,6 @@ def _run(containerd: Containerd, rootfs: Path, flags: list[str], cid: str, *comm
                           stdin=None if input is not None else subprocess.DEVNULL)
 
 
-def _wait_for(predicate: Callable[[], object], what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def _task(containerd: Containerd, cid: str) -> tuple[int, str] | None:
     """(pid, status) of a task as `ctr task ls` shows it, None if it is not listed."""
     for line in containerd.ctr("task", "ls", check=True).stdout.splitlines()[1:]:
@@ -125,8 +118,8 @@ def _alive(pid: int) -> bool:
 
 
 def _assert_gone(containerd: Containerd, cid: str, init_pid: int, socket_path: str) -> None:
-    _wait_for(lambda: not shim_pids(containerd.namespace, cid), "the shim to exit")
-    _wait_for(lambda: not _alive(init_pid), "the container's init to die")
+    wait_for(lambda: not shim_pids(containerd.namespace, cid), "the shim to exit")
+    wait_for(lambda: not _alive(init_pid), "the container's init to die")
     state = Path(f"/run/containerd/clave/{containerd.namespace}/{cid}")
     assert not state.exists(), f"engine state left: {state}"
     assert containerd.cgroups(cid) == [], "cgroup left"
@@ -150,7 +143,7 @@ def _start_sleeper(containerd: Containerd, rootfs: Path, prefix: str) -> tuple[s
 
 def _kill_and_remove(containerd: Containerd, cid: str) -> None:
     containerd.ctr("task", "kill", "-s", "SIGKILL", cid, check=True)
-    _wait_for(lambda: (_task(containerd, cid) or (0, ""))[1] == "STOPPED", "the task to stop")
+    wait_for(lambda: (_task(containerd, cid) or (0, ""))[1] == "STOPPED", "the task to stop")
     containerd.ctr("task", "delete", cid, check=True)
     containerd.ctr("container", "delete", cid, check=True)
 
@@ -179,8 +172,8 @@ def test_shim_crash_is_cleaned_up_by_delete(containerd: Containerd, busybox_root
     socket_path = _shim_socket(containerd, cid)
     os.kill(shim, signal.SIGKILL)
     # containerd sees the connection drop and runs `containerd-shim-clave-v2 ... delete` in the bundle.
-    _wait_for(lambda: (_task(containerd, cid) or (0, "STOPPED"))[1] == "STOPPED", "containerd to notice")
-    _wait_for(lambda: not _alive(init_pid), "delete to kill the container's init")
+    wait_for(lambda: (_task(containerd, cid) or (0, "STOPPED"))[1] == "STOPPED", "containerd to notice")
+    wait_for(lambda: not _alive(init_pid), "delete to kill the container's init")
     if _task(containerd, cid) is not None:
         containerd.ctr("task", "delete", cid, check=True)
     containerd.ctr("container", "rm", cid, check=True)
@@ -306,7 +299,7 @@ def test_binary_log_uri(containerd: Containerd, busybox_rootfs: Path, tmp_path: 
     result = _run(containerd, busybox_rootfs, ["--rm", "--log-uri", f"binary://{logger}?{out}="], cid,
                   "sh", "-c", "echo to stdout; echo to stderr >&2")
     assert result.returncode == 0, result.stderr
-    _wait_for(lambda: Path(f"{out}.ids").exists() and Path(f"{out}.stdout").read_text(), "the logger's output")
+    wait_for(lambda: Path(f"{out}.ids").exists() and Path(f"{out}.stdout").read_text(), "the logger's output")
     assert Path(f"{out}.stdout").read_text() == "to stdout\n"
     assert Path(f"{out}.stderr").read_text() == "to stderr\n"
     assert Path(f"{out}.ids").read_text() == f"{containerd.namespace}/{cid}\n"
