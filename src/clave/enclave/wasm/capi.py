@@ -161,14 +161,20 @@ def package_dir() -> str | None:
     return _package_dir
 
 
-def installed_major(directory: str) -> int | None:
-    """The major version of the wasmtime package in ``directory``, from its dist-info beside it (None: unknown)."""
+def installed_versions(directory: str) -> list[str]:
+    """The versions of the wasmtime package in ``directory``, from the dist-info beside it (sorted; none when
+    unknown)."""
     site = os.path.dirname(directory)
-    for name in os.listdir(site):
-        if name.startswith("wasmtime-") and name.endswith(".dist-info"):
-            major = name[len("wasmtime-"):].split(".")[0]
-            return int(major) if major.isdigit() else None
-    return None
+    names = os.listdir(site) if site and os.path.isdir(site) else []
+    return sorted(n[len("wasmtime-"):-len(".dist-info")] for n in names
+                  if n.startswith("wasmtime-") and n.endswith(".dist-info"))
+
+
+def installed_major(directory: str) -> int | None:
+    """The major version of the wasmtime package in ``directory`` (None: unknown)."""
+    versions = installed_versions(directory)
+    major = versions[0].split(".")[0] if versions else ""
+    return int(major) if major.isdigit() else None
 
 
 def library_path(directory: str | None = None) -> str:

@@ -35,9 +35,7 @@ def wasmtime_version(package_dir: str | None = None) -> str:
     (~40 ms): from the dist-info directory beside the package."""
     if package_dir is None:
         package_dir = capi.package_dir() or ""
-    site = os.path.dirname(package_dir)
-    versions = sorted(n[len("wasmtime-"):-len(".dist-info")] for n in (os.listdir(site) if site else [])
-                      if n.startswith("wasmtime-") and n.endswith(".dist-info"))
+    versions = capi.installed_versions(package_dir) if package_dir else []
     library = capi.library_path(package_dir) if package_dir else ""
     size = os.stat(library).st_size if os.path.exists(library) else 0
     return f"{','.join(versions) or 'unknown'}:{size}"
