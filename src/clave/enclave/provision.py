@@ -27,6 +27,7 @@ import stat
 
 from clave import fastjson
 from clave.enclave.runtime import EnclaveError, EnclaveRuntime
+from clave.linux import rootfs
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -150,24 +151,9 @@ def check_tmpfs(path: str) -> None:
     directory = os.path.dirname(path) or "/"
     if not os.path.isdir(directory):
         raise EnclaveError(f"{directory} does not exist in the container")
-    if _fs_type(directory) != "tmpfs":
+    if rootfs.filesystem_type(directory) != "tmpfs":
         raise EnclaveError(f"{path} is not on a tmpfs mount of the container: secrets and keys are written only to "
                            "memory (add a tmpfs mount there)")
-
-
-def _fs_type(path: str) -> str:
-    """The file system type of the mount holding ``path`` (the longest mount point that prefixes it)."""
-    real = os.path.realpath(path)
-    best, kind = "", ""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            mount_point = fields[4].replace("\\040", " ")
-            fs_type = fields[fields.index("-") + 1]
-            inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")
-            if inside and len(mount_point) >= len(best):
-                best, kind = mount_point, fs_type
-    return kind
 
 
 def _write(path: str, data: bytes, uid: int, gid: int, mode: int = 0o400) -> None:

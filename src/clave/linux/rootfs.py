@@ -142,10 +142,26 @@ def prepare_propagation(rootfs: str, propagation: str | None) -> None:
         lsys.mount(None, parent, None, lsys.MS_PRIVATE)
 
 
-def _mountinfo() -> list[list[str]]:
-    """/proc/self/mountinfo as fields: id, parent id, dev, root, mount point, options, optional fields."""
+def _mountinfo_records() -> list[tuple[list[str], list[str]]]:
+    """/proc/self/mountinfo, each line as its fields before the " - " separator (id, parent id, dev, root, mount
+    point, options, optional fields) and after it (fs type, source, super options)."""
     with open("/proc/self/mountinfo") as f:
-        return [line.split(" - ")[0].split() for line in f]
+        return [(head.split(), tail.split()) for head, _, tail in (line.partition(" - ") for line in f)]
+
+
+def _mountinfo() -> list[list[str]]:
+    return [head for head, _ in _mountinfo_records()]
+
+
+def filesystem_type(path: str) -> str:
+    """The type of the file system holding ``path``: that of the last-mounted, longest mount point above it."""
+    real = os.path.realpath(path)
+    best, kind = "", ""
+    for head, tail in _mountinfo_records():
+        point = _unescape(head[4])
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, kind = point, tail[0]
+    return kind
 
 
 def _is_shared(entry: list[str]) -> bool:
