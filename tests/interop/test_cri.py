@@ -316,16 +316,19 @@ def running_pod(cri: Cri, name: str) -> Iterator[tuple[str, Any]]:
 
 
 def _create_and_start(cri: Cri, pod: str, sandbox: Any, name: str, script: str,
-                      annotations: dict[str, str] | None = None) -> str:
+                      annotations: dict[str, str] | None = None, working_dir: str = "",
+                      **security: Any) -> str:
+    """CreateContainer + StartContainer; ``security`` adds LinuxContainerSecurityContext fields (run_as_user...)."""
     pb = cri.pb
     config = pb.ContainerConfig(
         metadata=pb.ContainerMetadata(name=name),
         image=pb.ImageSpec(image=BUSYBOX_IMAGE),
         command=["sh", "-c", script],
+        working_dir=working_dir,
         log_path=f"{name}.log",
         annotations=annotations or {},
         linux=pb.LinuxContainerConfig(security_context=pb.LinuxContainerSecurityContext(
-            namespace_options=pb.NamespaceOption(network=pb.NODE, pid=pb.CONTAINER, ipc=pb.POD))),
+            namespace_options=pb.NamespaceOption(network=pb.NODE, pid=pb.CONTAINER, ipc=pb.POD), **security)),
     )
     cid = cri.runtime.CreateContainer(pb.CreateContainerRequest(pod_sandbox_id=pod, config=config,
                                                                 sandbox_config=sandbox), timeout=60).container_id
@@ -504,3 +507,28 @@ def test_python_enclave_app_from_an_image(cri: Cri, tmp_path_factory: pytest.Tem
         assert "python in the enclave, cwd /app from the image" in log, log
         cri.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=cid), timeout=30)
     _assert_nothing_left(cri, [pod, cid])
+
+
+@pytest.mark.parametrize("value", [1000, 2147483648, 4294967295])
+def test_run_as_user_is_validated(cri: Cri, value: int) -> None:
+    """A pod's runAsUser out of runc's range never runs: refused at CreateContainer (4294967295 would otherwise
+    be -1 to setresuid and run as root). containerd 1.6 itself takes such a number for a user name and refuses
+    it ("no users found") before the runtime sees it; a containerd that passes it on gets the shim's refusal,
+    which names the field (test_shim.py drives the shim with these values directly)."""
+    import grpc
+
+    pb = cri.pb
+    with running_pod(cri, f"uid{value}") as (pod, sandbox):
+        if value <= 2147483647:
+            cid = _create_and_start(cri, pod, sandbox, "app", SERVE, run_as_user=pb.Int64Value(value=value),
+                                    run_as_group=pb.Int64Value(value=value))
+            result = cri.runtime.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=["sh", "-c", "id -u; id -g"],
+                                                             timeout=20), timeout=30)
+            assert result.stdout.split() == [str(value).encode()] * 2
+            return
+        with pytest.raises(grpc.RpcError) as err:
+            _create_and_start(cri, pod, sandbox, "app", SERVE, run_as_user=pb.Int64Value(value=value),
+                              run_as_group=pb.Int64Value(value=0))  # a group: no /etc/passwd look-up
+        details = err.value.details()
+        assert "no users found" in details or ("process.user.uid" in details and "0-2147483647" in details)
+    _assert_nothing_left(cri, [pod])

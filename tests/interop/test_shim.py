@@ -3,6 +3,7 @@ exec, ps, pause/resume, metrics, kill, delete, events in order, one shim per pod
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import select
@@ -214,4 +215,64 @@ def test_python_enclave_app_through_the_shim(containerd: Containerd, tmp_path: P
                   "python3", "/app/app.py", "x", timeout=60)
     assert result.returncode == 6, result.stderr
     assert result.stdout == "enclaved python wasi ['x']\n"
+    _assert_gone(containerd, cid)
+
+
+@pytest.mark.parametrize("value", [1000, 2147483647, 2147483648, 4294967295])
+def test_user_ids_validated_like_runc(containerd: Containerd, busybox_rootfs: Path, tmp_path: Path,
+                                      value: int) -> None:
+    """A spec with process.user through the clave shim and through the runc.v2 shim (`ctr run --config`): the
+    same ids run, the same are refused (one line naming process.user.uid), and nothing is left behind."""
+    from clave.config.defaults import default_spec
+
+    spec = default_spec()
+    spec["process"].update(terminal=False, args=["sh", "-c", "id -u; id -g"], user={"uid": value, "gid": value})
+    spec["root"] = {"path": str(busybox_rootfs)}
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    results = {}
+    for runtime in (RUNTIME, "io.containerd.runc.v2"):
+        cid = _id("uid")
+        results[runtime] = containerd.ctr("run", "--rm", "--runtime", runtime, "--config",
+                                          str(tmp_path / "config.json"), cid)
+        containerd.ctr("task", "delete", "--force", cid)
+        containerd.ctr("container", "delete", cid)
+        _assert_gone(containerd, cid)
+    clave_result, runc_result = results[RUNTIME], results["io.containerd.runc.v2"]
+    if value <= 2147483647:
+        assert clave_result.returncode == runc_result.returncode == 0, (clave_result.stderr, runc_result.stderr)
+        assert clave_result.stdout.split() == runc_result.stdout.split() == [str(value)] * 2
+    else:
+        assert runc_result.returncode != 0, runc_result.stdout
+        assert clave_result.returncode != 0, clave_result.stdout
+        assert "process.user.uid" in clave_result.stderr and "0-2147483647" in clave_result.stderr
+
+
+@pytest.mark.parametrize("value", [2147483648, 4294967295, 4294967296, -1])
+def test_exec_user_ids_validated(containerd: Containerd, busybox_rootfs: Path, value: int) -> None:
+    """The shim's Exec refuses a process whose uid is out of runc's range (ctr cannot send one: it resolves
+    such a --user as a name, so the request goes straight to the shim's socket), and nothing of it runs."""
+    from clave.proto.generated import containerd_task_v2 as task
+    from clave.proto.generated.google_protobuf import Any as AnyMessage
+    from clave.proto.generated.google_protobuf import Empty
+    from clave.ttrpc import Client, Code, TtrpcError
+
+    cid = _id("xuid")
+    assert _run(containerd, busybox_rootfs, ["-d"], cid, "sleep", "300").returncode == 0
+    try:
+        address = (containerd.bundle_dir(cid) / "address").read_text().strip()
+        process = {"args": ["id", "-u"], "cwd": "/", "user": {"uid": value, "gid": 0}}
+        spec = AnyMessage(type_url="types.containerd.io/opencontainers/runtime-spec/1/Process",
+                          value=json.dumps(process).encode())
+        with Client.connect(address) as client, pytest.raises(TtrpcError) as err:
+            client.invoke(task.TaskService.NAME, "Exec", task.ExecProcessRequest(id=cid, exec_id="u", spec=spec),
+                          Empty, timeout=10)
+        assert err.value.code == Code.INVALID_ARGUMENT
+        assert "process.user.uid" in str(err.value) and "0-2147483647" in str(err.value)
+        ps = containerd.ctr("task", "ps", cid, check=True).stdout.split()
+        assert len([p for p in ps if p.isdigit()]) == 1  # only the sleep
+    finally:
+        containerd.ctr("task", "kill", "-s", "SIGKILL", cid)
+        wait_for(lambda: _status(containerd, cid) in ("STOPPED", ""), "the task to stop")
+        containerd.ctr("task", "delete", "--force", cid)
+        containerd.ctr("container", "delete", cid)
     _assert_gone(containerd, cid)

@@ -99,6 +99,16 @@ class Runner:
         bundle = self.bundle(container_id, config)
         return self.clave("run", "--bundle", str(bundle), container_id)
 
+    def runc(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """Debian's runc, the reference, with a state root of its own beside ours."""
+        return subprocess.run(["runc", "--root", str(self.base / "runc-state"), *args], capture_output=True,
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def reference_run(self, container_id: str, config: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        """`runc run` of the same config, in a bundle of its own (``<id>-runc``); deleted by cleanup."""
+        bundle = self.bundle(f"{container_id}-runc", config)
+        return self.runc("run", "--bundle", str(bundle), f"{container_id}-runc")
+
     def cgroup_dirs(self, container_id: str) -> list[Path]:
         return [h / self.group / container_id for h in cgroup_hierarchies() if (h / self.group / container_id).is_dir()]
 
@@ -122,6 +132,8 @@ class Runner:
         for container_id in self.ids:
             if (self.root / container_id).exists():
                 self.clave("delete", "--force", container_id)
+            if (self.base / "runc-state" / container_id).exists():
+                self.runc("delete", "--force", container_id)
             left += wait_for_nothing(lambda cid=container_id: self.leftovers(cid))  # type: ignore[misc]
         for hierarchy in cgroup_hierarchies():
             remove_cgroup_tree(hierarchy / self.group)

@@ -50,6 +50,19 @@ def _uint(value: Any, path: str) -> int:
     return value
 
 
+# runc's range for every uid and gid a config names. 2^32-1 is -1 to setresuid ("leave unchanged"), so a
+# wider range would let a config that asks for an unprivileged user keep the runtime's root.
+MAX_ID = 2147483647
+
+
+def check_id(value: Any, path: str) -> int:
+    """A uid or gid: an integer in runc's range 0-2147483647."""
+    _expect(value, int, path, "an integer")
+    if not 0 <= value <= MAX_ID:
+        raise _fail(path, f"uids and gids must be in range 0-{MAX_ID} (got {value})")
+    return value
+
+
 def load_bundle(bundle: str) -> dict[str, Any]:
     """Read ``<bundle>/config.json`` and validate it; returns the document."""
     path = os.path.join(bundle, "config.json")
@@ -98,6 +111,15 @@ def validate(doc: Any) -> None:
         _validate_linux(_expect(doc["linux"], dict, "linux", "an object"))
 
 
+def validate_process(process: Any, source: str) -> None:
+    """A process that ``exec`` starts (from ``source``: a --process file, the shim's request...), checked as
+    config.json's own process is; errors name ``source`` instead of config.json."""
+    try:
+        _validate_process(process, "process")
+    except ConfigError as exc:
+        raise ConfigError(source + str(exc).removeprefix("config.json")) from None
+
+
 def _validate_process(process: Any, path: str) -> None:
     _expect(process, dict, path, "an object")
     args = process.get("args")
@@ -112,11 +134,13 @@ def _validate_process(process: Any, path: str) -> None:
     if "terminal" in process:
         _expect(process["terminal"], bool, f"{path}.terminal", "a boolean")
     user = _expect(process.get("user", {}), dict, f"{path}.user", "an object")
-    for key in ("uid", "gid", "umask"):
+    for key in ("uid", "gid"):
         if key in user:
-            _uint(user[key], f"{path}.user.{key}")
+            check_id(user[key], f"{path}.user.{key}")
+    if "umask" in user:
+        _uint(user["umask"], f"{path}.user.umask")
     for i, gid in enumerate(_expect(user.get("additionalGids", []), list, f"{path}.user.additionalGids", "an array")):
-        _uint(gid, f"{path}.user.additionalGids[{i}]")
+        check_id(gid, f"{path}.user.additionalGids[{i}]")
     caps = _expect(process.get("capabilities", {}), dict, f"{path}.capabilities", "an object")
     for key, names in caps.items():
         _str_list(names, f"{path}.capabilities.{key}")
@@ -169,8 +193,10 @@ def _validate_hook(hook: Any, path: str) -> None:
 def _validate_id_mappings(mappings: Any, path: str) -> None:
     for i, m in enumerate(_expect(mappings, list, path, "an array")):
         _expect(m, dict, f"{path}[{i}]", "an object")
-        for key in ("containerID", "hostID", "size"):
-            _uint(m.get(key), f"{path}[{i}].{key}")
+        for key in ("containerID", "hostID"):
+            check_id(m.get(key), f"{path}[{i}].{key}")
+        if _uint(m.get("size"), f"{path}[{i}].size") == 0:
+            raise _fail(f"{path}[{i}].size", "must be at least 1")
 
 
 def _validate_linux(linux: dict[str, Any]) -> None:

@@ -42,9 +42,10 @@ class CreateOptions:
 class ExecOptions:
     def __init__(
         self, console_socket: str | None = None, pid_file: str | None = None, preserve_fds: int = 0,
-        ignore_paused: bool = False, stdio: tuple[int, int, int] | None = None,
+        ignore_paused: bool = False, stdio: tuple[int, int, int] | None = None, source: str = "exec",
     ) -> None:
         self.stdio = stdio  # as CreateOptions.stdio
+        self.source = source  # where the process came from, for its validation errors (a --process file...)
         self.console_socket = console_socket
         self.pid_file = pid_file
         self.preserve_fds = preserve_fds
@@ -269,6 +270,10 @@ class Engine:
         """Start ``process`` in the running container; returns its pid once it has exec'd."""
         from clave.linux import enter, spawn
 
+        try:
+            oci.validate_process(process, opts.source)
+        except oci.ConfigError as exc:
+            raise ClaveError(str(exc)) from None
         sd, state = self._open(container_id)
         try:
             status = st.status(state, sd)

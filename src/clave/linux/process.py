@@ -103,9 +103,10 @@ def finalize(process: dict[str, Any], in_userns: bool = False) -> None:
     uid, gid = user.get("uid", 0), user.get("gid", 0)
     if caps is not None:
         lsys.prctl(PR_SET_KEEPCAPS, 1)
+    groups = user.get("additionalGids", [])
+    set_groups = not in_userns or _setgroups_allowed()
     try:
-        groups = user.get("additionalGids", [])
-        if not in_userns or _setgroups_allowed():
+        if set_groups:
             os.setgroups(groups)
         elif groups:
             raise ProcessError("additionalGids need setgroups, which this user namespace denies")
@@ -113,6 +114,7 @@ def finalize(process: dict[str, Any], in_userns: bool = False) -> None:
         os.setresuid(uid, uid, uid)
     except OSError as exc:
         raise ProcessError(f"set user {uid}:{gid}: {exc.strerror}") from None
+    check_identity(uid, gid, groups if set_groups else None)
     if caps is not None:
         lsys.prctl(PR_SET_KEEPCAPS, 0)
         try:
@@ -125,6 +127,17 @@ def finalize(process: dict[str, Any], in_userns: bool = False) -> None:
         lsys.prctl(lsys.PR_SET_NO_NEW_PRIVS, 1)
         if seccomp_cfg:
             _load_seccomp(seccomp_cfg)
+
+
+def check_identity(uid: int, gid: int, groups: list[int] | None) -> None:
+    """Refuse to go on unless this process holds exactly the identity asked for: a value the kernel reads as
+    "unchanged" (2^32-1 is -1 to setresuid) must never leave the runtime's root in place."""
+    held_uids, held_gids = os.getresuid(), os.getresgid()
+    if held_uids != (uid, uid, uid) or held_gids != (gid, gid, gid) or (
+        groups is not None and sorted(set(os.getgroups())) != sorted(set(groups))
+    ):
+        raise ProcessError(f"identity check failed: asked for uid {uid} gid {gid}, the process holds uids "
+                           f"{held_uids} gids {held_gids}; refusing to start it")
 
 
 def _setgroups_allowed() -> bool:

@@ -10,6 +10,7 @@ import os
 import threading
 
 from clave import fastjson
+from clave.config import spec as oci
 from clave.engine.container import CreateOptions, Engine, ExecOptions
 from clave.errors import ClaveError
 from clave.proto.generated import containerd_events as ev
@@ -325,8 +326,10 @@ class TaskService:
             spec = fastjson.loads(req.spec.value) if req.spec is not None else {}
         except ValueError as exc:
             raise TtrpcError(Code.INVALID_ARGUMENT, f"exec spec: {exc}") from None
-        if not spec.get("args"):
-            raise TtrpcError(Code.INVALID_ARGUMENT, "exec spec: process.args is empty")
+        try:
+            oci.validate_process(spec, "exec spec")
+        except oci.ConfigError as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, str(exc)) from None
         spec["terminal"] = req.terminal
         container.execs[req.exec_id] = Process(req.id, req.exec_id,
                                                ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal,
