@@ -37,35 +37,13 @@ def errno_ret(code: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A classic-BPF interpreter for the instructions the compiler emits, with the kernel verifier's basic checks.
+# The compiled BPF run by the runtime's own interpreter (seccomp.evaluate), with the kernel verifier's basic
+# checks on top.
 
 
 def run_bpf(program: bytes, nr: int, arch: int = AUDIT_X86_64, args: tuple[int, ...] = ()) -> int:
-    insns = [struct.unpack_from("<HBBI", program, off) for off in range(0, len(program), 8)]
-    assert 0 < len(insns) <= 4096
-    data = struct.pack("<iIQ6Q", nr if nr < 1 << 31 else nr - (1 << 32), arch, 0, *(list(args) + [0] * 6)[:6])
-    acc = 0
-    pc = 0
-    for _ in range(len(insns) + 1):  # forward-only jumps: at most one visit per instruction
-        code, jt, jf, k = insns[pc]
-        if code == 0x20:  # ld [k]
-            assert k % 4 == 0 and k + 4 <= len(data)
-            acc = struct.unpack_from("<I", data, k)[0]
-            pc += 1
-        elif code == 0x54:  # and #k
-            acc &= k
-            pc += 1
-        elif code == 0x05:  # ja
-            pc += 1 + k
-        elif code in (0x15, 0x25, 0x35, 0x45):
-            taken = {0x15: acc == k, 0x25: acc > k, 0x35: acc >= k, 0x45: bool(acc & k)}[code]
-            pc += 1 + (jt if taken else jf)
-        elif code == 0x06:
-            return k
-        else:
-            raise AssertionError(f"unexpected opcode {code:#x} at {pc}")
-        assert pc < len(insns), "jump past the end"
-    raise AssertionError("program did not terminate")
+    assert 0 < len(program) // 8 <= 4096 and len(program) % 8 == 0
+    return seccomp.evaluate(program, nr, arch, args)
 
 
 def compile_(syscalls: list[dict[str, Any]], default: str = "SCMP_ACT_ALLOW", **extra: Any) -> bytes:

@@ -532,6 +532,12 @@ def _release_init(fifo: str, state: st.State) -> str | None:
             data += chunk
     finally:
         os.close(fd)
+    if data.startswith(b"0X"):  # the exec trampoline's execve failed (clave.linux.trampoline)
+        from clave.linux import trampoline
+
+        failed = trampoline.failure(data[1:])
+        args = state.config.get("process", {}).get("args", ["?"])
+        return f'exec: "{args[0]}": {os.strerror(failed or 0)}'
     if data.startswith(b"0") and b"E" not in data[:2]:
         return None
     message = data.lstrip(b"0")[1:].decode(errors="replace") if data else "container init exited before start"

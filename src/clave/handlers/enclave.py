@@ -157,7 +157,7 @@ def _entrypoint(name: str, env: dict[str, str]) -> str:
     if "/" in name:
         return name
     try:
-        return proc.find_executable(name, env)
+        return proc.find_executable(name, env, os.getcwd())
     except proc.ProcessError:
         return name
 

@@ -51,6 +51,10 @@ class Channel:
         msg: dict[str, Any] = fastjson.loads(line)
         return msg
 
+    def unread(self) -> bytes:
+        """What arrived after the last whole message (raw bytes a process wrote before it went away)."""
+        return self._buffer
+
     def expect(self, kind: str) -> dict[str, Any]:
         msg = self.recv()
         if msg["t"] == "error":

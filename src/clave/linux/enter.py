@@ -15,8 +15,9 @@ import os
 from clave.linux import namespaces as ns
 from clave.linux import process as proc
 from clave.linux import sys as lsys
+from clave.linux import trampoline
 from clave.linux.channel import Channel, ChannelClosed
-from clave.linux.spawn import close_fds_except, kill_and_reap, report_and_exit
+from clave.linux.spawn import close_fds_except, kill_and_reap, pause_point, report_and_exit, set_dumpable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -86,7 +87,10 @@ def enter(
         try:
             msg = parent.recv()
         except ChannelClosed:
-            return pid  # exec'd: the channel closed on exec
+            failed = trampoline.failure(parent.unread())
+            if failed is None:
+                return pid  # exec'd: the channel closed on exec
+            raise EnterError(f'exec: "{process["args"][0]}": {os.strerror(failed)}') from None
         raise EnterError(msg.get("msg", "exec failed"))
     except ChannelClosed:
         raise EnterError("the process exited before it could be started") from None
@@ -105,6 +109,7 @@ def _run_joiner(
 ) -> None:
     try:
         lsys.set_pdeathsig(lsys.SIGKILL)
+        set_dumpable(dict.fromkeys(t for t, _ in joined))
         needed = {chan.read_fd, chan.write_fd, *(fd for _, fd in joined)}
         if console_fd is not None:
             needed.add(console_fd)
@@ -131,11 +136,15 @@ def _run_process(
             os.setsid()
             assert console_fd is not None
             console.setup_in_container(console_fd, process.get("consoleSize"))
-        proc.enter_cwd(process.get("cwd", "/"))
+        cwd = process.get("cwd", "/")
+        pause_point("exec-before-cwd")
+        proc.enter_cwd(cwd)
         env = proc.environment(process, extra_env)
-        path = proc.find_executable(process["args"][0], env)
+        path = proc.find_executable(process["args"][0], env, cwd)
+        via = proc.exec_trampoline(process.get("_seccomp"))
         proc.finalize(process, in_userns=in_userns)
         proc.mark_fds_cloexec(2 + keep_fds)
-        proc.execute(path, process["args"], env)
+        pause_point("exec-before-execve")
+        proc.execute(path, process["args"], env, via, chan.write_fd)
     except BaseException as exc:
         report_and_exit(chan, exc)

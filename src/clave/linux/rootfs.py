@@ -116,17 +116,62 @@ def secure_join(root: str, unsafe: str) -> str:
     return os.path.join(root, *resolved)
 
 
-def _mkdir_all(path: str, mode: int = 0o755) -> None:
-    os.makedirs(path, mode=mode, exist_ok=True)
+# Symlinks are followed inside the root, ".." stops at it, and magic links (/proc/self/fd/N, /proc/PID/root,
+# /proc/PID/exe) are refused: a path in a container's config or image can never lead to the host.
+_IN_ROOT = lsys.RESOLVE_IN_ROOT | lsys.RESOLVE_NO_MAGICLINKS
 
 
-def _create_target(dest: str, source_is_dir: bool) -> None:
-    if source_is_dir:
-        _mkdir_all(dest)
-        return
-    _mkdir_all(os.path.dirname(dest))
-    if not os.path.lexists(dest):
-        os.close(os.open(dest, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o755))
+def open_root(root: str) -> int:
+    """An O_PATH fd of a container root (the rootfs before pivot_root, "/" after), for ``resolve``."""
+    return os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def fd_path(fd: int) -> str:
+    """The path that names exactly what ``fd`` is open on, for calls that take only paths (mount)."""
+    return f"/proc/self/fd/{fd}"
+
+
+def resolve(root_fd: int, path: str, create: str = "", flags: int = 0) -> int:
+    """An O_PATH fd (plus ``flags``) of ``path`` resolved inside the root ``root_fd`` (see _IN_ROOT).
+
+    ``create`` ("dir" or "file") makes what is missing, parents as directories: one component at a time, each
+    resolved from the root again, so a symlink swapped in meanwhile by another container sharing a volume still
+    cannot lead out. What is then mounted on the returned fd is what was resolved, not what a path names later.
+    """
+    rel = path.strip("/") or "."
+    try:
+        return _open_in(root_fd, rel, flags)
+    except FileNotFoundError:
+        if not create:
+            raise
+    # Create along the path with the symlinks that exist resolved inside the root (as a securejoin would),
+    # so a link to a missing directory gets its target made inside, never outside.
+    top = fd_path(root_fd)
+    inner = os.path.relpath(secure_join(top, rel), top)
+    parts = [p for p in inner.split("/") if p not in ("", ".")]
+    for i, name in enumerate(parts):
+        parent = _open_in(root_fd, "/".join(parts[:i]) or ".", os.O_DIRECTORY)
+        try:
+            if i == len(parts) - 1 and create == "file":
+                os.close(os.open(name, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o755, dir_fd=parent))
+            else:
+                os.mkdir(name, 0o755, dir_fd=parent)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.EISDIR, errno.ELOOP):
+                raise
+        finally:
+            os.close(parent)
+    return _open_in(root_fd, rel, flags)
+
+
+def _open_in(root_fd: int, rel: str, flags: int = 0) -> int:
+    try:
+        return lsys.openat2(root_fd, rel, os.O_PATH | flags, _IN_ROOT)
+    except OSError as exc:
+        if exc.errno == errno.ENOSYS:
+            raise RootfsError("this kernel lacks openat2(2) (Linux 5.6): clave cannot resolve container paths "
+                              "safely") from None
+        raise
 
 
 def prepare_propagation(rootfs: str, propagation: str | None) -> None:
@@ -191,55 +236,88 @@ def _unescape(field: str) -> str:
 
 
 def mount_all(rootfs: str, mounts: list[dict[str, Any]], cgroup_paths: dict[str, str], in_userns: bool) -> None:
-    for m in mounts:
-        try:
-            mount_one(rootfs, m, cgroup_paths, in_userns)
-        except OSError as exc:
-            raise RootfsError(
-                f"mount {m.get('source') or m.get('type', '')} to {m['destination']}: {os.strerror(exc.errno or 0)}"
-            ) from None
+    root_fd = open_root(rootfs)
+    try:
+        for m in mounts:
+            try:
+                mount_one(root_fd, m, cgroup_paths, in_userns)
+            except OSError as exc:
+                raise RootfsError(
+                    f"mount {m.get('source') or m.get('type', '')} to {m['destination']}: "
+                    f"{os.strerror(exc.errno or 0)}"
+                ) from None
+    finally:
+        os.close(root_fd)
 
 
-def mount_one(rootfs: str, m: dict[str, Any], cgroup_paths: dict[str, str], in_userns: bool) -> None:
+def mount_one(root_fd: int, m: dict[str, Any], cgroup_paths: dict[str, str], in_userns: bool) -> None:
+    """One OCI mount, onto its destination resolved inside the root (never a path re-resolved later)."""
     mtype = m.get("type", "")
     source = m.get("source", "")
     flags, propagation, data = parse_options(m.get("options", []))
-    dest = secure_join(rootfs, m["destination"])
+    dest = m["destination"]
     is_bind = bool(flags & lsys.MS_BIND) or mtype == "bind"
 
     if is_bind:
         if not source.startswith("/"):
             source = os.path.join(os.getcwd(), source)
         try:
-            source_is_dir = os.path.isdir(source)
-            os.stat(source)
+            source_stat = os.stat(source)
         except OSError as exc:
             raise RootfsError(f"bind mount source {source}: {exc.strerror}") from None
-        _create_target(dest, source_is_dir)
-        bind_flags = lsys.MS_BIND | (flags & lsys.MS_REC)
-        lsys.mount(source, dest, None, bind_flags)
-        # A bind mount ignores other flags until remounted.
-        extra = flags & ~(lsys.MS_BIND | lsys.MS_REC | lsys.MS_REMOUNT)
-        if extra:
-            if in_userns:
-                extra |= _locked_flags(dest)
-            lsys.mount(None, dest, None, lsys.MS_BIND | lsys.MS_REMOUNT | extra)
-    elif mtype == "cgroup":
-        _mount_cgroup(dest, flags, cgroup_paths)
+        target = resolve(root_fd, dest, "dir" if stat.S_ISDIR(source_stat.st_mode) else "file")
+        try:
+            lsys.mount(source, fd_path(target), None, lsys.MS_BIND | (flags & lsys.MS_REC))
+        finally:
+            os.close(target)
+        mounted = _check_mounted(root_fd, dest, source_stat)
+        try:
+            # A bind mount ignores other flags until remounted.
+            extra = flags & ~(lsys.MS_BIND | lsys.MS_REC | lsys.MS_REMOUNT)
+            if extra:
+                if in_userns:
+                    extra |= _locked_flags(mounted)
+                lsys.mount(None, fd_path(mounted), None, lsys.MS_BIND | lsys.MS_REMOUNT | extra)
+            if propagation:
+                lsys.mount(None, fd_path(mounted), None, propagation)
+        finally:
+            os.close(mounted)
+        return
+    if mtype == "cgroup":
+        _mount_cgroup(root_fd, dest, flags, cgroup_paths)
     else:
-        _mkdir_all(dest)
-        if mtype == "sysfs" and in_userns:
-            # sysfs cannot be mounted from a user namespace that does not own the net ns: bind it.
-            lsys.mount("/sys", dest, None, lsys.MS_BIND | lsys.MS_REC)
-        else:
-            lsys.mount(source or mtype, dest, mtype, flags, data or None)
+        target = resolve(root_fd, dest, "dir")
+        try:
+            if mtype == "sysfs" and in_userns:
+                # sysfs cannot be mounted from a user namespace that does not own the net ns: bind it.
+                lsys.mount("/sys", fd_path(target), None, lsys.MS_BIND | lsys.MS_REC)
+            else:
+                lsys.mount(source or mtype, fd_path(target), mtype, flags, data or None)
+        finally:
+            os.close(target)
     if propagation:
-        lsys.mount(None, dest, None, propagation)
+        mounted = resolve(root_fd, dest)
+        try:
+            lsys.mount(None, fd_path(mounted), None, propagation)
+        finally:
+            os.close(mounted)
 
 
-def _locked_flags(path: str) -> int:
+def _check_mounted(root_fd: int, dest: str, source_stat: os.stat_result) -> int:
+    """Resolve ``dest`` again, now through the new mount, and check it is the bind of ``source``: what was
+    mounted over is what was meant. Returns the mount's O_PATH fd (for remounts)."""
+    fd = resolve(root_fd, dest)
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != (source_stat.st_dev, source_stat.st_ino):
+        os.close(fd)
+        raise RootfsError(f"mount to {dest}: the destination changed while it was mounted (a symlink swapped in "
+                          "a shared volume?); refusing to go on")
+    return fd
+
+
+def _locked_flags(path: str | int) -> int:
     """Flags the kernel locks on a mount made in a less privileged user namespace must be kept on remount."""
-    st = os.statvfs(path)
+    st = os.statvfs(fd_path(path) if isinstance(path, int) else path)
     flags = 0
     for bit, vfs in ((lsys.MS_RDONLY, os.ST_RDONLY), (lsys.MS_NOSUID, os.ST_NOSUID),
                      (lsys.MS_NODEV, os.ST_NODEV), (lsys.MS_NOEXEC, os.ST_NOEXEC)):
@@ -248,75 +326,114 @@ def _locked_flags(path: str) -> int:
     return flags
 
 
-def _mount_cgroup(dest: str, flags: int, cgroup_paths: dict[str, str]) -> None:
+def _mount_cgroup(root_fd: int, dest: str, flags: int, cgroup_paths: dict[str, str]) -> None:
     """Show the container its own cgroups: cgroup2 directly, or for v1 a tmpfs of read-only binds."""
-    _mkdir_all(dest)
     v1 = {name: path for name, path in cgroup_paths.items() if name not in ("unified", "")}
-    if not v1:
-        lsys.mount("cgroup2", dest, "cgroup2", flags)
-        return
-    lsys.mount("tmpfs", dest, "tmpfs", lsys.MS_NOSUID | lsys.MS_NODEV | lsys.MS_NOEXEC, "mode=755")
+    target = resolve(root_fd, dest, "dir")
+    try:
+        if not v1:
+            lsys.mount("cgroup2", fd_path(target), "cgroup2", flags)
+            return
+        lsys.mount("tmpfs", fd_path(target), "tmpfs", lsys.MS_NOSUID | lsys.MS_NODEV | lsys.MS_NOEXEC, "mode=755")
+    finally:
+        os.close(target)
     bind_flags = lsys.MS_BIND | lsys.MS_REMOUNT | lsys.MS_NOSUID | lsys.MS_NODEV | lsys.MS_NOEXEC
-    for name, path in sorted(v1.items()):
-        target = os.path.join(dest, name)
-        _mkdir_all(target)
-        lsys.mount(path, target, None, lsys.MS_BIND)
-        lsys.mount(None, target, None, bind_flags | (flags & lsys.MS_RDONLY))
-    unified = cgroup_paths.get("unified")
-    if unified:
-        target = os.path.join(dest, "unified")
-        _mkdir_all(target)
-        lsys.mount(unified, target, None, lsys.MS_BIND)
+    binds = sorted(v1.items()) + ([("unified", cgroup_paths["unified"])] if cgroup_paths.get("unified") else [])
+    for name, path in binds:
+        sub = resolve(root_fd, f"{dest}/{name}", "dir")
+        try:
+            lsys.mount(path, fd_path(sub), None, lsys.MS_BIND)
+        finally:
+            os.close(sub)
+        if name != "unified":
+            sub = resolve(root_fd, f"{dest}/{name}")
+            try:
+                lsys.mount(None, fd_path(sub), None, bind_flags | (flags & lsys.MS_RDONLY))
+            finally:
+                os.close(sub)
     if flags & lsys.MS_RDONLY:
-        lsys.mount(None, dest, None, lsys.MS_REMOUNT | lsys.MS_RDONLY | lsys.MS_NOSUID | lsys.MS_NODEV
-                   | lsys.MS_NOEXEC, "mode=755")
+        top = resolve(root_fd, dest)
+        try:
+            lsys.mount(None, fd_path(top), None, lsys.MS_REMOUNT | lsys.MS_RDONLY | lsys.MS_NOSUID | lsys.MS_NODEV
+                       | lsys.MS_NOEXEC, "mode=755")
+        finally:
+            os.close(top)
 
 
 def create_devices(rootfs: str, devices: list[dict[str, Any]], in_userns: bool) -> None:
-    """Default devices plus linux.devices: mknod, or bind the host's node inside a user namespace."""
+    """Default devices plus linux.devices: mknod, or bind the host's node inside a user namespace. Every node
+    and link is made through its parent directory's fd, resolved inside the root."""
     wanted: dict[str, dict[str, Any]] = {
         path: {"path": path, "type": t, "major": ma, "minor": mi, "fileMode": mode}
         for path, t, ma, mi, mode in DEFAULT_DEVICES
     }
     for dev in devices:
         wanted[dev["path"]] = dev
+    root_fd = open_root(rootfs)
     old_umask = os.umask(0)
     try:
         for dev in wanted.values():
-            _make_device(rootfs, dev, in_userns)
-        for target, link in _DEV_SYMLINKS:
-            dest = secure_join(rootfs, link)
-            if not os.path.lexists(dest):
-                os.symlink(target, dest)
-        ptmx = secure_join(rootfs, "/dev/ptmx")
-        if os.path.lexists(ptmx) and not os.path.islink(ptmx):
-            os.unlink(ptmx)
-        if not os.path.lexists(ptmx):
-            os.symlink("pts/ptmx", ptmx)
+            try:
+                _make_device(root_fd, dev, in_userns)
+            except OSError as exc:
+                raise RootfsError(f"create device {dev['path']}: {exc.strerror}") from None
+        for target, link in _DEV_SYMLINKS + [("pts/ptmx", "/dev/ptmx")]:
+            parent, name = _parent_of(root_fd, link)
+            try:
+                if link == "/dev/ptmx" and _lexists(name, parent) and not _is_link(name, parent):
+                    os.unlink(name, dir_fd=parent)
+                if not _lexists(name, parent):
+                    os.symlink(target, name, dir_fd=parent)
+            finally:
+                os.close(parent)
     finally:
         os.umask(old_umask)
+        os.close(root_fd)
 
 
-def _make_device(rootfs: str, dev: dict[str, Any], in_userns: bool) -> None:
-    dest = secure_join(rootfs, dev["path"])
-    _mkdir_all(os.path.dirname(dest))
+def _parent_of(root_fd: int, path: str) -> tuple[int, str]:
+    """(fd of the parent directory resolved inside the root, created if missing; the last name)."""
+    parent, name = os.path.split(os.path.normpath("/" + path))
+    if name in ("", ".", ".."):
+        raise RootfsError(f"{path}: not a path to a file")
+    return resolve(root_fd, parent, "dir", os.O_DIRECTORY), name
+
+
+def _lexists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _is_link(name: str, dir_fd: int) -> bool:
+    return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+
+
+def _make_device(root_fd: int, dev: dict[str, Any], in_userns: bool) -> None:
     kind = dev["type"]
     mode = dev.get("fileMode", 0o666) & 0o7777
+    parent, name = _parent_of(root_fd, dev["path"])
     try:
         if in_userns and kind != "p":
             # mknod of device nodes is not allowed in a user namespace: bind the host node.
-            if not os.path.lexists(dest):
-                os.close(os.open(dest, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
-            lsys.mount(dev["path"], dest, None, lsys.MS_BIND)
+            if not _lexists(name, parent):
+                os.close(os.open(name, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=parent))
+            target = _open_in(parent, name, os.O_NOFOLLOW)
+            try:
+                lsys.mount(dev["path"], fd_path(target), None, lsys.MS_BIND)
+            finally:
+                os.close(target)
             return
-        if os.path.lexists(dest):
-            os.unlink(dest)
+        if _lexists(name, parent):
+            os.unlink(name, dir_fd=parent)
         type_bits = {"c": stat.S_IFCHR, "u": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}[kind]
         rdev = os.makedev(dev.get("major", 0), dev.get("minor", 0)) if kind != "p" else 0
-        os.mknod(dest, type_bits | mode, rdev)
-        os.chown(dest, dev.get("uid", 0), dev.get("gid", 0))
-    except OSError as exc:
-        raise RootfsError(f"create device {dev['path']}: {exc.strerror}") from None
+        os.mknod(name, type_bits | mode, rdev, dir_fd=parent)
+        os.chown(name, dev.get("uid", 0), dev.get("gid", 0), dir_fd=parent, follow_symlinks=False)
+    finally:
+        os.close(parent)
 
 
 def pivot_root(rootfs: str) -> None:
@@ -354,28 +471,63 @@ def readonly_root() -> None:
     lsys.mount(None, "/", None, lsys.MS_BIND | lsys.MS_REMOUNT | lsys.MS_RDONLY | _locked_flags("/"))
 
 
-def mask_paths(paths: list[str]) -> None:
-    """Hide files behind /dev/null and directories behind an empty read-only tmpfs (after pivot_root)."""
-    for path in paths:
+def mask_paths(rootfs: str, paths: list[str]) -> None:
+    """Hide files behind the container's /dev/null and directories behind an empty read-only tmpfs.
+
+    Done before pivot_root, through fds resolved inside the root: /dev/null must really be the null device
+    (a symlink or another node put there is refused, CVE-2025-31133), and each masked path is mounted on as
+    resolved, so a swapped symlink cannot redirect the mask."""
+    if not paths:
+        return
+    root_fd = open_root(rootfs)
+    try:
+        null = _open_in(root_fd, "dev/null", os.O_NOFOLLOW)
         try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                lsys.mount("tmpfs", path, "tmpfs", lsys.MS_RDONLY)
-            else:
-                lsys.mount("/dev/null", path, None, lsys.MS_BIND)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                continue
-            raise RootfsError(f"mask {path}: {exc.strerror}") from None
+            st = os.fstat(null)
+            if not stat.S_ISCHR(st.st_mode) or st.st_rdev != os.makedev(1, 3):
+                raise RootfsError("/dev/null in the container is not the null device (1:3): refusing to mask with it")
+            for path in paths:
+                try:
+                    target = resolve(root_fd, path)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    raise RootfsError(f"mask {path}: {exc.strerror}") from None
+                try:
+                    if stat.S_ISDIR(os.fstat(target).st_mode):
+                        lsys.mount("tmpfs", fd_path(target), "tmpfs", lsys.MS_RDONLY)
+                    else:
+                        lsys.mount(fd_path(null), fd_path(target), None, lsys.MS_BIND)
+                except OSError as exc:
+                    raise RootfsError(f"mask {path}: {os.strerror(exc.errno or 0)}") from None
+                finally:
+                    os.close(target)
+        finally:
+            os.close(null)
+    finally:
+        os.close(root_fd)
 
 
-def readonly_paths(paths: list[str]) -> None:
-    for path in paths:
-        try:
-            lsys.mount(path, path, None, lsys.MS_BIND | lsys.MS_REC)
-            lsys.mount(None, path, None, lsys.MS_BIND | lsys.MS_REMOUNT | lsys.MS_RDONLY | _locked_flags(path))
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
+def readonly_paths(rootfs: str, paths: list[str]) -> None:
+    """Bind each path onto itself read-only (before pivot_root, through fds resolved inside the root)."""
+    if not paths:
+        return
+    root_fd = open_root(rootfs)
+    try:
+        for path in paths:
+            try:
+                target = resolve(root_fd, path)
+            except FileNotFoundError:
                 continue
-            raise RootfsError(f"make {path} read-only: {exc.strerror}") from None
+            try:
+                lsys.mount(fd_path(target), fd_path(target), None, lsys.MS_BIND | lsys.MS_REC)
+                os.close(target)
+                target = resolve(root_fd, path)  # now the new bind mount
+                lsys.mount(None, fd_path(target), None,
+                           lsys.MS_BIND | lsys.MS_REMOUNT | lsys.MS_RDONLY | _locked_flags(target))
+            except OSError as exc:
+                raise RootfsError(f"make {path} read-only: {os.strerror(exc.errno or 0)}") from None
+            finally:
+                os.close(target)
+    finally:
+        os.close(root_fd)

@@ -579,6 +579,48 @@ def load_filter(program: bytes, flags: Iterable[str] = (), listener: bool = Fals
     return None
 
 
+def evaluate(program: bytes, nr: int, arch: int, args: tuple[int, ...] = ()) -> int:
+    """Run a compiled filter on one system call (classic BPF, the instructions this compiler emits): the
+    SECCOMP_RET_* value the kernel would return. Lets the runtime ask what a container's filter allows."""
+    insns = [_INSN.unpack_from(program, off) for off in range(0, len(program), _INSN.size)]
+    data = struct.pack("<iIQ6Q", nr if nr < 1 << 31 else nr - (1 << 32), arch, 0, *(list(args) + [0] * 6)[:6])
+    acc = pc = 0
+    for _ in range(len(insns) + 1):  # forward-only jumps: at most one visit per instruction
+        if pc >= len(insns):
+            break
+        code, jt, jf, k = insns[pc]
+        if code == 0x20:  # ld [k]
+            if k % 4 or k + 4 > len(data):
+                break
+            acc = struct.unpack_from("<I", data, k)[0]
+            pc += 1
+        elif code == 0x54:  # and #k
+            acc &= k
+            pc += 1
+        elif code == 0x05:  # ja
+            pc += 1 + k
+        elif code in (0x15, 0x25, 0x35, 0x45):
+            taken = {0x15: acc == k, 0x25: acc > k, 0x35: acc >= k, 0x45: bool(acc & k)}[code]
+            pc += 1 + (jt if taken else jf)
+        elif code == 0x06:
+            return int(k)
+        else:
+            raise SeccompError(f"seccomp: unexpected BPF opcode {code:#x} at {pc}")
+    raise SeccompError("seccomp: the filter program does not terminate properly")
+
+
+def allows(seccomp: dict[str, Any], calls: Iterable[tuple[str, tuple[int, ...]]]) -> bool:
+    """Does the container's filter let each (syscall name, args) through on this host's architecture?"""
+
+    program, _ = compile_cached(seccomp)
+    arch = native_arch()
+    table = syscall_table.TABLES[arch]
+    for name, args in calls:
+        if evaluate(program, table[name], _AUDIT_ARCH[arch], args) not in (RET_ALLOW, RET_LOG):
+            return False
+    return True
+
+
 _cache: dict[str, tuple[bytes, bool]] = {}
 # Compiled programs are cached on disk by content, so a container start rarely compiles at all.
 CACHE_DIR = "/run/clave/seccomp"

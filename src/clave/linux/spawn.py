@@ -232,6 +232,7 @@ def report_and_exit(chan: Channel, exc: BaseException) -> None:
 def _run_intermediate(plan: InitPlan, joined: list[tuple[str, int]], chan: Channel) -> None:
     try:
         lsys.set_pdeathsig(lsys.SIGKILL)  # the runtime died: do not linger half-made
+        set_dumpable(plan.namespaces)
         # Drop every descriptor the runtime had open (its state-dir lock above all): the container must not
         # hold them. What stays: stdio, the fds handed to the process, and what the choreography needs.
         needed = {chan.read_fd, chan.write_fd, plan.state_dir_fd, *(fd for _, fd in joined)}
@@ -273,19 +274,29 @@ def _run_intermediate(plan: InitPlan, joined: list[tuple[str, int]], chan: Chann
 
 
 def close_fds_except(keep_upto: int, needed: set[int], stdio: tuple[int, int, int] | None = None) -> None:
-    """Close every fd above ``keep_upto`` that is not ``needed``; first make ``stdio`` (fds an in-process
-    caller such as the shim chose for the container) our 0, 1 and 2."""
+    """Close every fd above ``keep_upto`` that is not ``needed`` (close_range over the gaps: no /proc needed);
+    first make ``stdio`` (fds an in-process caller such as the shim chose for the container) our 0, 1 and 2."""
     if stdio is not None:
         moved = [os.dup(fd) for fd in stdio]  # dup first: a chosen fd may itself be 0, 1 or 2
         for target, fd in enumerate(moved):
             os.dup2(fd, target)
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd > keep_upto and fd not in needed:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    low = keep_upto + 1
+    for fd in sorted(n for n in needed if n >= low):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, _MAX_FD)
+
+
+_MAX_FD = 0x7FFFFFFF
+
+
+def set_dumpable(plan_namespaces: dict[str, str | None]) -> None:
+    """Make the process joining or building a container non-dumpable (CVE-2016-9962): until it execs, no
+    container process can ptrace it or open /proc/<pid>/fd, mem or environ. In a user namespace it stays
+    dumpable: its own /proc files would belong to the host's root, out of its reach, and the capability check
+    on ptrace already keeps the container's (lesser) processes out."""
+    if "user" not in plan_namespaces:
+        lsys.prctl(lsys.PR_SET_DUMPABLE, 0)
 
 
 def _run_init(plan: InitPlan, chan: Channel) -> None:
@@ -296,6 +307,13 @@ def _run_init(plan: InitPlan, chan: Channel) -> None:
         report_and_exit(chan, exc)
     # From here the creating runtime is gone: failures go to the exec fifo, which ``start`` reads.
     try:
+        chan.close()
+        if plan.launch is native_launch:
+            # Nothing but stdio, the fds handed to the process and the fifo stays open from here to execve.
+            close_fds_except(2 + plan.keep_fds, {exec_fifo})
+        # The state directory's fd is closed now: only then is the working directory entered (CVE-2024-21626).
+        pause_point("before-cwd")
+        proc.enter_cwd(plan.process.get("cwd", "/"))
         start_hooks = plan.config.get("hooks", {}).get("startContainer", [])
         oci_hooks.run_hooks("startContainer", start_hooks, _hook_state(plan, "created"))
         assert plan.launch is not None
@@ -347,12 +365,12 @@ def _setup_container(plan: InitPlan, chan: Channel) -> None:
             raise SpawnError(f"sysctl {key}={value}: {exc.strerror}") from None
     if plan.before_pivot is not None:
         plan.before_pivot(plan)
+    rfs.readonly_paths(plan.rootfs, linux.get("readonlyPaths", []))
+    rfs.mask_paths(plan.rootfs, linux.get("maskedPaths", []))
     if plan.no_pivot:
         rfs.move_root(plan.rootfs)
     else:
         rfs.pivot_root(plan.rootfs)
-    rfs.readonly_paths(linux.get("readonlyPaths", []))
-    rfs.mask_paths(linux.get("maskedPaths", []))
     if config.get("root", {}).get("readonly"):
         rfs.readonly_root()
     if config.get("hostname"):
@@ -366,10 +384,11 @@ def _setup_container(plan: InitPlan, chan: Channel) -> None:
         console.setup_in_container(plan.console_fd, plan.process.get("consoleSize"))
         plan.console_fd = None
     process = plan.process
-    proc.enter_cwd(process.get("cwd", "/"))
+    cwd = process.get("cwd", "/")
+    proc.check_cwd(cwd)  # entered only after start, once the state directory's fd is closed
     if plan.launch is native_launch:
         env = proc.environment(process, plan.extra_env)
-        process["_exec_path"] = proc.find_executable(process["args"][0], env)
+        process["_exec_path"] = proc.find_executable(process["args"][0], env, cwd)
     if process.get("rlimits"):  # before "ready", as runc does: a limit that cannot be set fails create
         from clave.linux import rlimits
 
@@ -396,6 +415,7 @@ def native_launch(plan: InitPlan, ctx: dict[str, Any]) -> None:
     if plan.linux.get("seccomp"):
         process["_seccomp"] = plan.linux["seccomp"]
     env = proc.environment(process, plan.extra_env)
+    via = proc.exec_trampoline(process.get("_seccomp"))
     proc.finalize(process, in_userns="user" in plan.namespaces)
     if plan.linux.get("personality"):
         from clave.linux import procattrs
@@ -404,7 +424,8 @@ def native_launch(plan: InitPlan, ctx: dict[str, Any]) -> None:
         procattrs.personality(plan.linux["personality"])
     proc.mark_fds_cloexec(2 + plan.keep_fds)
     os.write(ctx["exec_fifo"], b"0")
-    proc.execute(process["_exec_path"], process["args"], env)
+    pause_point("before-execve")
+    proc.execute(process["_exec_path"], process["args"], env, via, ctx["exec_fifo"])
 
 
 _EXPECTED = (

@@ -71,6 +71,17 @@ PR_SET_NO_NEW_PRIVS = 38
 _SYS_PIVOT_ROOT = 155  # x86_64
 _SYS_SETNS = 308
 _SYS_UNSHARE = 272
+_SYS_CLOSE_RANGE = 436  # the same number on every architecture (the generic table)
+_SYS_OPENAT2 = 437
+
+# openat2(2) resolve flags
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+CLOSE_RANGE_CLOEXEC = 0x4
+PROC_SUPER_MAGIC = 0x9FA0
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
@@ -117,6 +128,39 @@ def sethostname(name: str) -> None:
 def setdomainname(name: str) -> None:
     raw = name.encode()
     _check(libc().setdomainname(raw, len(raw)), "setdomainname")
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dir_fd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
+    """openat2(2): open ``path`` relative to ``dir_fd`` under the RESOLVE_* rules -> fd (close-on-exec added).
+    Raises OSError like os.open (ENOSYS on kernels before 5.6)."""
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    fd = libc().syscall(_SYS_OPENAT2, ctypes.c_int(dir_fd), path.encode(), ctypes.byref(how),
+                        ctypes.c_size_t(ctypes.sizeof(how)))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return int(fd)
+
+
+def cloexec_from(first: int) -> None:
+    """Mark every fd >= ``first`` close-on-exec in one call (close_range(2), Linux 5.11), without /proc."""
+    _check(libc().syscall(_SYS_CLOSE_RANGE, ctypes.c_uint(first), ctypes.c_uint(0xFFFFFFFF),
+                          ctypes.c_uint(CLOSE_RANGE_CLOEXEC)), "close_range")
+
+
+class _StatFs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_long * 15)]
+
+
+def fs_type(fd: int) -> int:
+    """The file system magic of what ``fd`` is open on (fstatfs(2) f_type)."""
+    buf = _StatFs()
+    _check(libc().fstatfs(fd, ctypes.byref(buf)), "fstatfs")
+    return int(buf.f_type)
 
 
 def set_child_subreaper() -> None:
