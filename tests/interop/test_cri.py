@@ -532,3 +532,15 @@ def test_run_as_user_is_validated(cri: Cri, value: int) -> None:
         details = err.value.details()
         assert "no users found" in details or ("process.user.uid" in details and "0-2147483647" in details)
     _assert_nothing_left(cri, [pod])
+
+
+def test_working_dir_through_a_leaked_fd_is_refused(cri: Cri) -> None:
+    """CVE-2024-21626 through CRI: a pod spec's workingDir of /proc/self/fd/N never runs."""
+    import grpc
+
+    with running_pod(cri, "cwdleak") as (pod, sandbox):
+        for fd in (3, 4, 5):
+            with pytest.raises(grpc.RpcError) as err:
+                _create_and_start(cri, pod, sandbox, f"leak{fd}", "ls ../../../", working_dir=f"/proc/self/fd/{fd}")
+            assert "cwd" in err.value.details(), err.value.details()
+    _assert_nothing_left(cri, [pod])

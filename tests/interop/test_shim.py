@@ -276,3 +276,29 @@ def test_exec_user_ids_validated(containerd: Containerd, busybox_rootfs: Path, v
         containerd.ctr("task", "delete", "--force", cid)
         containerd.ctr("container", "delete", cid)
     _assert_gone(containerd, cid)
+
+
+@pytest.mark.parametrize("fd", [3, 4, 5, 6, 7])
+def test_cwd_through_a_leaked_fd_is_refused(containerd: Containerd, busybox_rootfs: Path, fd: int) -> None:
+    """CVE-2024-21626 through the shim: Create with `--cwd /proc/self/fd/N`, and Exec with it, never run."""
+    cid = _id("cwd")
+    result = _run(containerd, busybox_rootfs, ["--rm", "--cwd", f"/proc/self/fd/{fd}"], cid, "sh", "-c", "ls ../../../")
+    assert result.returncode != 0 and result.stdout == "", result.stdout
+    assert "cwd" in result.stderr
+    containerd.ctr("task", "delete", "--force", cid)
+    containerd.ctr("container", "delete", cid)
+    _assert_gone(containerd, cid)
+    cid = _id("xcwd")
+    assert _run(containerd, busybox_rootfs, ["-d"], cid, "sleep", "300").returncode == 0
+    try:
+        result = containerd.ctr("task", "exec", "--exec-id", "c", "--cwd", f"/proc/self/fd/{fd}", cid,
+                                "sh", "-c", "ls ../../../")
+        assert result.returncode != 0 and result.stdout == "", result.stdout
+        ps = containerd.ctr("task", "ps", cid, check=True).stdout.split()
+        assert len([p for p in ps if p.isdigit()]) == 1
+    finally:
+        containerd.ctr("task", "kill", "-s", "SIGKILL", cid)
+        wait_for(lambda: _status(containerd, cid) in ("STOPPED", ""), "the task to stop")
+        containerd.ctr("task", "delete", "--force", cid)
+        containerd.ctr("container", "delete", cid)
+    _assert_gone(containerd, cid)

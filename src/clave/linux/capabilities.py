@@ -49,6 +49,7 @@ PR_CAP_AMBIENT_RAISE = 2
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _SYS_CAPSET = {"x86_64": 126, "aarch64": 91}
+_SYS_CAPGET = {"x86_64": 125, "aarch64": 90}
 
 _libc: ctypes.CDLL | None = None
 
@@ -155,6 +156,18 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
     if _lib().syscall(ctypes.c_long(nr), header, data) < 0:
         err = ctypes.get_errno()
         raise CapabilityError(f"capset: {os.strerror(err)} (a set asks for a capability the process lacks)")
+
+
+def clear_inheritable() -> None:
+    """Empty the inheritable and ambient sets, keeping effective and permitted: a container whose config
+    names no capabilities must not inherit its caller's inheritable set (CVE-2022-29162)."""
+    header = ctypes.create_string_buffer(struct.pack("=Ii", _LINUX_CAPABILITY_VERSION_3, 0), 8)
+    data = ctypes.create_string_buffer(24)
+    if _lib().syscall(ctypes.c_long(_SYS_CAPGET[os.uname().machine]), header, data) < 0:
+        raise CapabilityError(f"capget: {os.strerror(ctypes.get_errno())}")
+    eff0, perm0, _, eff1, perm1, _ = struct.unpack("=6I", data.raw)
+    capset(eff0 | eff1 << 32, perm0 | perm1 << 32, 0)
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, what="clear the ambient set")
 
 
 def apply_sets(caps: Mapping[str, Sequence[str] | None] | CapabilitySets) -> list[str]:

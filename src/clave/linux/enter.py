@@ -53,8 +53,7 @@ def enter(
 ) -> int:
     """Start ``process`` (an OCI process object, ``_seccomp`` attached when confined) inside the container
     whose init is ``init_pid``; returns its pid once it has exec'd."""
-    if process.get("capabilities") is not None:
-        import clave.linux.capabilities  # noqa: F401  (imported before entering the mount namespace)
+    import clave.linux.capabilities  # noqa: F401  (imported before entering the mount namespace)
     if process.get("rlimits"):
         import clave.linux.rlimits  # noqa: F401
     if process.get("_seccomp"):

@@ -70,10 +70,11 @@ def _kind_in_root(path: str) -> str | None:
         os.close(fd)
 
 
-def check_cwd(cwd: str) -> None:
-    """Resolve (creating what is missing, as runc does) the working directory inside the root, without entering
-    it: create validates it while the init still holds the state directory."""
-    os.close(_open_cwd(cwd, create=True))
+def check_cwd(cwd: str, root: str = "/") -> None:
+    """Resolve (creating what is missing, as runc does) the working directory inside ``root``, without entering
+    it: create validates it, before pivot_root and a read-only root, while the init still holds the state
+    directory."""
+    os.close(_open_cwd(cwd, create=True, root=root))
 
 
 def enter_cwd(cwd: str) -> None:
@@ -93,15 +94,15 @@ def enter_cwd(cwd: str) -> None:
         raise ProcessError(f"cwd {cwd!r} is outside the container's root filesystem; refusing to start")
 
 
-def _open_cwd(cwd: str, create: bool) -> int:
-    root = rootfs.open_root("/")
+def _open_cwd(cwd: str, create: bool, root: str = "/") -> int:
+    root_fd = rootfs.open_root(root)
     try:
-        return rootfs.resolve(root, cwd, "dir" if create else "", os.O_DIRECTORY)
+        return rootfs.resolve(root_fd, cwd, "dir" if create else "", os.O_DIRECTORY)
     except OSError as exc:
         reason = "it resolves through a magic link" if exc.errno == errno.ELOOP else exc.strerror
         raise ProcessError(f"chdir to cwd ({cwd!r}) set in config.json failed: {reason}") from None
     finally:
-        os.close(root)
+        os.close(root_fd)
 
 
 def write_oom_score_adj(pid: int | str, score: int) -> None:
@@ -136,9 +137,9 @@ def finalize(process: dict[str, Any], in_userns: bool = False) -> None:
     caps = process.get("capabilities")
     seccomp_cfg = process.get("_seccomp")  # the linux.seccomp section, attached by the caller
     no_new_privs = bool(process.get("noNewPrivileges"))
-    if caps is not None:
-        from clave.linux import capabilities
+    from clave.linux import capabilities  # preloaded by the caller, before pivot_root or setns
 
+    if caps is not None:
         try:
             capabilities.drop_bounding(caps.get("bounding", []))
         except capabilities.CapabilityError as exc:
@@ -162,12 +163,14 @@ def finalize(process: dict[str, Any], in_userns: bool = False) -> None:
     except OSError as exc:
         raise ProcessError(f"set user {uid}:{gid}: {exc.strerror}") from None
     check_identity(uid, gid, groups if set_groups else None)
-    if caps is not None:
-        lsys.prctl(PR_SET_KEEPCAPS, 0)
-        try:
+    try:
+        if caps is not None:
+            lsys.prctl(PR_SET_KEEPCAPS, 0)
             capabilities.apply_sets(caps)
-        except capabilities.CapabilityError as exc:
-            raise ProcessError(str(exc)) from None
+        else:
+            capabilities.clear_inheritable()
+    except capabilities.CapabilityError as exc:
+        raise ProcessError(str(exc)) from None
     if "umask" in user:
         os.umask(user["umask"])
     if no_new_privs:

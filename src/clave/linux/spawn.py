@@ -119,8 +119,7 @@ def preload(plan: InitPlan) -> None:
     process = plan.process
     if process.get("rlimits"):
         import clave.linux.rlimits  # noqa: F401
-    if process.get("capabilities") is not None:
-        import clave.linux.capabilities  # noqa: F401
+    import clave.linux.capabilities  # noqa: F401  (without a capabilities section it empties the inheritable set)
     if plan.linux.get("seccomp"):
         from clave.linux import seccomp
 
@@ -201,8 +200,16 @@ def spawn(
 
 
 def pause_point(step: str) -> None:
-    """Fault-injection tests only: stop here (SIGSTOP) when CLAVE_TEST_PAUSE_AT names this step of create."""
+    """Fault-injection tests only: stop here (SIGSTOP) when CLAVE_TEST_PAUSE_AT names this step. A pid
+    namespace's init ignores SIGSTOP from inside: it renames itself "clave-paused" and waits to be killed."""
     if os.environ.get("CLAVE_TEST_PAUSE_AT") == step:
+        if os.getpid() == 1:
+            import _signal
+
+            with open("/proc/self/comm", "w") as comm:
+                comm.write("clave-paused")
+            while True:
+                _signal.pause()
         os.kill(os.getpid(), 19)  # SIGSTOP: the test then kills clave with SIGKILL
 
 
@@ -365,6 +372,8 @@ def _setup_container(plan: InitPlan, chan: Channel) -> None:
             raise SpawnError(f"sysctl {key}={value}: {exc.strerror}") from None
     if plan.before_pivot is not None:
         plan.before_pivot(plan)
+    # Validated (and created if missing) now, entered only after start, once the state directory's fd is closed.
+    proc.check_cwd(plan.process.get("cwd", "/"), plan.rootfs)
     rfs.readonly_paths(plan.rootfs, linux.get("readonlyPaths", []))
     rfs.mask_paths(plan.rootfs, linux.get("maskedPaths", []))
     if plan.no_pivot:
@@ -385,7 +394,6 @@ def _setup_container(plan: InitPlan, chan: Channel) -> None:
         plan.console_fd = None
     process = plan.process
     cwd = process.get("cwd", "/")
-    proc.check_cwd(cwd)  # entered only after start, once the state directory's fd is closed
     if plan.launch is native_launch:
         env = proc.environment(process, plan.extra_env)
         process["_exec_path"] = proc.find_executable(process["args"][0], env, cwd)
