@@ -151,7 +151,7 @@ class Engine:
             cgroup.create()
             resources = dict(linux.get("resources", {}))
             resources["devices"] = device_rules(linux)
-            cgroup.set(resources)
+            cgroup.set(resources, self._warn)
         except cgroups.CgroupError as exc:
             raise ClaveError(f"cgroup: {exc}") from None
 
@@ -387,7 +387,7 @@ class Engine:
             if status == "stopped":
                 raise ClaveError(f"cannot update a stopped container {container_id}")
             try:
-                self._cgroup(state).set(resources)
+                self._cgroup(state).set(resources, self._warn)
             except cgroups.CgroupError as exc:
                 raise ClaveError(f"cgroup: {exc}") from None
             merged = state.config.setdefault("linux", {}).setdefault("resources", {})
