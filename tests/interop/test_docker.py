@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import cgroup_dirs, process_argvs, stop_pid, wait_for
+from conftest import cgroup_dirs, clave_binary, process_argvs, stop_pid, wait_for
 
 if TYPE_CHECKING:
     from conftest import Containerd
@@ -121,7 +121,10 @@ def docker(containerd: Containerd, clave: Path, tmp_path_factory: pytest.TempPat
         pytest.skip(f"{BUSYBOX} not found: install Debian's busybox-static")
     base = Path(tmp_path_factory.mktemp("dockerd"))
     config = base / "daemon.json"
-    config.write_text(json.dumps({"runtimes": {"clave": {"path": str(clave)}}}))
+    config.write_text(json.dumps({"runtimes": {
+        "clave": {"path": str(clave)},
+        "clave-debug": {"path": str(clave), "runtimeArgs": ["--debug"]},  # global flags, before the verb
+    }}))
     run_docker_existed = os.path.exists("/run/docker")  # dockerd makes /run/docker/plugins whatever its flags
     # The containerd fixture removes what is left in its namespace and in the cgroup of that name.
     cgroup_parent = "/" + containerd.namespace
@@ -367,3 +370,18 @@ def test_rm_force_leaves_nothing(docker: Docker, containerd: Containerd) -> None
     seen = both(scenario)
     assert seen["runc"] == [False, [], [], []]
     assert seen["clave"] == seen["runc"]
+
+
+def test_runtime_args_are_global_flags(docker: Docker, containerd: Containerd) -> None:
+    """`runtimeArgs` go before the verb: Docker 20.10 runs a wrapper, DATA_ROOT/runtimes/NAME, that puts them there."""
+    container = detached(docker, "clave-debug")
+    try:
+        full_id = docker.inspect(container, "{{.Id}}")
+        assert docker("exec", container, "echo", "ok").stdout == "ok\n"
+        state = list(docker.exec_root.glob(f"runtime-runc/*/{full_id}"))
+        assert state, "clave's state is not under the exec root's runtime-runc/NAMESPACE"
+        wrapper = (docker.base / "data" / "runtimes" / "clave-debug").read_text()
+        assert f"{clave_binary()} --debug" in wrapper, wrapper
+        assert (containerd.bundle_dir(full_id) / "log.json").exists()  # the shim's --log, in the bundle
+    finally:
+        docker("rm", "--force", container)
