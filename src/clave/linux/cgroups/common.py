@@ -431,10 +431,10 @@ def present(value: Any) -> bool:
 def drop_kernel_memory(
     resources: dict[str, Any], usable: Callable[[str], bool], warn: Callable[[str], None] | None
 ) -> dict[str, Any]:
-    """``resources`` without memory.kernel / memory.kernelTCP where ``usable(key)`` says the host lacks them.
+    """``resources`` without memory.kernel / memory.kernelTCP where ``usable(key)`` says they are not applied.
 
-    Both are deprecated in the runtime spec and gone from recent kernels (no kmem files in cgroup v1 since
-    Linux 6.x, none ever in v2); runc and crun warn and go on, so a whole container is not refused for them.
+    Both are deprecated in the runtime spec and meaningless on recent kernels (5.16+ ignores kmem limits, none
+    exist in v2); runc 1.1 and crun warn or stay silent and go on, so a container is not refused for them.
     """
     memory = resources.get("memory")
     if not memory:
@@ -444,7 +444,7 @@ def drop_kernel_memory(
         return resources
     for key in dropped:
         if warn is not None:
-            warn(f"memory.{key}: kernel memory limits are deprecated and not supported here; ignored")
+            warn(f"memory.{key}: kernel memory limits are deprecated and not applied; ignored")
     return {**resources, "memory": {k: v for k, v in memory.items() if k not in dropped}}
 
 

@@ -118,7 +118,8 @@ class V1Manager(CgroupManager):
         unknown = set(resources) - _RESOURCE_KEYS
         if unknown:
             raise CgroupError(f"resources: unknown resource {sorted(unknown)[0]!r}")
-        resources = drop_kernel_memory(resources, self._kmem_works, warn)
+        # Never applied, as runc 1.1 ignores both: Linux 5.16+ ignores kmem.limit_in_bytes writes, 6.x drops it
+        resources = drop_kernel_memory(resources, lambda key: False, warn)
         self._check_supported(resources)
         if resources.get("memory"):
             self._set_memory(resources["memory"])
@@ -199,12 +200,6 @@ class V1Manager(CgroupManager):
         if present(pids.get("limit")) and pids["limit"] != 0:
             self._dir("pids", "pids.limit")
 
-    def _kmem_works(self, key: str) -> bool:
-        """memory.kernel is never applied: Linux 5.16+ ignores kmem.limit_in_bytes and 6.x removed it, so runc
-        1.1 ignores the field everywhere. memory.kernelTCP is applied where its file still exists."""
-        path = self._paths.get("memory")
-        return key == "kernelTCP" and (path is None or os.path.exists(path + "/memory.kmem.tcp.limit_in_bytes"))
-
     def _set_memory(self, memory: dict[str, Any]) -> None:
         path = self._dir("memory", "memory")
         limit: Any = memory.get("limit")
@@ -230,8 +225,6 @@ class V1Manager(CgroupManager):
             write_text(path + "/memory.memsw.limit_in_bytes", str(int(swap)), "memory.swap")
         if present(memory.get("reservation")):
             write_text(path + "/memory.soft_limit_in_bytes", str(int(memory["reservation"])), "memory.reservation")
-        if present(memory.get("kernelTCP")):
-            write_text(path + "/memory.kmem.tcp.limit_in_bytes", str(int(memory["kernelTCP"])), "memory.kernelTCP")
         swappiness: Any = memory.get("swappiness")
         if present(swappiness):
             if not 0 <= int(swappiness) <= 100:
