@@ -3,7 +3,7 @@ PYTHON ?= /usr/bin/python3
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := python3-venv python3-dev gcc libc6-dev make busybox-static runc crun containerd iproute2 \
-	podman conmon swtpm swtpm-tools tpm2-tools
+	podman conmon docker.io swtpm swtpm-tools tpm2-tools
 
 .PHONY: deps venv demo test lint bench clean
 

@@ -277,6 +277,25 @@ def test_more_cpu_memory_and_blkio_settings(v1: CgroupManager, children: Childre
     assert int(read(paths["memory"] + "/memory.limit_in_bytes")) >= 1 << 62
 
 
+def test_kernel_memory_is_dropped_with_a_warning(v1: CgroupManager) -> None:
+    """config-linux.md marks memory.kernel and kernelTCP deprecated; runc 1.1 ignores both with a warning."""
+    v1.create()
+    paths = v1.paths()
+    warnings: list[str] = []
+    fields = {"kernel": 64 << 20, "kernelTCP": 1 << 20}
+    v1.set({"memory": {"limit": 128 << 20, **fields}, "pids": {"limit": 10}}, warnings.append)
+    assert [w.split(":")[0] for w in warnings] == [f"memory.{key}" for key in fields]
+    assert all("ignored" in w and "\n" not in w for w in warnings)
+    assert read(paths["memory"] + "/memory.limit_in_bytes") == str(128 << 20)
+    assert read(paths["pids"] + "/pids.max") == "10"
+
+
+def test_blkio_weight_zero_is_unset(v1: CgroupManager) -> None:
+    """Docker writes blockIO.weight 0 into every config; runc reads 0 as unset (no weight file needed)."""
+    v1.create()
+    v1.set({"blockIO": {"weight": 0, "leafWeight": 0, "weightDevice": [{"major": 8, "minor": 0, "weight": 0}]}})
+
+
 def test_blkio_throttle_is_written(v1: CgroupManager) -> None:
     device = _block_device()
     if device is None:
@@ -292,19 +311,9 @@ def test_blkio_throttle_is_written(v1: CgroupManager) -> None:
     assert read(blkio + "/blkio.throttle.write_iops_device") == f"{major}:{minor} 300"
 
 
-def _kernel_memory_applies(memory_dir: str) -> bool:
-    path = memory_dir + "/memory.kmem.limit_in_bytes"
-    if not os.path.exists(path):
-        return False
-    with open(path, "w") as f:
-        f.write(str(64 << 20))
-    return int(read(path)) < 1 << 62
-
-
 @pytest.mark.parametrize(
     ("resources", "name"),
     [
-        ({"memory": {"kernel": 64 << 20}}, "memory.kernel"),
         ({"blockIO": {"weight": 500}}, "blockIO.weight"),
         ({"network": {"classID": 0x100001}}, "network.classID"),
         ({"network": {"priorities": [{"name": "lo", "priority": 1}]}}, "network.priorities"),
@@ -318,7 +327,6 @@ def test_unsupported_resource_is_an_error_naming_it(
     v1.create()
     paths = v1.paths()
     supported = {
-        "memory.kernel": _kernel_memory_applies(paths["memory"]),
         "blockIO.weight": any(os.path.exists(f"{paths['blkio']}/{f}") for f in ("blkio.weight", "blkio.bfq.weight")),
         "network.classID": "net_cls" in paths,
         "network.priorities": "net_prio" in paths,
@@ -621,9 +629,11 @@ def test_v2_limits_where_controllers_exist(v2: V2Manager, children: Children) ->
         v2.set({"hugepageLimits": [{"pageSize": "2MB", "limit": 4 << 21}]})
         assert read(path + "/hugetlb.2MB.max") == str(4 << 21)
         assert "2MB" in v2.stats()["hugetlb"]
+    warnings: list[str] = []
+    v2.set({"memory": {"kernel": 1 << 20, "kernelTCP": 1 << 20}}, warnings.append)  # no kmem in v2: dropped
+    assert [w.split(":")[0] for w in warnings] == ["memory.kernel", "memory.kernelTCP"]
     for resources, name in (
         ({"network": {"classID": 1}}, "network.classID"),
-        ({"memory": {"kernel": 1 << 20}}, "memory.kernel"),
         ({"cpu": {"realtimeRuntime": 1000}}, "cpu.realtimeRuntime"),
         ({"blockIO": {"leafWeight": 100}}, "blockIO.leafWeight"),
         ({"unified": {"nosuch.file": "1"}}, r"unified\[nosuch.file\]"),

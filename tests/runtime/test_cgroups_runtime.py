@@ -119,7 +119,6 @@ def _set(section: str, value: Any) -> Callable[[dict[str, Any]], None]:
 
 
 UNAPPLIABLE = {
-    "memory.kernel": (_set("memory", {"kernel": 64 * MIB}), "kernel"),
     "network.classID": (_set("network", {"classID": 0x100001}), "classID"),
     "hugepageLimits": (_set("hugepageLimits", [{"pageSize": "2MB", "limit": 2 * MIB}]), "huge"),
     "blockIO.leafWeight": (_set("blockIO", {"leafWeight": 500}), "leafWeight"),

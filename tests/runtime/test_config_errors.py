@@ -53,7 +53,6 @@ BROKEN: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "mappings without userns": (_set([{"containerID": 0, "hostID": 0, "size": 1}], "linux", "uidMappings"),
                                 "user namespace"),
     "bad rootfsPropagation": (_set("sideways", "linux", "rootfsPropagation"), "rootfsPropagation"),
-    "no mount namespace": (_set([{"type": "pid"}], "linux", "namespaces"), "mount"),
     "hostname without uts": (_set([{"type": "mount"}], "linux", "namespaces"), "hostname"),
     "missing rootfs": (_set("/nonexistent/rootfs", "root", "path"), "rootfs"),
     "missing executable": (_set(["/bin/nonexistent"], "process", "args"), "nonexistent"),

@@ -151,7 +151,7 @@ class Engine:
             cgroup.create()
             resources = dict(linux.get("resources", {}))
             resources["devices"] = device_rules(linux)
-            cgroup.set(resources)
+            cgroup.set(resources, self._warn)
         except cgroups.CgroupError as exc:
             raise ClaveError(f"cgroup: {exc}") from None
 
@@ -165,8 +165,10 @@ class Engine:
                 raise ClaveError(f"error running {exc}") from None
 
     def _hook_state(self, state: st.State, status: str, pid: int) -> dict[str, Any]:
+        # runtime.md's state: ociVersion is the spec version the state complies with (the runtime's, as in
+        # `clave state` and runc's hooks), not the config's.
         doc: dict[str, Any] = {
-            "ociVersion": state.config.get("ociVersion", st.OCI_VERSION), "id": state.id,
+            "ociVersion": st.OCI_VERSION, "id": state.id,
             "status": status, "pid": pid, "bundle": state.bundle,
         }
         if state.annotations:
@@ -186,11 +188,8 @@ class Engine:
                 self._stop_after_failed_start(state, sd)
                 raise ClaveError(error)
             hooks = state.config.get("hooks", {}).get("poststart", [])
-            if hooks:
-                try:
-                    run_hooks("poststart", hooks, self._hook_state(state, "running", state.pid))
-                except HookError as exc:
-                    self._warn(f"error running {exc}")
+            if hooks:  # runtime.md: a failing poststart hook is a warning; the rest run
+                run_hooks("poststart", hooks, self._hook_state(state, "running", state.pid), self._warn)
         finally:
             sd.unlock()
 
@@ -257,11 +256,8 @@ class Engine:
                 raise ClaveError(f"cannot delete container {container_id} that is not stopped: {status}")
             self._destroy(state, sd, None)
             hooks = state.config.get("hooks", {}).get("poststop", [])
-            if hooks and status != "creating":
-                try:
-                    run_hooks("poststop", hooks, self._hook_state(state, "stopped", 0))
-                except HookError as exc:
-                    self._warn(f"error running {exc}")
+            if hooks and status != "creating":  # as poststart: failures are warnings, the rest run
+                run_hooks("poststop", hooks, self._hook_state(state, "stopped", 0), self._warn)
         finally:
             sd.unlock()
 
@@ -387,7 +383,7 @@ class Engine:
             if status == "stopped":
                 raise ClaveError(f"cannot update a stopped container {container_id}")
             try:
-                self._cgroup(state).set(resources)
+                self._cgroup(state).set(resources, self._warn)
             except cgroups.CgroupError as exc:
                 raise ClaveError(f"cgroup: {exc}") from None
             merged = state.config.setdefault("linux", {}).setdefault("resources", {})

@@ -181,7 +181,7 @@ def oci_state(state: State, state_dir: StateDir, runc_fields: bool = True) -> di
     """The runtime-spec state (plus runc's rootfs/created/owner) for ``clave state`` and hooks."""
     st = status(state, state_dir)
     doc: dict[str, Any] = {
-        "ociVersion": state.config.get("ociVersion", OCI_VERSION),
+        "ociVersion": OCI_VERSION,  # the spec version the state complies with (runc: its own), not the config's
         "id": state.id,
         "pid": state.pid if st != "stopped" else 0,
         "status": st,

@@ -47,6 +47,7 @@ class EnclaveHandler(NativeHandler):
     name = "enclave"
 
     def prepare(self, state: State, notice: Callable[[str], None]) -> None:
+        super().prepare(state, notice)
         config = state.config
         try:
             settings = enclave_config.extract(config)

@@ -10,6 +10,7 @@ from clave.handlers import Handler
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from clave.engine.container import CreateOptions
@@ -19,6 +20,12 @@ if TYPE_CHECKING:
 
 class NativeHandler(Handler):
     name = "native"
+
+    def prepare(self, state: State, notice: Callable[[str], None]) -> None:
+        from clave.linux.spawn import ignored_lsm
+
+        for message in ignored_lsm(state.config.get("linux", {})):
+            notice(message)
 
     def spawn(self, state: State, state_dir: StateDir, opts: CreateOptions, cgroup: Any, runtime_hooks: Any) -> int:
         from clave.linux import spawn  # not at import time: delete and state load this module too
@@ -48,6 +55,17 @@ class NativeHandler(Handler):
             raise
 
 
+    def cleanup(self, state: State) -> None:
+        inherited = state.extra.get("inherited_mounts")
+        if inherited is not None:
+            from clave.linux import rootfs
+
+            try:
+                rootfs.detach_rootfs(state.rootfs, inherited["rootfs_mount"])
+            except rootfs.RootfsError as exc:
+                raise ClaveError(str(exc)) from None
+
+
 def make_plan(state: State, state_dir: StateDir, opts: CreateOptions, launch: Any) -> InitPlan:
     """The init plan shared by every handler that runs a Linux process tree."""
     from clave.linux import spawn
@@ -68,4 +86,9 @@ def make_plan(state: State, state_dir: StateDir, opts: CreateOptions, launch: An
         bundle=state.bundle,
     )
     plan.stdio = opts.stdio
+    if "mount" not in plan.namespaces:
+        from clave.linux import rootfs
+
+        # The container's mounts will be the runtime's own: remember what was there, cleanup removes the rest.
+        state.extra["inherited_mounts"] = {"rootfs_mount": rootfs.top_mount_id(state.rootfs)}
     return plan

@@ -174,17 +174,52 @@ def _open_in(root_fd: int, rel: str, flags: int = 0) -> int:
         raise
 
 
-def prepare_propagation(rootfs: str, propagation: str | None) -> None:
+def prepare_propagation(rootfs: str, propagation: str | None, own_namespace: bool = True) -> None:
     """Make the container's view of the host's mounts non-shared (rslave unless configured), then make
-    the rootfs a mount point so pivot_root can use it."""
+    the rootfs a mount point so pivot_root can use it.
+
+    In a mount namespace inherited from the runtime (none in linux.namespaces) the mounts are the host's own:
+    their propagation is left alone and the rootfs bind is the one mount ``detach_rootfs`` removes at delete.
+    """
     flag = PROPAGATION_OPTIONS[propagation] if propagation else lsys.MS_SLAVE | lsys.MS_REC
-    lsys.mount(None, "/", None, flag)
+    if flag & lsys.MS_UNBINDABLE:
+        # An unbindable root cannot be bound onto the rootfs: unbindable is applied to the new root once it is
+        # the root (finish_propagation), as crun does; until then the host's mounts are seen as rslave.
+        flag = lsys.MS_SLAVE | lsys.MS_REC
+    if own_namespace:
+        lsys.mount(None, "/", None, flag)
     lsys.mount(rootfs, rootfs, "bind", lsys.MS_BIND | lsys.MS_REC)
+    if not own_namespace:
+        return
     # pivot_root refuses a shared parent mount. Made private only now, the rootfs keeps the requested
     # propagation (a bind of a shared mount joins its peer group).
     parent = _parent_mount_point(rootfs)
     if parent is not None:
         lsys.mount(None, parent, None, lsys.MS_PRIVATE)
+
+
+def finish_propagation(propagation: str | None) -> None:
+    """After the root switch: rootfsPropagation unbindable / runbindable, which could not be set before."""
+    if propagation in ("unbindable", "runbindable"):
+        lsys.mount(None, "/", None, PROPAGATION_OPTIONS[propagation])
+
+
+def top_mount_id(path: str) -> str | None:
+    """The id of the topmost mount at ``path`` (None when ``path`` is no mount point)."""
+    top = _top_mount(os.path.realpath(path), _mountinfo())
+    return top[0] if top is not None else None
+
+
+def detach_rootfs(rootfs: str, before: str | None) -> None:
+    """Undo a container's mounts made in an inherited mount namespace: its rootfs bind (and everything under
+    it) is the topmost mount at ``rootfs`` when that is no longer the mount recorded ``before`` create."""
+    path = os.path.realpath(rootfs)
+    current = top_mount_id(path)
+    if current is not None and current != before:
+        try:
+            lsys.umount(path, lsys.MNT_DETACH)
+        except OSError as exc:
+            raise RootfsError(f"unmount {path}: {exc.strerror}") from None
 
 
 def _mountinfo_records() -> list[tuple[list[str], list[str]]]:
@@ -457,6 +492,14 @@ def pivot_root(rootfs: str) -> None:
     os.chdir("/")
     if shared:
         lsys.mount(None, "/", None, lsys.MS_SHARED)
+
+
+def chroot_root(rootfs: str) -> None:
+    """Switch root in a mount namespace shared with the runtime (runc and crun chroot there too): pivot_root or
+    a move onto / would change the host's own root."""
+    os.chdir(rootfs)
+    os.chroot(".")
+    os.chdir("/")
 
 
 def move_root(rootfs: str) -> None:

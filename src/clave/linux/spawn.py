@@ -83,8 +83,6 @@ class InitPlan:
 
 def check_plan(plan: InitPlan) -> None:
     """Reject configurations that cannot work before anything is created."""
-    if not plan.new("mount"):
-        raise SpawnError("a new mount namespace is required (linux.namespaces must list 'mount' without a path)")
     if plan.config.get("hostname") and "uts" not in plan.namespaces:
         raise SpawnError("unable to set hostname without a private UTS namespace")
     if plan.config.get("domainname") and "uts" not in plan.namespaces:
@@ -101,16 +99,25 @@ def check_plan(plan: InitPlan) -> None:
 
 
 def check_lsm(process: dict[str, Any], linux: dict[str, Any]) -> None:
-    """AppArmor and SELinux settings are refused on hosts without that LSM, never silently ignored."""
+    """AppArmor profiles and process SELinux labels are refused on hosts without that LSM (runc and crun refuse
+    them too), never silently ignored. linux.mountLabel without SELinux is left out (see ignored_lsm)."""
     if process.get("apparmorProfile") and not os.path.isdir("/sys/kernel/security/apparmor"):
         raise SpawnError(f"apparmor profile {process['apparmorProfile']!r} requested, but AppArmor is not enabled "
                          "on this host")
-    for where, label in (("process.selinuxLabel", process.get("selinuxLabel")),
-                         ("linux.mountLabel", linux.get("mountLabel"))):
-        if label and not os.path.isdir("/sys/fs/selinux"):
-            raise SpawnError(f"{where} {label!r} requested, but SELinux is not enabled on this host")
-    if process.get("apparmorProfile") or process.get("selinuxLabel") or linux.get("mountLabel"):
+    selinux = os.path.isdir("/sys/fs/selinux")
+    if process.get("selinuxLabel") and not selinux:
+        raise SpawnError(f"process.selinuxLabel {process['selinuxLabel']!r} requested, but SELinux is not enabled "
+                         "on this host")
+    if process.get("apparmorProfile") or process.get("selinuxLabel") or (selinux and linux.get("mountLabel")):
         raise SpawnError("AppArmor/SELinux labels are not supported by clave yet")
+
+
+def ignored_lsm(linux: dict[str, Any]) -> list[str]:
+    """Warnings for LSM settings that mean nothing on this host and are ignored, as crun ignores them: a mount
+    label without SELinux (no file system takes a context= option then)."""
+    if linux.get("mountLabel") and not os.path.isdir("/sys/fs/selinux"):
+        return [f"linux.mountLabel {linux['mountLabel']!r} ignored: SELinux is not enabled on this host"]
+    return []
 
 
 def preload(plan: InitPlan) -> None:
@@ -349,7 +356,9 @@ def _setup_container(plan: InitPlan, chan: Channel) -> None:
     in_userns = "user" in plan.namespaces
     if plan.process.get("terminal"):
         os.setsid()
-    rfs.prepare_propagation(plan.rootfs, linux.get("rootfsPropagation"))
+    # No mount namespace listed: the runtime's is inherited (config-linux.md) and the rootfs is built in it.
+    own_mounts = "mount" in plan.namespaces
+    rfs.prepare_propagation(plan.rootfs, linux.get("rootfsPropagation"), own_namespace=own_mounts)
     mounts = config.get("mounts", [])
     rfs.mount_all(plan.rootfs, mounts, plan.cgroup_paths, in_userns)
     dev_is_bind = any(
@@ -376,10 +385,13 @@ def _setup_container(plan: InitPlan, chan: Channel) -> None:
     proc.check_cwd(plan.process.get("cwd", "/"), plan.rootfs)
     rfs.readonly_paths(plan.rootfs, linux.get("readonlyPaths", []))
     rfs.mask_paths(plan.rootfs, linux.get("maskedPaths", []))
-    if plan.no_pivot:
+    if not own_mounts:
+        rfs.chroot_root(plan.rootfs)
+    elif plan.no_pivot:
         rfs.move_root(plan.rootfs)
     else:
         rfs.pivot_root(plan.rootfs)
+    rfs.finish_propagation(linux.get("rootfsPropagation"))
     if config.get("root", {}).get("readonly"):
         rfs.readonly_root()
     if config.get("hostname"):

@@ -99,3 +99,36 @@ def host_python_mounts(python: str = "/usr/bin/python3") -> list[dict[str, Any]]
             mounts.append({"destination": destination, "type": "bind", "source": source,
                            "options": ["rbind", "ro", "nosuid", "nodev"]})
     return mounts
+
+
+def write_image_archive(rootfs: str, dest: str, tag: str, cmd: list[str] | None = None) -> str:
+    """Write ``rootfs`` as a one-layer image in the docker-archive format (`docker save`'s, which `docker
+    load` and `podman load` read), tagged ``tag``; returns dest. No registry is involved."""
+    import hashlib
+    import io
+    import tarfile
+
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tar:
+        for name in sorted(os.listdir(rootfs)):
+            tar.add(os.path.join(rootfs, name), arcname=name)
+    layer_bytes = layer.getvalue()
+    diff_id = "sha256:" + hashlib.sha256(layer_bytes).hexdigest()
+    image_config = {
+        "architecture": {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine),
+        "os": "linux",
+        "config": {"Cmd": cmd or ["sh"], "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        "history": [{"created_by": "clave.tools.bundles.write_image_archive"}],
+    }
+    config_bytes = json.dumps(image_config, sort_keys=True).encode()
+    config_name = hashlib.sha256(config_bytes).hexdigest() + ".json"
+    layer_name = diff_id.removeprefix("sha256:") + "/layer.tar"
+    manifest = [{"Config": config_name, "RepoTags": [tag], "Layers": [layer_name]}]
+    with tarfile.open(dest, "w") as out:
+        for name, data in ((config_name, config_bytes), (layer_name, layer_bytes),
+                           ("manifest.json", json.dumps(manifest).encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
+    return dest

@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 
 TYPE_CHECKING = False  # typing is not imported at run time: start-up latency matters
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -269,7 +270,8 @@ class CgroupManager(ABC):
     def add_process(self, pid: int) -> None: ...
 
     @abstractmethod
-    def set(self, resources: dict[str, Any]) -> None: ...
+    def set(self, resources: dict[str, Any], warn: Callable[[str], None] | None = None) -> None:
+        """Apply ``resources``; deprecated fields this host cannot apply are dropped, named through ``warn``."""
 
     @abstractmethod
     def freeze(self) -> None: ...
@@ -424,3 +426,29 @@ def device_rule_lines(devices: list[dict[str, Any]]) -> list[tuple[bool, str]]:
 def present(value: Any) -> bool:
     """An OCI field counts as set when it is not None (false/0 are real values for most fields)."""
     return value is not None
+
+
+def drop_kernel_memory(
+    resources: dict[str, Any], usable: Callable[[str], bool], warn: Callable[[str], None] | None
+) -> dict[str, Any]:
+    """``resources`` without memory.kernel / memory.kernelTCP where ``usable(key)`` says they are not applied.
+
+    Both are deprecated in the runtime spec and meaningless on recent kernels (5.16+ ignores kmem limits, none
+    exist in v2); runc 1.1 and crun warn or stay silent and go on, so a container is not refused for them.
+    """
+    memory = resources.get("memory")
+    if not memory:
+        return resources
+    dropped = [key for key in ("kernel", "kernelTCP") if present(memory.get(key)) and not usable(key)]
+    if not dropped:
+        return resources
+    for key in dropped:
+        if warn is not None:
+            warn(f"memory.{key}: kernel memory limits are deprecated and not applied; ignored")
+    return {**resources, "memory": {k: v for k, v in memory.items() if k not in dropped}}
+
+
+def weight_set(value: Any) -> bool:
+    """Block-IO weights count as set when not None and not 0: 0 is outside every weight range and runc reads
+    it as unset (Docker writes ``blockIO.weight: 0`` into every config)."""
+    return value is not None and value != 0

@@ -12,6 +12,7 @@ from clave.linux.cgroups.common import (
     CgroupManager,
     cgroup_mounts,
     device_rule_lines,
+    drop_kernel_memory,
     make_dirs,
     own_cgroup,
     own_cgroups,
@@ -23,11 +24,13 @@ from clave.linux.cgroups.common import (
     read_text,
     remove_tree,
     signal_pids,
+    weight_set,
     write_text,
 )
 
 TYPE_CHECKING = False  # typing is not imported at run time: start-up latency matters
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 # v1 controllers Clave manages (created and joined); other named hierarchies are left alone.
@@ -35,7 +38,6 @@ KNOWN_CONTROLLERS = (
     "cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "hugetlb",
     "net_cls", "net_prio", "perf_event", "rdma", "misc", "name=systemd",
 )
-_UNLIMITED_V1 = 1 << 62  # memory limits read back at or above this are "no limit"
 _RESOURCE_KEYS = {
     "memory", "cpu", "pids", "blockIO", "hugepageLimits", "devices", "network", "rdma", "unified",
 }
@@ -112,10 +114,12 @@ class V1Manager(CgroupManager):
 
     # --- resources ---------------------------------------------------------------------------------
 
-    def set(self, resources: dict[str, Any]) -> None:
+    def set(self, resources: dict[str, Any], warn: Callable[[str], None] | None = None) -> None:
         unknown = set(resources) - _RESOURCE_KEYS
         if unknown:
             raise CgroupError(f"resources: unknown resource {sorted(unknown)[0]!r}")
+        # Never applied, as runc 1.1 ignores both: Linux 5.16+ ignores kmem.limit_in_bytes writes, 6.x drops it
+        resources = drop_kernel_memory(resources, lambda key: False, warn)
         self._check_supported(resources)
         if resources.get("memory"):
             self._set_memory(resources["memory"])
@@ -157,10 +161,6 @@ class V1Manager(CgroupManager):
             path = self._dir("memory", "memory")
             if present(memory.get("swap")) and not os.path.exists(path + "/memory.memsw.limit_in_bytes"):
                 raise CgroupError("memory.swap: swap accounting is not enabled on this host")
-            if present(memory.get("kernel")) and not os.path.exists(path + "/memory.kmem.limit_in_bytes"):
-                raise CgroupError("memory.kernel: kernel memory limits are not supported by this kernel")
-            if present(memory.get("kernelTCP")) and not os.path.exists(path + "/memory.kmem.tcp.limit_in_bytes"):
-                raise CgroupError("memory.kernelTCP: kernel TCP memory limits are not supported by this kernel")
         cpu = resources.get("cpu") or {}
         if cpu:
             for key, controller, filename in (
@@ -176,14 +176,14 @@ class V1Manager(CgroupManager):
         blkio = resources.get("blockIO") or {}
         if blkio:
             path = self._dir("blkio", "blockIO")
-            if present(blkio.get("weight")) and _weight_file(path, "weight") is None:
+            if weight_set(blkio.get("weight")) and _weight_file(path, "weight") is None:
                 raise CgroupError("blockIO.weight: not supported by this kernel (no blkio.weight or blkio.bfq.weight)")
-            if present(blkio.get("leafWeight")) and not os.path.exists(path + "/blkio.leaf_weight"):
+            if weight_set(blkio.get("leafWeight")) and not os.path.exists(path + "/blkio.leaf_weight"):
                 raise CgroupError("blockIO.leafWeight: not supported by this kernel (no blkio.leaf_weight)")
             for entry in blkio.get("weightDevice") or []:
-                if present(entry.get("weight")) and _weight_file(path, "weight_device") is None:
+                if weight_set(entry.get("weight")) and _weight_file(path, "weight_device") is None:
                     raise CgroupError("blockIO.weightDevice: not supported by this kernel (no blkio.weight_device)")
-                if present(entry.get("leafWeight")) and not os.path.exists(path + "/blkio.leaf_weight_device"):
+                if weight_set(entry.get("leafWeight")) and not os.path.exists(path + "/blkio.leaf_weight_device"):
                     raise CgroupError("blockIO.weightDevice.leafWeight: not supported by this kernel")
         if resources.get("hugepageLimits"):
             self._dir("hugetlb", "hugepageLimits")
@@ -225,16 +225,6 @@ class V1Manager(CgroupManager):
             write_text(path + "/memory.memsw.limit_in_bytes", str(int(swap)), "memory.swap")
         if present(memory.get("reservation")):
             write_text(path + "/memory.soft_limit_in_bytes", str(int(memory["reservation"])), "memory.reservation")
-        for key, filename in (("kernel", "memory.kmem.limit_in_bytes"),
-                              ("kernelTCP", "memory.kmem.tcp.limit_in_bytes")):
-            value: Any = memory.get(key)
-            if not present(value):
-                continue
-            write_text(f"{path}/{filename}", str(int(value)), f"memory.{key}")
-            # Linux >= 5.16 accepts kmem.limit_in_bytes writes and ignores them: check it took effect.
-            applied = int(read_text(f"{path}/{filename}", f"memory.{key}").strip())
-            if value >= 0 and applied >= _UNLIMITED_V1:
-                raise CgroupError(f"memory.{key}: kernel memory limits are not supported by this kernel")
         swappiness: Any = memory.get("swappiness")
         if present(swappiness):
             if not 0 <= int(swappiness) <= 100:
@@ -276,16 +266,16 @@ class V1Manager(CgroupManager):
 
     def _set_blkio(self, blkio: dict[str, Any]) -> None:
         path = self._dir("blkio", "blockIO")
-        if present(blkio.get("weight")):
+        if weight_set(blkio.get("weight")):
             write_text(f"{path}/{_weight_file(path, 'weight')}", str(int(blkio["weight"])), "blockIO.weight")
-        if present(blkio.get("leafWeight")):
+        if weight_set(blkio.get("leafWeight")):
             write_text(path + "/blkio.leaf_weight", str(int(blkio["leafWeight"])), "blockIO.leafWeight")
         for entry in blkio.get("weightDevice") or []:
             device = f"{int(entry['major'])}:{int(entry['minor'])}"
-            if present(entry.get("weight")):
+            if weight_set(entry.get("weight")):
                 write_text(f"{path}/{_weight_file(path, 'weight_device')}", f"{device} {int(entry['weight'])}",
                            "blockIO.weightDevice")
-            if present(entry.get("leafWeight")):
+            if weight_set(entry.get("leafWeight")):
                 write_text(path + "/blkio.leaf_weight_device", f"{device} {int(entry['leafWeight'])}",
                            "blockIO.weightDevice")
         for key, filename in (

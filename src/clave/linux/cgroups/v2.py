@@ -11,6 +11,7 @@ from clave.linux.cgroups.common import (
     CgroupError,
     CgroupManager,
     cgroup_mounts,
+    drop_kernel_memory,
     make_dirs,
     own_cgroup,
     parse_flat_keyed,
@@ -21,12 +22,14 @@ from clave.linux.cgroups.common import (
     read_text,
     remove_tree,
     signal_pids,
+    weight_set,
     write_text,
 )
 from clave.linux.cgroups.v1 import rdma_line
 
 TYPE_CHECKING = False  # typing is not imported at run time: start-up latency matters
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 _RESOURCE_KEYS = {
@@ -109,10 +112,11 @@ class V2Manager(CgroupManager):
         if controller not in controllers:
             raise CgroupError(f"{what}: the {controller} controller is not available in {self._path}")
 
-    def set(self, resources: dict[str, Any]) -> None:
+    def set(self, resources: dict[str, Any], warn: Callable[[str], None] | None = None) -> None:
         unknown = set(resources) - _RESOURCE_KEYS
         if unknown:
             raise CgroupError(f"resources: unknown resource {sorted(unknown)[0]!r}")
+        resources = drop_kernel_memory(resources, lambda key: False, warn)  # no kmem in cgroup v2
         controllers = self._controllers()
         self._check_supported(resources, controllers)
         path = self._path
@@ -142,9 +146,6 @@ class V2Manager(CgroupManager):
         """Refuse what cgroup v2 or this host cannot do before writing anything."""
         memory = resources.get("memory") or {}
         if memory:
-            for key in ("kernel", "kernelTCP"):
-                if present(memory.get(key)):
-                    raise CgroupError(f"memory.{key}: kernel memory limits do not exist in cgroup v2")
             if present(memory.get("swappiness")):
                 raise CgroupError("memory.swappiness: not supported by cgroup v2")
             if memory.get("disableOOMKiller"):
@@ -175,15 +176,18 @@ class V2Manager(CgroupManager):
             self._need(controllers, "pids", "pids.limit")
         blkio = resources.get("blockIO") or {}
         if blkio:
-            if present(blkio.get("leafWeight")) or any(
-                present(e.get("leafWeight")) for e in blkio.get("weightDevice") or []
+            if weight_set(blkio.get("leafWeight")) or any(
+                weight_set(e.get("leafWeight")) for e in blkio.get("weightDevice") or []
             ):
                 raise CgroupError("blockIO.leafWeight: not supported by cgroup v2")
             if any(blkio.get(k) for k in ("weight", "weightDevice", "throttleReadBpsDevice",
                                           "throttleWriteBpsDevice", "throttleReadIOPSDevice",
                                           "throttleWriteIOPSDevice")):
                 self._need(controllers, "io", "blockIO")
-            if (present(blkio.get("weight")) or blkio.get("weightDevice")) and self._io_weight_file() is None:
+            weights = weight_set(blkio.get("weight")) or any(
+                weight_set(e.get("weight")) for e in blkio.get("weightDevice") or []
+            )
+            if weights and self._io_weight_file() is None:
                 raise CgroupError("blockIO.weight: not supported by this kernel (no io.bfq.weight or io.weight)")
         if resources.get("hugepageLimits"):
             self._need(controllers, "hugetlb", "hugepageLimits")
@@ -260,10 +264,10 @@ class V2Manager(CgroupManager):
             # io.weight is 1..10000; blkio weights are 10..1000 (runc's conversion). BFQ takes them as is.
             return weight if weight_file == "io.bfq.weight" else 1 + (weight - 10) * 9999 // 990
 
-        if present(blkio.get("weight")):
+        if weight_set(blkio.get("weight")):
             write_text(f"{path}/{weight_file}", str(converted(int(blkio["weight"]))), "blockIO.weight")
         for entry in blkio.get("weightDevice") or []:
-            if present(entry.get("weight")):
+            if weight_set(entry.get("weight")):
                 line = f"{int(entry['major'])}:{int(entry['minor'])} {converted(int(entry['weight']))}"
                 write_text(f"{path}/{weight_file}", line, "blockIO.weightDevice")
         for key, name in (("throttleReadBpsDevice", "rbps"), ("throttleWriteBpsDevice", "wbps"),
