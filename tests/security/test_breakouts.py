@@ -333,6 +333,7 @@ def test_mount_destination_swapped_by_a_neighbour_stays_inside(runner: Runner, t
     swapper = runner.config("sh", "-c", f"cd /vol; while :; do rm -rf t; ln -s {victim} t; rm -f t; mkdir t; done")
     swapper["mounts"].append({"destination": "/vol", "type": "bind", "source": str(volume), "options": ["rbind"]})
     _start_detached(runner, "swapper", swapper)
+    runc_created: set[str] = set()
     try:
         for runtime, attempts in (("clave", 25), ("runc", 10)):
             for i in range(attempts):
@@ -349,9 +350,19 @@ def test_mount_destination_swapped_by_a_neighbour_stays_inside(runner: Runner, t
                     runner.runc("delete", "--force", f"{name}-runc")
                 mounts = Path("/proc/self/mountinfo").read_text()
                 assert str(victim) not in mounts, f"{runtime}: a mount landed on the host at {victim}"
-                assert sorted(os.listdir(victim)) == ["keep"], f"{runtime}: wrote into the host's {victim}"
+                created = sorted(set(os.listdir(victim)) - {"keep"})
+                if runtime == "runc":
+                    # Debian's runc 1.1.5 loses this race now and then: its MkdirAll follows the swapped link and
+                    # makes an empty directory on the host (CVE-2024-45310, fixed in runc 1.1.14). Recorded, then
+                    # cleaned; it never mounts there.
+                    runc_created.update(created)
+                    for leftover in created:
+                        (victim / leftover).rmdir()
+                else:
+                    assert created == [], f"clave wrote into the host's {victim}: {created}"
     finally:
         runner.clave("kill", "swapper", "KILL")
+    print(f"runc 1.1.5 created on the host during the race: {sorted(runc_created) or 'nothing this time'}")
 
 
 def test_dev_null_symlink_to_procfs_cannot_unmask(runner: Runner, tmp_path: Path) -> None:
