@@ -321,6 +321,17 @@ def _validate_linux(linux: dict[str, Any]) -> None:
     for key in ("maskedPaths", "readonlyPaths"):
         if key in linux:
             _str_list(linux[key], f"linux.{key}")
+    if "seccomp" in linux:
+        _validate_seccomp(linux["seccomp"], "linux.seccomp")
+    if "personality" in linux:
+        personality = _expect(linux["personality"], dict, "linux.personality", "an object")
+        _expect(personality.get("domain"), str, "linux.personality.domain", "a string (required)")
+        if "flags" in personality:
+            _str_list(personality["flags"], "linux.personality.flags")
+    for key in ("mountLabel", "intelRdt"):
+        if key in linux:
+            _expect(linux[key], str if key == "mountLabel" else dict, f"linux.{key}",
+                    "a string" if key == "mountLabel" else "an object")
     if "rootfsPropagation" in linux and linux["rootfsPropagation"] not in (
         "shared", "slave", "private", "unbindable", "rshared", "rslave", "rprivate", "runbindable",
     ):
@@ -427,3 +438,31 @@ def _validate_resources(resources: Any, path: str) -> None:
     unified = _expect(resources.get("unified") or {}, dict, f"{path}.unified", "an object")
     for key, value in unified.items():
         _expect(value, str, _key(f"{path}.unified", key), "a string")
+
+
+def _validate_seccomp(seccomp: Any, path: str) -> None:
+    """The shapes the seccomp compiler reads; it checks the names (actions, syscalls, operators) itself."""
+    _expect(seccomp, dict, path, "an object")
+    if "defaultAction" in seccomp:
+        _expect(seccomp["defaultAction"], str, f"{path}.defaultAction", "a string")
+    if "defaultErrnoRet" in seccomp:
+        _uint(seccomp["defaultErrnoRet"], f"{path}.defaultErrnoRet", UINT32_MAX)
+    for key in ("architectures", "flags"):
+        if key in seccomp:
+            _str_list(seccomp[key], f"{path}.{key}")
+    for key in ("listenerPath", "listenerMetadata"):
+        if key in seccomp:
+            _expect(seccomp[key], str, f"{path}.{key}", "a string")
+    for i, rule in enumerate(_expect(seccomp.get("syscalls", []), list, f"{path}.syscalls", "an array")):
+        where = f"{path}.syscalls[{i}]"
+        _expect(rule, dict, where, "an object")
+        _str_list(rule.get("names"), f"{where}.names")
+        _expect(rule.get("action"), str, f"{where}.action", "a string (required)")
+        if "errnoRet" in rule:
+            _uint(rule["errnoRet"], f"{where}.errnoRet", UINT32_MAX)
+        for j, arg in enumerate(_expect(rule.get("args", []), list, f"{where}.args", "an array")):
+            _expect(arg, dict, f"{where}.args[{j}]", "an object")
+            _int_in(arg.get("index"), f"{where}.args[{j}].index", 0, 5)
+            _uint(arg.get("value", 0), f"{where}.args[{j}].value")
+            _uint(arg.get("valueTwo", 0), f"{where}.args[{j}].valueTwo")
+            _expect(arg.get("op"), str, f"{where}.args[{j}].op", "a string (required)")
