@@ -38,7 +38,8 @@ if "--use-token" in sys.argv:
     token = open("/run/secrets/api-token").read().strip()
     print(f"  the app read its API token from the KBS: sha256 {hashlib.sha256(token.encode()).hexdigest()[:12]}...")
 """
-TESTDATA = os.path.join(os.path.dirname(REPO), "shared", "testdata", "attestation")
+# The samples the last step verifies, shipped with the demo (demo/testdata/PROVENANCE.md says where they come from).
+TESTDATA = os.path.join(REPO, "demo", "testdata")
 
 INSIDE = r"""
 echo "  hostname:        $(hostname)"
@@ -336,7 +337,7 @@ def attestation() -> None:
 
 def _suggested_now(sample: str) -> str | None:
     """The verification time the test data's README gives for a sample (its certificates expire)."""
-    with open(os.path.join(TESTDATA, "README.md")) as f:
+    with open(os.path.join(TESTDATA, "PROVENANCE.md")) as f:
         for line in f:
             if f"`{sample}`" in line:
                 return line.rstrip(" |\n").rsplit("|", 1)[-1].strip()

@@ -18,14 +18,29 @@ except ImportError:  # another Python implementation: use the standard module
     _json = None  # type: ignore[assignment]
 
 
+class JSONDecodeError(ValueError):
+    pass
+
+
+# Longer integers are no number any JSON reader on the other side (Go, runc) could hold; refusing them here also
+# keeps Python's own digit limit (and its message) out of the way.
+_MAX_INT_DIGITS = 40
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > _MAX_INT_DIGITS:
+        raise JSONDecodeError(f"number {text[:20]}... has {len(text)} digits, too many")
+    return int(text)
+
+
 class _ScannerContext:
-    """The attributes ``_json.make_scanner`` reads, with json.loads' defaults."""
+    """The attributes ``_json.make_scanner`` reads, with json.loads' defaults (and a bound on integers)."""
 
     strict = True
     object_hook = None
     object_pairs_hook = None
     parse_float = float
-    parse_int = int
+    parse_int = staticmethod(_parse_int)
     memo: dict[str, str] = {}
 
     @staticmethod
@@ -36,22 +51,30 @@ class _ScannerContext:
 _WHITESPACE = " \t\n\r"
 
 
-class JSONDecodeError(ValueError):
-    pass
-
-
 def loads(data: str | bytes) -> Any:
+    """Parse JSON; every malformed input (bad syntax, not UTF-8, nested beyond the parser's recursion limit,
+    absurd integers) raises JSONDecodeError with a one-line description."""
     if _json is None:
         import json
 
-        return json.loads(data)
-    text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
+        try:
+            return json.loads(data)
+        except RecursionError:
+            raise JSONDecodeError("nested too deeply") from None
+    try:
+        text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as exc:
+        raise JSONDecodeError(f"not UTF-8 text (byte {exc.start})") from None
     scan = _json.make_scanner(_ScannerContext)  # type: ignore[arg-type]
     start = len(text) - len(text.lstrip(_WHITESPACE))
     try:
         value, end = scan(text, start)
     except StopIteration as exc:
         raise JSONDecodeError(f"Expecting value: char {exc.value}") from None
+    except RecursionError:
+        raise JSONDecodeError("nested too deeply") from None
+    except JSONDecodeError:
+        raise
     except (ValueError, SystemError):
         # _json builds its error from json.decoder, and fails with SystemError when that is not yet
         # imported: let the standard module describe the error (only the error path pays for it).
@@ -59,6 +82,8 @@ def loads(data: str | bytes) -> Any:
 
         try:
             json.loads(text)
+        except RecursionError:
+            raise JSONDecodeError("nested too deeply") from None
         except ValueError as exc:
             raise JSONDecodeError(str(exc)) from None
         raise

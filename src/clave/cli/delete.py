@@ -6,7 +6,7 @@ usage: clave delete [--force] ID
 from __future__ import annotations
 
 from clave.cli.main import Parsed, need_args
-from clave.errors import ClaveError
+from clave.errors import NotFound
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -16,16 +16,14 @@ FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {"force": ("bool", ("f",)), "hel
 
 
 def run(parsed: Parsed, ctx: Any) -> int:
-    args = need_args(parsed, 1, "delete [--force] ID")
+    (container_id,) = need_args(parsed, 1, "delete [--force] ID", exact=True)
     from clave.engine.container import Engine
 
-    engine = Engine(ctx.root, ctx.log)
     force = parsed.flags.get("force", False)
-    for container_id in args:
-        try:
-            engine.delete(container_id, force=force)
-        except ClaveError as exc:
-            if force and "does not exist" in str(exc):
-                continue  # runc: --force on a missing container is not an error
+    try:
+        Engine(ctx.root, ctx.log).delete(container_id, force=force)
+    except NotFound:
+        if not force:
             raise
+        # runc: --force on a missing container is not an error
     return 0

@@ -39,7 +39,7 @@ def parse_duration(text: str) -> float:
 
 
 def run(parsed: Parsed, ctx: Any) -> int:
-    (container_id, *_) = need_args(parsed, 1, "events [--stats] [--interval 5s] ID")
+    (container_id, *_) = need_args(parsed, 1, "events [--stats] [--interval 5s] ID", exact=True)
     from clave.engine.container import Engine
 
     engine = Engine(ctx.root, ctx.log)
@@ -51,11 +51,13 @@ def run(parsed: Parsed, ctx: Any) -> int:
             event["data"] = data
         print(fastjson.dumps(event, compact=True), flush=True)
 
+    # The first stats fail for a container that is not running, as runc's events do; later failures end the
+    # stream (the container stopped).
+    emit("stats", engine.stats(container_id))
     if parsed.flags.get("stats"):
-        emit("stats", engine.stats(container_id))
         return 0
     ooms = engine.oom_kills(container_id)
-    next_stats = time.monotonic()
+    next_stats = time.monotonic() + interval
     while True:
         try:
             if time.monotonic() >= next_stats:

@@ -8,8 +8,6 @@ Without --detach, waits for the process and exits with its status.
 
 from __future__ import annotations
 
-import os
-
 from clave import fastjson
 from clave.cli.main import Parsed, UsageError, need_args
 from clave.errors import ClaveError
@@ -93,15 +91,37 @@ def _number(text: str, rule: str, given: str) -> int:
         raise UsageError(f"{rule}, got {given!r}") from None
 
 
+# runc's exec exits 255 when exec itself fails, so a caller tells that from the process's own exit status.
+EXEC_FAILED = 255
+
+
 def run(parsed: Parsed, ctx: Any) -> int:
     args = need_args(parsed, 1, "exec [options] ID COMMAND [ARGS...]")
+    try:
+        pid, tty, detach = _start(parsed, ctx, args[0])
+    except ClaveError as exc:
+        exc.exit_code = EXEC_FAILED
+        raise
+    if detach:
+        return 0
+    from clave.cli.run import forward_signals, wait_for
+
+    forward_signals(pid)
+    if tty is not None:
+        tty.start_copying()
+    status = wait_for(pid)
+    if tty is not None:
+        tty.finish()
+    return status
+
+
+def _start(parsed: Parsed, ctx: Any, container_id: str) -> tuple[int, Any, bool]:
+    """Start the process; returns its pid, the console it uses (or None) and whether to detach."""
     from clave.engine import state as st
     from clave.engine.container import Engine, ExecOptions
     from clave.linux import sys as lsys
 
-    container_id = args[0]
-    state = st.StateDir(ctx.root, container_id)
-    config = state.load().config if os.path.isdir(state.path) else {}
+    config = st.StateDir(ctx.root, container_id).load().config  # an unknown container fails first, as in runc
     process = build_process(parsed, config)
     detach = parsed.flags.get("detach", False)
     console_socket = parsed.flags.get("console-socket")
@@ -130,14 +150,4 @@ def run(parsed: Parsed, ctx: Any) -> int:
     finally:
         if tty is not None:
             tty.close_listener()
-    if detach:
-        return 0
-    from clave.cli.run import forward_signals, wait_for
-
-    forward_signals(pid)
-    if tty is not None:
-        tty.start_copying()
-    status = wait_for(pid)
-    if tty is not None:
-        tty.finish()
-    return status
+    return pid, tty, detach

@@ -30,9 +30,10 @@ def run(parsed: Parsed, ctx: Any) -> int:
     elif fmt == "table":
         rows = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")]
         rows += [(s["id"], str(s["pid"]), s["status"], s["bundle"], s["created"], s["owner"]) for s in states]
-        widths = [max(len(r[i]) for r in rows) for i in range(6)]
+        # runc's tabwriter layout: every column but the last at least 12 wide, 3 spaces after the longest cell.
+        widths = [max(12, max(len(r[i]) for r in rows) + 3) for i in range(5)]
         for r in rows:
-            print("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+            print("".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + r[5])
     else:
         raise UsageError(f"invalid format option {fmt!r}: use table or json")
     return 0

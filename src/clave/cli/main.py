@@ -16,10 +16,28 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any
 
-VERBS = (
-    "create", "start", "run", "state", "kill", "delete", "list", "spec", "features",
-    "exec", "ps", "pause", "resume", "update", "events", "check", "enclave", "attest",
+# The verbs, in the order `clave --help` lists them, with their one-line summaries.
+COMMANDS: tuple[tuple[str, str], ...] = (
+    ("create", "create a container"),
+    ("start", "start a created container"),
+    ("run", "create and run a container"),
+    ("state", "output the state of a container"),
+    ("kill", "send a signal to the init (or all processes) of a container"),
+    ("delete", "delete a container and its resources"),
+    ("list", "list containers"),
+    ("spec", "write a new config.json"),
+    ("features", "show what clave supports"),
+    ("exec", "run a process in a running container"),
+    ("ps", "list a container's processes"),
+    ("pause", "freeze a container"),
+    ("resume", "thaw a paused container"),
+    ("update", "change a container's resources"),
+    ("events", "stats and OOM events"),
+    ("check", "what this host supports"),
+    ("enclave", "keygen / sign / measure WebAssembly enclave modules"),
+    ("attest", "TEE evidence or an RA-TLS certificate from the best attester here"),
 )
+VERBS = tuple(name for name, _ in COMMANDS)
 # flag name -> (kind, aliases); kind is "str", "int" or "bool".
 GLOBAL_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "root": ("str", ()),
@@ -33,29 +51,29 @@ GLOBAL_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "version": ("bool", ("v",)),
 }
 
-USAGE = """usage: clave [global options] command [command options] [arguments...]
+GLOBAL_HELP: tuple[tuple[str, str], ...] = (
+    ("--root DIR", "state directory (default /run/clave)"),
+    ("--log FILE", "log file (default stderr)"),
+    ("--log-format FMT", "text or json"),
+    ("--debug", "debug logging"),
+    ("--systemd-cgroup", "accepted for runc compatibility (slice:prefix:name cgroupsPath is recognised by its form)"),
+    ("--version", "print the version"),
+    ("--help", "show this help"),
+)
 
-clave is an OCI runtime for native, enclave and VM containers, compatible with runc.
 
-commands:
-  create    create a container            start     start a created container
-  run       create and run a container    state     output the state of a container
-  kill      send a signal to the init     delete    delete a container and its resources
-  list      list containers               spec      write a new config.json
-  features  show what clave supports        exec      run a process in a running container
-  ps        list a container's processes   pause     freeze a container
-  resume    thaw a paused container        update    change a container's resources
-  events    stats and OOM events           check     what this host supports
-  enclave   keygen / sign / measure WebAssembly enclave modules
-  attest    TEE evidence or an RA-TLS certificate from the best attester here
+def _table(rows: tuple[tuple[str, str], ...]) -> str:
+    width = max(len(name) for name, _ in rows) + 3
+    return "".join(f"  {name.ljust(width)}{text}\n" for name, text in rows)
 
-global options:
-  --root DIR         state directory (default /run/clave)
-  --log FILE         log file (default stderr)
-  --log-format FMT   text or json
-  --debug            debug logging
-  --version          print the version
-"""
+
+def usage() -> str:
+    """`clave --help`: the commands and global options as aligned two-column tables."""
+    return (
+        "usage: clave [global options] command [command options] [arguments...]\n\n"
+        "clave is an OCI runtime for native, enclave and VM containers, compatible with runc.\n\n"
+        f"commands:\n{_table(COMMANDS)}\nglobal options:\n{_table(GLOBAL_HELP)}"
+    )
 
 
 class UsageError(ClaveError):
@@ -139,14 +157,15 @@ def run(argv: Sequence[str]) -> int:
             print(f"clave version {__version__}\nspec: {OCI_VERSION}\npython: {sys.version.split()[0]}")
             return 0
         if parsed.flags.get("help") or not parsed.args:
-            sys.stdout.write(USAGE)
+            sys.stdout.write(usage())
             return 0 if parsed.flags.get("help") else 1
         verb, rest = parsed.args[0], parsed.args[1:]
         if verb == "help":
-            sys.stdout.write(USAGE)
+            sys.stdout.write(usage())
             return 0
         if verb not in VERBS:
-            raise UsageError(f"unknown command {verb!r}; run 'clave --help' for the list")
+            # runc exits 3 here (its help lookup's status): callers probing for a verb see the same code.
+            raise ClaveError(f"unknown command {verb!r}; run 'clave --help' for the list", exit_code=3)
         module = importlib.import_module(f"clave.cli.{verb}")
         verb_parsed = parse_flags(rest, module.FLAGS, verb)
         if verb_parsed.flags.get("help"):
@@ -165,6 +184,15 @@ def run(argv: Sequence[str]) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # The last resort: a bug (every refusal of bad input is a ClaveError from the layer that owns that
+        # input). One line, as for any error; the traceback goes to the log with --debug.
+        if log.threshold <= 10:
+            import traceback
+
+            log.debug("".join(traceback.format_exception(exc)))
+        _report(log, f"clave: internal error: {type(exc).__name__}: {exc}")
+        return 1
 
 
 def _early_logger(argv: Sequence[str]) -> Any:
@@ -186,16 +214,23 @@ def _early_logger(argv: Sequence[str]) -> Any:
 
 
 def _report(log: Any, message: str) -> None:
-    """One line on stderr, and (when --log names a file) a JSON/text error line in the log."""
+    """One line on stderr, and (when --log names a file) a JSON/text error line in the log. With
+    --log-format json and no --log file, the stderr line is that JSON line, as runc writes it."""
     message = " ".join(message.split("\n"))
+    if log.to_stderr and log.fmt == "json":
+        log.error(message)
+        return
     print(message, file=sys.stderr)
     if not log.to_stderr:
         log.error(message)
 
 
-def need_args(parsed: Parsed, count: int, usage: str) -> list[str]:
+def need_args(parsed: Parsed, count: int, usage: str, exact: bool = False) -> list[str]:
+    """The positional arguments: at least ``count``, or exactly ``count`` (runc's rule for most verbs)."""
     if len(parsed.args) < count:
         raise UsageError(f"missing argument: usage: clave {usage}")
+    if exact and len(parsed.args) > count:
+        raise UsageError(f"too many arguments: usage: clave {usage}")
     return parsed.args
 
 

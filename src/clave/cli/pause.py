@@ -15,7 +15,7 @@ FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {"help": ("bool", ("h",))}
 
 
 def run(parsed: Parsed, ctx: Any) -> int:
-    (container_id, *_) = need_args(parsed, 1, "pause ID")
+    (container_id, *_) = need_args(parsed, 1, "pause ID", exact=True)
     from clave.engine.container import Engine
 
     Engine(ctx.root, ctx.log).pause(container_id)

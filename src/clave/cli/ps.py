@@ -24,7 +24,7 @@ def run(parsed: Parsed, ctx: Any) -> int:
     pids = Engine(ctx.root, ctx.log).pids(args[0])
     fmt = parsed.flags.get("format", "table")
     if fmt == "json":
-        print(fastjson.dumps(pids, compact=True))
+        print(fastjson.dumps(pids or None, compact=True))  # runc (Go) encodes an empty list as null
         return 0
     if fmt != "table":
         raise UsageError(f"invalid format option {fmt!r}: use table or json")

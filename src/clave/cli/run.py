@@ -30,7 +30,7 @@ _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, sign
 
 
 def run(parsed: Parsed, ctx: Any) -> int:
-    (container_id, *_) = need_args(parsed, 1, "run [options] ID")
+    (container_id, *_) = need_args(parsed, 1, "run [options] ID", exact=True)
     from clave.engine.container import Engine
     from clave.linux import sys as lsys
 

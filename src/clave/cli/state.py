@@ -16,7 +16,7 @@ FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {"help": ("bool", ("h",))}
 
 
 def run(parsed: Parsed, ctx: Any) -> int:
-    (container_id, *_) = need_args(parsed, 1, "state ID")
+    (container_id, *_) = need_args(parsed, 1, "state ID", exact=True)
     from clave.engine.container import Engine
 
     print(fastjson.dumps_indented(Engine(ctx.root, ctx.log).state(container_id)))

@@ -13,7 +13,15 @@ import time
 from clave.config import spec as oci
 from clave.config.defaults import device_rules
 from clave.engine import state as st
-from clave.errors import ClaveError
+from clave.errors import (
+    AlreadyExists,
+    ClaveError,
+    InvalidArgument,
+    NotFound,
+    Unsupported,
+    WrongState,
+    os_error_message,
+)
 from clave.handlers import Handler, handler_for
 from clave.linux.hooks import HookError, run_hooks
 from clave.linux.signals import SIGKILL
@@ -60,8 +68,8 @@ class Engine:
     # ---------------------------------------------------------------- helpers
     def _open(self, container_id: str) -> tuple[st.StateDir, st.State]:
         sd = st.StateDir(self.root, container_id)
-        if not os.path.isdir(sd.path):
-            raise ClaveError(f"container {container_id} does not exist")
+        if not sd.present():
+            raise NotFound(f"container {container_id} does not exist")
         sd.lock()
         try:
             return sd, sd.load()
@@ -77,20 +85,20 @@ class Engine:
     def create(self, container_id: str, opts: CreateOptions) -> st.State:
         bundle = os.path.abspath(opts.bundle)
         sd = st.StateDir(self.root, container_id)  # validates the id
-        if os.path.exists(sd.path):
-            raise ClaveError(f"container {container_id} already exists")
+        if sd.present():
+            raise AlreadyExists(f"container {container_id} already exists")
         try:
             config = oci.load_bundle(bundle)
         except oci.ConfigError as exc:
-            raise ClaveError(str(exc)) from None
+            raise InvalidArgument(str(exc)) from None
         if "process" not in config:
-            raise ClaveError("config.json: process: required to create a container")
+            raise InvalidArgument("config.json: process: required to create a container")
         handler = handler_for(config)
         terminal = bool(config["process"].get("terminal"))
         if terminal and not opts.console_socket and opts.detach_check:
-            raise ClaveError("cannot allocate tty if clave will detach without setting console socket")
+            raise InvalidArgument("cannot allocate tty if clave will detach without setting console socket")
         if not terminal and opts.console_socket:
-            raise ClaveError("cannot use console socket if clave will not detach or allocate tty")
+            raise InvalidArgument("cannot use console socket if clave will not detach or allocate tty")
         state = st.State(
             id=container_id,
             bundle=bundle,
@@ -126,9 +134,9 @@ class Engine:
             return state
         except BaseException as exc:
             self._destroy(state, sd, cgroup)
-            if isinstance(exc, ClaveError | KeyboardInterrupt):
-                raise
-            raise ClaveError(str(exc)) from None
+            if isinstance(exc, OSError):
+                raise ClaveError(os_error_message(exc)) from None
+            raise  # a ClaveError, or a bug: the CLI reports it as an internal error
         finally:
             sd.unlock()
 
@@ -181,7 +189,7 @@ class Engine:
         try:
             status = st.status(state, sd)
             if status != "created":
-                raise ClaveError(f"cannot start a container in the {status} state (it must be created)")
+                raise WrongState(f"cannot start a container in the {status} state (it must be created)")
             error = _release_init(sd.fifo, state)
             os.unlink(sd.fifo)
             if error is not None:
@@ -209,9 +217,11 @@ class Engine:
         for cid in st.list_ids(self.root):
             sd = st.StateDir(self.root, cid)
             try:
-                out.append(st.oci_state(sd.load(), sd))
-            except ClaveError:
-                continue
+                doc = st.oci_state(sd.load(), sd)
+                doc["owner"] = st.owner_name(sd.path)  # runc: `list` names the owner, `state` leaves it empty
+            except (ClaveError, OSError):
+                continue  # deleted meanwhile, or half-written by a create in progress
+            out.append(doc)
         return out
 
     # ---------------------------------------------------------------- kill
@@ -221,14 +231,14 @@ class Engine:
             status = st.status(state, sd)
             if status not in ("created", "running", "paused"):
                 # containerd matches "container not running" to treat the kill as already done.
-                raise ClaveError(f"container not running: {container_id} is {status}")
+                raise WrongState(f"container not running: {container_id} is {status}")
             if all_processes:
                 self._cgroup(state).kill_all(sig)
                 return
             try:
                 os.kill(state.pid, sig)
             except ProcessLookupError:
-                raise ClaveError(f"container not running: {container_id}") from None
+                raise WrongState(f"container not running: {container_id}") from None
         finally:
             sd.unlock()
 
@@ -240,8 +250,8 @@ class Engine:
     # ---------------------------------------------------------------- delete
     def delete(self, container_id: str, force: bool = False) -> None:
         sd = st.StateDir(self.root, container_id)
-        if not os.path.isdir(sd.path):
-            raise ClaveError(f"container {container_id} does not exist")
+        if not sd.present():
+            raise NotFound(f"container {container_id} does not exist")
         sd.lock()
         try:
             try:
@@ -253,7 +263,7 @@ class Engine:
                 return
             status = st.status(state, sd)
             if status in ("running", "paused", "creating") and not force:
-                raise ClaveError(f"cannot delete container {container_id} that is not stopped: {status}")
+                raise WrongState(f"cannot delete container {container_id} that is not stopped: {status}")
             self._destroy(state, sd, None)
             hooks = state.config.get("hooks", {}).get("poststop", [])
             if hooks and status != "creating":  # as poststart: failures are warnings, the rest run
@@ -269,17 +279,17 @@ class Engine:
         try:
             oci.validate_process(process, opts.source)
         except oci.ConfigError as exc:
-            raise ClaveError(str(exc)) from None
+            raise InvalidArgument(str(exc)) from None
         sd, state = self._open(container_id)
         try:
             status = st.status(state, sd)
             if status == "paused" and not opts.ignore_paused:
-                raise ClaveError(f"container {container_id} is paused; resume it first (or --ignore-paused)")
+                raise WrongState(f"container {container_id} is paused; resume it first (or --ignore-paused)")
             if status not in ("created", "running", "paused"):
-                raise ClaveError(f"cannot exec in a {status} container")
+                raise WrongState(f"cannot exec in a {status} container")
             if state.handler == "enclave":
                 if process.get("terminal"):
-                    raise ClaveError("exec with a terminal into an enclave container is not supported")
+                    raise Unsupported("exec with a terminal into an enclave container is not supported")
                 from clave.handlers.enclave import exec_in_enclave
                 from clave.linux.process import environment
 
@@ -303,13 +313,15 @@ class Engine:
                 from clave.linux import console
 
                 if not opts.console_socket:
-                    raise ClaveError("cannot allocate tty if clave will detach without setting console socket")
+                    raise InvalidArgument("cannot allocate tty if clave will detach without setting console socket")
                 console_fd = console.connect_socket(opts.console_socket)
             try:
                 pid = enter.enter(state.pid, types, process, cgroup.add_process, console_fd, opts.preserve_fds,
                                   stdio=opts.stdio)
-            except (enter.EnterError, OSError) as exc:
+            except enter.EnterError as exc:
                 raise ClaveError(str(exc)) from None
+            except OSError as exc:
+                raise ClaveError(os_error_message(exc)) from None
             finally:
                 if console_fd is not None:
                     os.close(console_fd)
@@ -334,9 +346,9 @@ class Engine:
         sd, state = self._open(container_id)
         try:
             if state.handler != "enclave":
-                raise ClaveError(f"container {container_id} is not an enclave container: nothing to attest")
+                raise Unsupported(f"container {container_id} is not an enclave container: nothing to attest")
             if st.status(state, sd) not in ("running", "paused"):
-                raise ClaveError(f"container {container_id} is not running")
+                raise WrongState(f"container {container_id} is not running")
             from clave.handlers.enclave import agent_request
 
             return agent_request(sd.path, request, timeout)
@@ -357,8 +369,8 @@ class Engine:
         sd, state = self._open(container_id)
         try:
             status = st.status(state, sd)
-            if status != "running":
-                raise ClaveError(f"container {container_id} is not running (status {status})")
+            if status not in ("running", "created"):  # runc freezes a created container too
+                raise WrongState(f"container {container_id} is not running (status {status})")
             self._cgroup(state).freeze()
         finally:
             sd.unlock()
@@ -368,7 +380,7 @@ class Engine:
         try:
             status = st.status(state, sd)
             if status != "paused":
-                raise ClaveError(f"container {container_id} is not paused (status {status})")
+                raise WrongState(f"container {container_id} is not paused (status {status})")
             self._cgroup(state).thaw()
         finally:
             sd.unlock()
@@ -377,11 +389,15 @@ class Engine:
         """Apply new cgroup resources to a live container and record them."""
         from clave.linux import cgroups
 
+        try:
+            oci.validate_resources(resources, "update")
+        except oci.ConfigError as exc:
+            raise InvalidArgument(str(exc)) from None
         sd, state = self._open(container_id)
         try:
             status = st.status(state, sd)
             if status == "stopped":
-                raise ClaveError(f"cannot update a stopped container {container_id}")
+                raise WrongState(f"cannot update a stopped container {container_id}")
             try:
                 self._cgroup(state).set(resources, self._warn)
             except cgroups.CgroupError as exc:
@@ -398,7 +414,7 @@ class Engine:
         sd, state = self._open(container_id)
         try:
             if st.status(state, sd) == "stopped":
-                raise ClaveError(f"container {container_id} is not running")
+                raise WrongState(f"container {container_id} is not running")
             data: dict[str, Any] = self._cgroup(state).stats()
             data["network_interfaces"] = _network_interfaces(state.pid)
             return data

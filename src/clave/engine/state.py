@@ -12,7 +12,7 @@ import os
 import time
 
 from clave import fastjson
-from clave.errors import ClaveError
+from clave.errors import AlreadyExists, ClaveError, InvalidArgument, NotFound
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -24,15 +24,25 @@ STATE_FILE = "state.json"
 EXEC_FIFO = "exec.fifo"
 
 _ID_PUNCTUATION = frozenset("+-._")
+# The id names the state directory and the cgroup directory: it must fit one file name (NAME_MAX).
+MAX_ID_LENGTH = 255
 
 
 def validate_id(container_id: str) -> None:
-    """runc's rule: letters, digits and + - . _ only; not . or .."""
+    """runc's rule: letters, digits and + - . _ only; not . or ..; and at most one file name long."""
     if not container_id:
-        raise ClaveError("container id cannot be empty")
+        raise InvalidArgument("container id cannot be empty")
+    if len(container_id) > MAX_ID_LENGTH:
+        raise InvalidArgument(f"invalid container id: {len(container_id)} characters long, at most "
+                              f"{MAX_ID_LENGTH} allowed")
     valid = all(c.isalnum() or c in _ID_PUNCTUATION for c in container_id) and container_id.isascii()
-    if container_id in (".", "..") or not valid or len(container_id) > 1024:
-        raise ClaveError(f"invalid container id {container_id!r}: use letters, digits and + - . _")
+    if container_id in (".", "..") or not valid:
+        raise InvalidArgument(f"invalid container id {container_id!r}: use letters, digits and + - . _")
+
+
+def access_error(exc: OSError, path: str) -> ClaveError:
+    """A state directory the caller cannot reach (not root, a file in the way...): one line, not absence."""
+    return ClaveError(f"cannot access {path}: {exc.strerror or type(exc).__name__}")
 
 
 def rfc3339_ns(t_ns: int) -> str:
@@ -96,16 +106,34 @@ class StateDir:
     def exists(self) -> bool:
         return os.path.exists(os.path.join(self.path, STATE_FILE))
 
+    def present(self) -> bool:
+        """Whether the container's directory exists (even half-created). A root the caller may not search
+        is an error, not an absent container."""
+        try:
+            os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise access_error(exc, self.path) from None
+        return True
+
     def make(self) -> None:
         """Create the directory; fails if a container with this id exists (even half-created)."""
-        os.makedirs(self.root, mode=0o711, exist_ok=True)
         try:
+            os.makedirs(self.root, mode=0o711, exist_ok=True)
             os.mkdir(self.path, 0o711)
         except FileExistsError:
-            raise ClaveError(f"container {self.id} already exists") from None
+            raise AlreadyExists(f"container {self.id} already exists") from None
+        except OSError as exc:
+            raise access_error(exc, self.path) from None
 
     def lock(self) -> None:
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"container {self.id} does not exist") from None
+        except OSError as exc:
+            raise access_error(exc, self.path) from None
         fcntl.flock(fd, fcntl.LOCK_EX)
         self._lock_fd = fd
 
@@ -119,7 +147,9 @@ class StateDir:
             with open(os.path.join(self.path, STATE_FILE), "rb") as f:
                 return State.from_json(fastjson.loads(f.read()))
         except FileNotFoundError:
-            raise ClaveError(f"container {self.id} does not exist") from None
+            raise NotFound(f"container {self.id} does not exist") from None
+        except OSError as exc:
+            raise access_error(exc, self.path) from None
         except (ValueError, TypeError) as exc:
             raise ClaveError(f"container {self.id}: corrupt state file ({exc}); use delete --force") from None
 
@@ -155,10 +185,10 @@ def status(state: State, state_dir: StateDir) -> str:
         return "creating"
     if not init_alive(state):
         return "stopped"
+    if _frozen(state):  # before the fifo: a created container can be paused too (runc's order)
+        return "paused"
     if os.path.exists(state_dir.fifo):
         return "created"
-    if _frozen(state):
-        return "paused"
     return "running"
 
 
@@ -204,4 +234,18 @@ def list_ids(root: str) -> list[str]:
         names = os.listdir(root)
     except FileNotFoundError:
         return []
+    except OSError as exc:
+        raise access_error(exc, root) from None
     return sorted(n for n in names if os.path.isfile(os.path.join(root, n, STATE_FILE)))
+
+
+def owner_name(path: str) -> str:
+    """The user owning a container's state directory, by name from the passwd database (runc's ``list``
+    OWNER); ``#UID`` when the database has no name for it."""
+    import pwd  # only `list` needs it
+
+    uid = os.stat(path).st_uid
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"#{uid}"

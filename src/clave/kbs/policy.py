@@ -16,11 +16,11 @@ released when some rule of some matching pattern accepts the claims; otherwise t
 from __future__ import annotations
 
 import fnmatch
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from clave import fastjson
 from clave.attestation.base import VerificationError, VerifiedEvidence
 from clave.attestation.policy import Policy, PolicyError
 
@@ -81,8 +81,8 @@ class ResourcePolicy:
     @classmethod
     def from_json(cls, text: str | bytes) -> ResourcePolicy:
         try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            data = fastjson.loads(text)
+        except ValueError as exc:
             raise PolicyError(f"resource policy is not valid JSON: {exc}") from None
         return cls.from_dict(data)
 

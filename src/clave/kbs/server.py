@@ -36,6 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from clave import fastjson
 from clave.attestation.appraise import UnknownTee, appraise
 from clave.attestation.base import Collateral, Layer, Roots, VerifyContext
 from clave.attestation.policy import Policy, PolicyError
@@ -253,8 +254,8 @@ class Broker:
     async def json_body(self, request: Request) -> Any:
         body = await self.read_body(request)
         try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+            return fastjson.loads(body)  # its errors (too deep, not UTF-8...) are all one-line ValueErrors
+        except ValueError as exc:
             raise Problem(400, "InvalidRequest", _layered(Layer.FORMAT, f"request body is not JSON: {exc}")) from None
 
     def insecure_refusal(self, tee: str, insecure: bool) -> Problem | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 # Like trustee's resource URIs: letters, digits, '.', '_', '-'; never '.' or '..' alone.
-_COMPONENT = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_COMPONENT = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # fullmatch: "$" would let a final newline through
 
 
 class StoreError(Exception):
@@ -28,7 +28,7 @@ class StoreError(Exception):
 def check_resource(repo: str, kind: str, tag: str) -> str:
     """``repo/type/tag`` after checking each component is a safe file name."""
     for part in (repo, kind, tag):
-        if not _COMPONENT.match(part) or part in (".", ".."):
+        if not _COMPONENT.fullmatch(part) or part in (".", ".."):
             raise StoreError(f"resource component {part!r} must be 1-128 of [A-Za-z0-9_.-] and not . or ..")
     return f"{repo}/{kind}/{tag}"
 

@@ -29,7 +29,7 @@ def parse_signal(raw: str) -> int:
     text = raw.strip()
     if text.isdigit():
         number = int(text)
-        if not 0 < number <= SIGRTMAX:
+        if number > SIGRTMAX:  # 0 probes that the process exists, as kill(2) and runc allow
             raise SignalError(f"invalid signal number {number}")
         return number
     name = text.upper()
