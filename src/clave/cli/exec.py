@@ -97,28 +97,32 @@ EXEC_FAILED = 255
 
 def run(parsed: Parsed, ctx: Any) -> int:
     args = need_args(parsed, 1, "exec [options] ID COMMAND [ARGS...]")
+    from clave.engine.container import Engine
+
+    engine = Engine(ctx.root, ctx.log)
+    container_id = args[0]
     try:
-        pid, tty, detach = _start(parsed, ctx, args[0])
+        pid, tty, detach = _start(parsed, engine, ctx, container_id)
     except ClaveError as exc:
         exc.exit_code = EXEC_FAILED
         raise
     if detach:
         return 0
-    from clave.cli.run import forward_signals, wait_for
+    from clave.cli.run import forward_signals
 
-    forward_signals(pid)
+    forward_signals(lambda num: engine.signal_process(container_id, pid, num))
     if tty is not None:
         tty.start_copying()
-    status = wait_for(pid)
+    status = engine.wait(container_id, pid)
     if tty is not None:
         tty.finish()
     return status
 
 
-def _start(parsed: Parsed, ctx: Any, container_id: str) -> tuple[int, Any, bool]:
+def _start(parsed: Parsed, engine: Any, ctx: Any, container_id: str) -> tuple[int, Any, bool]:
     """Start the process; returns its pid, the console it uses (or None) and whether to detach."""
     from clave.engine import state as st
-    from clave.engine.container import Engine, ExecOptions
+    from clave.engine.container import ExecOptions
     from clave.linux import sys as lsys
 
     config = st.StateDir(ctx.root, container_id).load().config  # an unknown container fails first, as in runc
@@ -144,7 +148,7 @@ def _start(parsed: Parsed, ctx: Any, container_id: str) -> tuple[int, Any, bool]
     opts = ExecOptions(console_socket, parsed.flags.get("pid-file"), preserve, parsed.flags.get("ignore-paused", False),
                        source=parsed.flags.get("process") or "exec")
     try:
-        pid = Engine(ctx.root, ctx.log).exec(container_id, process, opts)
+        pid = engine.exec(container_id, process, opts)
         if tty is not None:
             tty.accept()
     finally:

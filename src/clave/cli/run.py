@@ -8,13 +8,14 @@ usage: clave run [--bundle DIR] [--detach] [--keep] [--pid-file FILE] [--console
 from __future__ import annotations
 
 import _signal as signal  # the signal module's enum import costs ~5 ms on every run
-import os
 
 from clave.cli.main import Parsed, need_args
 from clave.cli.options import CREATE_FLAGS, create_options
+from clave.errors import ClaveError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 FLAGS = {
@@ -46,7 +47,7 @@ def run(parsed: Parsed, ctx: Any) -> int:
         console = ConsoleSocket()
         opts.console_socket = console.socket_path
     try:
-        state = engine.create(container_id, opts)
+        engine.create(container_id, opts)
         if console is not None:
             console.accept()
         try:
@@ -59,10 +60,10 @@ def run(parsed: Parsed, ctx: Any) -> int:
             console.close_listener()
     if detach:
         return 0
-    forward_signals(state.pid)
+    forward_signals(lambda num: engine.kill(container_id, num))
     if console is not None:
         console.start_copying()
-    status = wait_for(state.pid)
+    status = engine.wait(container_id)
     if console is not None:
         console.finish()
     if not parsed.flags.get("keep"):
@@ -79,24 +80,14 @@ def _wants_terminal(bundle: str) -> bool:
         return False  # create reports it
 
 
-def forward_signals(pid: int) -> None:
-    for sig in _FORWARDED:
-        signal.signal(sig, lambda num, _frame: _forward(pid, num))
+def forward_signals(send: Callable[[int], None]) -> None:
+    """Pass the signals a foreground run/exec receives on to the container (``send(signal)``)."""
 
-
-def _forward(pid: int, num: int) -> None:
-    try:
-        os.kill(pid, num)
-    except ProcessLookupError:
-        pass
-
-
-def wait_for(pid: int) -> int:
-    """Reap children until the init exits; returns its status the shell way."""
-    while True:
+    def forward(num: int, _frame: object) -> None:
         try:
-            reaped, status = os.waitpid(-1, 0)
-        except ChildProcessError:
-            return 255
-        if reaped == pid:
-            return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+            send(num)
+        except ClaveError:
+            pass  # already gone
+
+    for sig in _FORWARDED:
+        signal.signal(sig, forward)

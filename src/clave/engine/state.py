@@ -1,8 +1,6 @@
 """Container state on disk: ``<root>/<id>/state.json`` plus the exec fifo, and the live status.
 
-The status is derived, never trusted from the file: the init pid must still be alive with the start time
-recorded at create (so a recycled pid reads as stopped), the exec fifo exists until ``start``, and the
-cgroup freezer says paused.
+The status is not kept here: the container's handler derives it each time from the live container.
 """
 
 from __future__ import annotations
@@ -51,38 +49,25 @@ def rfc3339_ns(t_ns: int) -> str:
     return f"{stamp}.{nanos:09d}Z"
 
 
-def proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, start time in clock ticks) of a live process, or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2 :].split()
-    return fields[0].decode(), int(fields[19])
-
-
 class State:
-    """What the runtime records about a container (its own file format, not the OCI state)."""
+    """What the runtime records about a container (its own file format, not the OCI state). ``handler_state``
+    belongs to the container's handler: only it reads and writes it."""
 
     def __init__(
-        self, id: str, bundle: str, rootfs: str, pid: int = 0, pid_start: int = 0, created_ns: int = 0,
-        owner: str = "", annotations: dict[str, str] | None = None, handler: str = "native",
-        cgroup_paths: dict[str, str] | None = None, config: dict[str, Any] | None = None,
-        extra: dict[str, Any] | None = None,
+        self, id: str, bundle: str, rootfs: str, pid: int = 0, created_ns: int = 0, owner: str = "",
+        annotations: dict[str, str] | None = None, handler: str = "native", config: dict[str, Any] | None = None,
+        handler_state: dict[str, Any] | None = None,
     ) -> None:
         self.id = id
         self.bundle = bundle
         self.rootfs = rootfs
-        self.pid = pid
-        self.pid_start = pid_start  # /proc start time: tells a recycled pid from our init
+        self.pid = pid  # 0 until create has one: "creating"
         self.created_ns = created_ns or time.time_ns()
         self.owner = owner
         self.annotations = annotations or {}
         self.handler = handler
-        self.cgroup_paths = cgroup_paths or {}
         self.config = config or {}
-        self.extra = extra or {}  # handler-specific (enclave type, insecure flag...)
+        self.handler_state = handler_state or {}
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -173,48 +158,14 @@ class StateDir:
             pass
 
 
-def init_alive(state: State) -> bool:
-    if state.pid <= 0:
-        return False
-    stat = proc_stat(state.pid)
-    return stat is not None and stat[0] not in ("Z", "X") and stat[1] == state.pid_start
-
-
-def status(state: State, state_dir: StateDir) -> str:
-    if state.pid <= 0:
-        return "creating"
-    if not init_alive(state):
-        return "stopped"
-    if _frozen(state):  # before the fifo: a created container can be paused too (runc's order)
-        return "paused"
-    if os.path.exists(state_dir.fifo):
-        return "created"
-    return "running"
-
-
-def _frozen(state: State) -> bool:
-    path = state.cgroup_paths.get("freezer")
-    try:
-        if path:
-            with open(os.path.join(path, "freezer.state")) as f:
-                return f.read().strip() in ("FROZEN", "FREEZING")
-        path = state.cgroup_paths.get("unified") or state.cgroup_paths.get("")
-        if path:
-            with open(os.path.join(path, "cgroup.freeze")) as f:
-                return f.read().strip() == "1"
-    except OSError:
-        return False
-    return False
-
-
-def oci_state(state: State, state_dir: StateDir, runc_fields: bool = True) -> dict[str, Any]:
-    """The runtime-spec state (plus runc's rootfs/created/owner) for ``clave state`` and hooks."""
-    st = status(state, state_dir)
+def oci_state(state: State, status: str, described: dict[str, Any], runc_fields: bool = True) -> dict[str, Any]:
+    """The runtime-spec state (plus runc's rootfs/created/owner, and what the handler describes) for
+    ``clave state`` and hooks; ``status`` is the handler's live verdict."""
     doc: dict[str, Any] = {
         "ociVersion": OCI_VERSION,  # the spec version the state complies with (runc: its own), not the config's
         "id": state.id,
-        "pid": state.pid if st != "stopped" else 0,
-        "status": st,
+        "pid": state.pid if status != "stopped" else 0,
+        "status": status,
         "bundle": state.bundle,
     }
     if runc_fields:
@@ -223,9 +174,7 @@ def oci_state(state: State, state_dir: StateDir, runc_fields: bool = True) -> di
         doc["owner"] = state.owner
     if state.annotations:
         doc["annotations"] = state.annotations
-    enclave = state.extra.get("enclave")
-    if enclave:  # Clave's addition: what isolates an enclave container, and whether hardware protects it
-        doc["enclave"] = {"type": enclave["type"], "insecure": enclave["insecure"]}
+    doc.update(described)
     return doc
 
 

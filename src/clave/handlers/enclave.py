@@ -23,8 +23,8 @@ from clave import fastjson
 from clave.enclave import config as enclave_config
 from clave.enclave import provision
 from clave.enclave.runtime import EnclaveError, EnclaveRuntime
-from clave.errors import ClaveError
-from clave.handlers.native import NativeHandler, make_plan
+from clave.errors import ClaveError, InvalidArgument, Unsupported
+from clave.handlers.linux import Launcher, LinuxHandler
 from clave.linux import process as proc
 from clave.linux import spawn
 
@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-    from clave.engine.container import CreateOptions
     from clave.engine.state import State, StateDir
+    from clave.handlers.base import ExecOptions
 
 # Signals the init forwards to the enclave. Not the ones the kernel or the C runtime keep for themselves
 # (KILL, STOP), not synchronous faults, not SIGCHLD (a PAL may wait for its own children).
@@ -43,8 +43,18 @@ FORWARDED_SIGNALS = (1, 2, 3, 6, 10, 12, 13, 14, 15, 18, 20, 21, 22, 23, 24, 25,
 AGENT_SOCKET = "enclave.sock"
 
 
-class EnclaveHandler(NativeHandler):
+class EnclaveLauncher(Launcher):
+    """The init loads the enclave runtime before pivot_root and, after start, runs the entrypoint through it."""
+
+    def configure(self, plan: spawn.InitPlan, state: State) -> None:
+        plan.launch = enclave_launch
+        plan.before_pivot = load_enclave_runtime
+        plan.handler_state = dict(state.handler_state["enclave"])
+
+
+class EnclaveHandler(LinuxHandler):
     name = "enclave"
+    launcher = EnclaveLauncher()
 
     def prepare(self, state: State, notice: Callable[[str], None]) -> None:
         super().prepare(state, notice)
@@ -56,7 +66,7 @@ class EnclaveHandler(NativeHandler):
                 enclave_config.validate_pal_path(settings.get("runtime_path", ""))
             provision.Provisioning(settings)  # its settings are checked now, not in the init
         except (enclave_config.EnclaveConfigError, EnclaveError) as exc:
-            raise ClaveError(str(exc)) from None
+            raise InvalidArgument(str(exc)) from None
         if settings["type"] == "wasm":
             from clave.enclave.wasm import runtime as wasm_runtime
 
@@ -64,13 +74,25 @@ class EnclaveHandler(NativeHandler):
             wasm_runtime.preload()  # before the init is forked: a shim pays it once for all its containers
         _inject_devices(config, devices, settings["type"])
         insecure = settings["type"] in enclave_config.SOFTWARE_TYPES
-        state.extra["enclave"] = {**settings, "insecure": insecure}
+        state.handler_state["enclave"] = {**settings, "insecure": insecure}
+        if insecure:
+            notice(f"container {state.id}: enclave type {settings['type']} is INSECURE: no hardware TEE "
+                   "protects it (software isolation only)")
 
-    def spawn(self, state: State, state_dir: StateDir, opts: CreateOptions, cgroup: Any, runtime_hooks: Any) -> int:
-        plan = make_plan(state, state_dir, opts, enclave_launch)
-        plan.before_pivot = load_enclave_runtime
-        plan.handler_state = dict(state.extra["enclave"])
-        return self.spawn_plan(plan, opts, cgroup, runtime_hooks)
+    def exec(self, state: State, sd: StateDir, process: dict[str, Any], opts: ExecOptions) -> int:
+        """A new process in the same enclave (PAL v2+), stood for on the host by a proxy process."""
+        if process.get("terminal"):
+            raise Unsupported("exec with a terminal into an enclave container is not supported")
+        env = [f"{k}={v}" for k, v in proc.environment(process).items()]
+        return exec_in_enclave(sd.path, process, env)
+
+    def request(self, state: State, sd: StateDir, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+        return agent_request(sd.path, request, timeout)
+
+    def describe(self, state: State) -> dict[str, Any]:
+        """Clave's addition to `clave state`: what isolates the container, and whether hardware protects it."""
+        enclave = state.handler_state.get("enclave", {})
+        return {"enclave": {"type": enclave.get("type"), "insecure": enclave.get("insecure")}}
 
 
 def _compile_language_runtime(config: dict[str, Any], notice: Callable[[str], None]) -> None:

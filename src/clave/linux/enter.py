@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 
+from clave.faults import pause_point
 from clave.linux import namespaces as ns
 from clave.linux import process as proc
 from clave.linux import sys as lsys
 from clave.linux import trampoline
 from clave.linux.channel import Channel, ChannelClosed
-from clave.linux.spawn import close_fds_except, kill_and_reap, pause_point, report_and_exit, set_dumpable
+from clave.linux.spawn import close_fds_except, kill_and_reap, report_and_exit, set_dumpable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

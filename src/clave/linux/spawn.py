@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 
+from clave.faults import pause_point
 from clave.linux import hooks as oci_hooks
 from clave.linux import namespaces as ns
 from clave.linux import process as proc
@@ -204,20 +205,6 @@ def spawn(
         raise
     finally:
         parent.close()
-
-
-def pause_point(step: str) -> None:
-    """Fault-injection tests only: stop here (SIGSTOP) when CLAVE_TEST_PAUSE_AT names this step. A pid
-    namespace's init ignores SIGSTOP from inside: it renames itself "clave-paused" and waits to be killed."""
-    if os.environ.get("CLAVE_TEST_PAUSE_AT") == step:
-        if os.getpid() == 1:
-            import _signal
-
-            with open("/proc/self/comm", "w") as comm:
-                comm.write("clave-paused")
-            while True:
-                _signal.pause()
-        os.kill(os.getpid(), 19)  # SIGSTOP: the test then kills clave with SIGKILL
 
 
 def kill_and_reap(pid: int) -> None:

@@ -15,13 +15,14 @@ import os
 import sys
 
 SOCKET_DIR = "/run/containerd/s"
+STATE_ROOT = "/run/containerd/clave"  # the engine's root for the shim's containers, one directory per namespace
 SANDBOX_ANNOTATION = "io.kubernetes.cri.sandbox-id"
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import _socket
     from collections.abc import Sequence
-    from typing import NoReturn
+    from typing import Any, NoReturn
 
 
 class Flags:
@@ -152,21 +153,18 @@ def serve(flags: Flags, listener: _socket.socket | None = None) -> int:
     import _socket
     import threading
 
-    from clave.linux import sys as lsys
     from clave.proto.generated.containerd_task_v2 import TaskService as TaskDescriptor
     from clave.shim.events import Publisher
     from clave.shim.service import TaskService
     from clave.ttrpc import Server
 
-    lsys.set_child_subreaper()
     if listener is None:
         listener = _socket.socket(fileno=3)
     socket_path = listener.getsockname()  # before server.close() closes the listener
     done = threading.Event()
     ttrpc_address = os.environ.get("TTRPC_ADDRESS") or (flags.address + ".ttrpc" if flags.address else "")
     publisher = Publisher(ttrpc_address, flags.namespace) if ttrpc_address else None
-    service = TaskService(flags.namespace, publisher, done.set)
-    service.reaper.start()
+    service = TaskService(flags.namespace, publisher, done.set, log=_shim_log(flags))
     server = Server()
     server.register_service(TaskDescriptor, service)
     server.start(listener)
@@ -182,6 +180,22 @@ def serve(flags: Flags, listener: _socket.socket | None = None) -> int:
     return 0
 
 
+def _shim_log(flags: Flags) -> Any:
+    """The shim's log, as containerd's shims keep one: logrus-style text lines into the bundle's ``log`` fifo,
+    which containerd reads into its own log (debug lines only with -debug); stderr (shim.log) without it."""
+    from clave.logs import Logger
+
+    fifo = os.path.join(flags.bundle or os.getcwd(), "log")
+    path = None
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # ENXIO: nobody reads it
+        os.set_blocking(fd, True)
+        path = f"/proc/self/fd/{fd}"
+    except OSError:
+        pass
+    return Logger(path, "text", flags.debug)
+
+
 def delete(flags: Flags) -> int:
     """Clean up after a dead shim: force-delete the container and print a DeleteResponse.
 
@@ -191,8 +205,10 @@ def delete(flags: Flags) -> int:
     from clave.proto.generated.google_protobuf import Timestamp
 
     bundle = flags.bundle or os.getcwd()
-    root = f"/run/containerd/clave/{flags.namespace}"
+    root = f"{STATE_ROOT}/{flags.namespace}"
     pid = 0
+    rootfs = os.path.join(bundle, "rootfs")
+    handler = None
     if os.path.lexists(os.path.join(root, flags.id)):
         from clave.engine.container import Engine
         from clave.errors import ClaveError
@@ -200,20 +216,17 @@ def delete(flags: Flags) -> int:
         engine = Engine(root)
         try:
             pid = engine.state(flags.id).get("pid", 0)
+            handler = engine.handler(flags.id)
         except ClaveError:
             pass
         try:
             engine.delete(flags.id, force=True)
         except ClaveError:
             pass
-    rootfs = os.path.join(bundle, "rootfs")
     if os.path.ismount(rootfs):
-        from clave.linux import sys as lsys
+        from clave.handlers import handler_for
 
-        try:
-            lsys.umount(rootfs, lsys.MNT_DETACH)
-        except OSError:
-            pass
+        (handler or handler_for({})).detach_rootfs(rootfs)
     _remove_dead_socket(bundle)
     sys.stdout.buffer.write(DeleteResponse(pid=pid, exit_status=137, exited_at=Timestamp.now()).encode())
     return 0

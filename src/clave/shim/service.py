@@ -1,7 +1,9 @@
 """The ``containerd.task.v2.Task`` service over the Clave engine, called in-process (no runtime binary per call).
 
 One shim serves every container of a pod. Each container has an init process and any number of exec'd
-processes; their exits come from the reaper, which the shim is as a subreaper.
+processes. Everything a container needs goes through the handler contract (clave.handlers.base): its rootfs,
+its processes, and their exits, which come from the pod's Sandbox (for Linux containers a reaper, the shim
+being their subreaper; for a VM its guest agent). Errors map by class to ttrpc status codes.
 """
 
 from __future__ import annotations
@@ -12,14 +14,15 @@ import threading
 from clave import fastjson
 from clave.config import spec as oci
 from clave.engine.container import CreateOptions, Engine, ExecOptions
-from clave.errors import ClaveError
+from clave.errors import AlreadyExists, ClaveError, InvalidArgument, NotFound, Unsupported, WrongState
+from clave.handlers.base import Exit, Sandbox
 from clave.proto.generated import containerd_events as ev
 from clave.proto.generated import containerd_task_v2 as task
 from clave.proto.generated import containerd_v1_types as types
 from clave.proto.generated.google_protobuf import Any as AnyMessage
 from clave.proto.generated.google_protobuf import Empty, Timestamp
 from clave.shim.io import ProcessIO
-from clave.shim.reaper import Exit, Reaper
+from clave.shim.main import STATE_ROOT
 from clave.ttrpc import Code, TtrpcError
 
 TYPE_CHECKING = False
@@ -53,12 +56,13 @@ class Process:
 
 
 class Container:
-    def __init__(self, container_id: str, bundle: str, init: Process, mounted_rootfs: str | None) -> None:
+    def __init__(self, container_id: str, bundle: str, init: Process, handler: Any, attached: str | None) -> None:
         self.id = container_id
         self.bundle = bundle
         self.init = init
         self.execs: dict[str, Process] = {}
-        self.mounted_rootfs = mounted_rootfs
+        self.handler = handler
+        self.attached = attached  # what handler.attach_rootfs returned
         self.oom_kills = 0
 
     def process(self, exec_id: str) -> Process:
@@ -70,27 +74,29 @@ class Container:
             raise TtrpcError(Code.NOT_FOUND, f"process {exec_id} not found in container {self.id}") from None
 
 
+_CODES: tuple[tuple[type[ClaveError], int], ...] = (
+    (NotFound, Code.NOT_FOUND), (AlreadyExists, Code.ALREADY_EXISTS), (WrongState, Code.FAILED_PRECONDITION),
+    (InvalidArgument, Code.INVALID_ARGUMENT), (Unsupported, Code.UNIMPLEMENTED),
+)
+
+
 def _status_error(exc: ClaveError) -> TtrpcError:
-    text = str(exc)
-    if "does not exist" in text:
-        return TtrpcError(Code.NOT_FOUND, text)
-    if "already exists" in text:
-        return TtrpcError(Code.ALREADY_EXISTS, text)
-    if "not running" in text or "cannot" in text or "not paused" in text:
-        return TtrpcError(Code.FAILED_PRECONDITION, text)
-    return TtrpcError(Code.UNKNOWN, text)
+    """containerd's errdefs travel as gRPC codes: map by the error's class."""
+    code: int = next((code for cls, code in _CODES if isinstance(exc, cls)), Code.UNKNOWN)
+    return TtrpcError(code, str(exc))
 
 
 class TaskService:
-    def __init__(self, namespace: str, publisher: Publisher | None, on_shutdown: Any) -> None:
+    def __init__(self, namespace: str, publisher: Publisher | None, on_shutdown: Any, log: Any = None,
+                 handler: str | None = None) -> None:
         self.namespace = namespace
-        self.engine = Engine(f"/run/containerd/clave/{namespace}")
+        self.engine = Engine(f"{STATE_ROOT}/{namespace}", log, handler)  # warnings reach the shim's log
         self.publisher = publisher
         self.containers: dict[str, Container] = {}
         self.by_pid: dict[int, Process] = {}
         self.early_exits: dict[int, Exit] = {}
         self.lock = threading.RLock()
-        self.reaper = Reaper(self._on_exit)
+        self.sandbox: Sandbox | None = None  # the pod's, made with its first container
         self.on_shutdown = on_shutdown
 
     # -- helpers
@@ -123,6 +129,23 @@ class TaskService:
         process.exited.set()
         self._publish(ev.TaskExit(container_id=process.container_id, id=process.exec_id or process.container_id,
                                   pid=exit.pid, exit_status=exit.status, exited_at=Timestamp.from_ns(exit.at_ns)))
+
+    def _sandbox_for(self, handler: Any, container_id: str) -> Sandbox:
+        """The pod's sandbox: made by the first container's handler and started (exits flow from then on);
+        later containers must be of a handler that shares it."""
+        with self.lock:
+            candidate = handler.sandbox(container_id)
+            if self.sandbox is None:
+                self.sandbox = candidate
+                self.sandbox.start(self._on_exit)
+            elif type(candidate) is not type(self.sandbox):
+                raise Unsupported(f"container {container_id}: a {handler.name} container cannot join this pod's "
+                                  f"{type(self.sandbox).__name__}")
+            return self.sandbox
+
+    def _quiet(self) -> Any:
+        assert self.sandbox is not None
+        return self.sandbox.quiet
 
     def _check_oom(self, container: Container) -> None:
         try:
@@ -167,7 +190,13 @@ class TaskService:
         with self.lock:
             if req.id in self.containers:
                 raise TtrpcError(Code.ALREADY_EXISTS, f"container {req.id} already exists")
-        mounted = _mount_rootfs(req.bundle, req.rootfs)
+        try:
+            handler = self.engine.handler_for_bundle(req.bundle)
+            self._sandbox_for(handler, req.id)
+            attached = handler.attach_rootfs(req.bundle, [{"type": m.type, "source": m.source,
+                                                           "options": list(m.options)} for m in req.rootfs])
+        except ClaveError as exc:
+            raise _status_error(exc) from None
         io = ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal, {"CONTAINER_ID": req.id,
                                                                         "CONTAINER_NAMESPACE": self.namespace})
         init = Process(req.id, "", io)
@@ -181,7 +210,7 @@ class TaskService:
                 opts.console_socket = console.socket_path
             else:
                 opts.stdio = io.open()
-            with self.reaper.exclusive:
+            with self._quiet():
                 state = self.engine.create(req.id, opts)
             if console is not None:
                 console.accept()
@@ -189,12 +218,12 @@ class TaskService:
             io.after_start()
         except ClaveError as exc:
             io.close()
-            _unmount(mounted)
+            handler.detach_rootfs(attached)
             raise _status_error(exc) from None
         finally:
             if console is not None:
                 console.close_listener()
-        container = Container(req.id, req.bundle, init, mounted)
+        container = Container(req.id, req.bundle, init, handler, attached)
         with self.lock:
             self.containers[req.id] = container
             self._track(init, state.pid)
@@ -208,7 +237,7 @@ class TaskService:
         container = self._container(req.id)
         if not req.exec_id:
             # Holding the lock keeps the reaper from announcing an exit before the start.
-            with self.reaper.exclusive, self.lock:
+            with self._quiet(), self.lock:
                 try:
                     self.engine.start(req.id)
                 except ClaveError as exc:
@@ -227,7 +256,7 @@ class TaskService:
                 opts.console_socket = console.socket_path
             else:
                 opts.stdio = process.io.open()
-            with self.reaper.exclusive:
+            with self._quiet():
                 pid = self.engine.exec(req.id, spec, opts)
             if console is not None:
                 console.accept()
@@ -253,13 +282,14 @@ class TaskService:
             container.execs.pop(req.exec_id, None)
         else:
             try:
-                with self.reaper.exclusive:
+                with self._quiet():
                     self.engine.delete(req.id, force=process.exit is None)
+            except NotFound:
+                pass
             except ClaveError as exc:
-                if "does not exist" not in str(exc):
-                    raise _status_error(exc) from None
+                raise _status_error(exc) from None
             process.io.close()
-            _unmount(container.mounted_rootfs)
+            container.handler.detach_rootfs(container.attached)
             with self.lock:
                 self.containers.pop(req.id, None)
         exit = process.exit
@@ -304,17 +334,14 @@ class TaskService:
         process = container.process(req.exec_id)
         if process.exit is not None:
             raise TtrpcError(Code.NOT_FOUND, "process already finished")
-        if req.exec_id:
-            try:
-                os.kill(process.pid, req.signal)
-            except ProcessLookupError:
-                raise TtrpcError(Code.NOT_FOUND, "process already finished") from None
-            return Empty()
         try:
-            self.engine.kill(req.id, req.signal, all_processes=req.all)
+            if req.exec_id:
+                self.engine.signal_process(req.id, process.pid, req.signal)
+            else:
+                self.engine.kill(req.id, req.signal, all_processes=req.all)
+        except (NotFound, WrongState):
+            raise TtrpcError(Code.NOT_FOUND, "process already finished") from None
         except ClaveError as exc:
-            if "not running" in str(exc):
-                raise TtrpcError(Code.NOT_FOUND, "process already finished") from None
             raise _status_error(exc) from None
         return Empty()
 
@@ -365,13 +392,12 @@ class TaskService:
         return task.WaitResponse(exit_status=process.exit.status, exited_at=Timestamp.from_ns(process.exit.at_ns))
 
     def stats(self, ctx: Context, req: task.StatsRequest) -> task.StatsResponse:
-        """cgroup v1 hosts (hybrid included) get containerd's v1 Metrics, pure v2 hosts its v2 Metrics."""
-        from clave.linux.cgroups import detect_mode
+        """containerd's v1 Metrics, or its v2 Metrics where the statistics come from cgroup v2 only."""
         from clave.shim.metrics import to_metrics, to_metrics_v2
 
-        self._container(req.id)
+        container = self._container(req.id)
         stats = self._engine_call(self.engine.stats, req.id)
-        metrics = to_metrics_v2(stats) if detect_mode() == "v2" else to_metrics(stats)
+        metrics = to_metrics_v2(stats) if container.handler.stats_format() == "v2" else to_metrics(stats)
         return task.StatsResponse(stats=AnyMessage.pack(metrics))
 
     def connect(self, ctx: Context, req: task.ConnectRequest) -> task.ConnectResponse:
@@ -391,34 +417,3 @@ class TaskService:
             return fn(*args)
         except ClaveError as exc:
             raise _status_error(exc) from None
-
-
-def _mount_rootfs(bundle: str, mounts: list[Any]) -> str | None:
-    """Mount the rootfs containerd prepared (snapshots) at <bundle>/rootfs; none with ``ctr run --rootfs``."""
-    if not mounts:
-        return None
-    from clave.linux import rootfs as rfs
-    from clave.linux import sys as lsys
-
-    target = os.path.join(bundle, "rootfs")
-    os.makedirs(target, exist_ok=True)
-    for mount in mounts:
-        flags, _, data = rfs.parse_options(list(mount.options))
-        try:
-            if mount.type == "bind" or flags & lsys.MS_BIND:
-                lsys.mount(mount.source, target, None, flags | lsys.MS_BIND)
-            else:
-                lsys.mount(mount.source, target, mount.type, flags, data or None)
-        except OSError as exc:
-            raise TtrpcError(Code.INTERNAL, f"mount rootfs ({mount.type} {mount.source}): {exc}") from None
-    return target
-
-
-def _unmount(target: str | None) -> None:
-    if target:
-        from clave.linux import sys as lsys
-
-        try:
-            lsys.umount(target, lsys.MNT_DETACH)
-        except OSError:
-            pass
