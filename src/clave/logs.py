@@ -16,11 +16,12 @@ LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
 class Logger:
-    def __init__(self, path: str | None = None, fmt: str = "text", debug: bool = False) -> None:
-        self.path = path
+    def __init__(self, path: str | None = None, fmt: str = "text", debug: bool = False,
+                 stream: IO[str] | None = None) -> None:
+        self.path = path if stream is None else "(stream)"
         self.fmt = fmt
         self.threshold = LEVELS["debug"] if debug else LEVELS["info"]
-        self._stream: IO[str] | None = None
+        self._stream: IO[str] | None = stream
 
     def touch(self) -> None:
         """Create the log file now, as runc does: callers read it after a failure even if nothing was logged."""

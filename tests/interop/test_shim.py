@@ -302,3 +302,16 @@ def test_cwd_through_a_leaked_fd_is_refused(containerd: Containerd, busybox_root
         containerd.ctr("task", "delete", "--force", cid)
         containerd.ctr("container", "delete", cid)
     _assert_gone(containerd, cid)
+
+
+def test_engine_warnings_reach_containerds_log(containerd: Containerd, busybox_rootfs: Path,
+                                               skeleton_pal: Path) -> None:
+    """The shim hands the engine a logger on containerd's shim log: the INSECURE warning of a software enclave
+    (an engine warning) shows in containerd's own log, as a Go shim's warnings do."""
+    cid = _id("warn")
+    result = _run(containerd, busybox_rootfs, ["--rm", "--annotation", "enclave.type=software",
+                  "--annotation", f"enclave.runtime.path={skeleton_pal}"], cid, "/bin/sh", "-c", "exit 0")
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: f"container {cid}: enclave type software is INSECURE" in containerd.log_path.read_text(),
+             "the warning in containerd's log")
+    _assert_gone(containerd, cid)

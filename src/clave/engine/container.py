@@ -217,7 +217,7 @@ class Engine:
 
     # ---------------------------------------------------------------- requests to the container's runtime
     def attest(self, container_id: str, report_data: bytes) -> dict[str, Any]:
-        """Evidence from the container's own runtime (an enclave's), binding ``report_data``."""
+        """Evidence from the container's own runtime, binding ``report_data`` (handlers that have none refuse)."""
         return self._request(container_id, {"op": "attest", "report_data": report_data.hex()})
 
     def fetch_secret(self, container_id: str, url: str, resource: str, path: str, ca_pem: str | None = None) -> None:
@@ -283,7 +283,7 @@ class Engine:
             sd.unlock()
 
     def stats(self, container_id: str) -> dict[str, Any]:
-        """runc's ``events --stats`` data, from the handler (cgroups and /proc, or the guest's agent)."""
+        """runc's ``events --stats`` data, as the handler measures it."""
         sd, state, handler = self._open(container_id)
         try:
             if self._status(handler, state, sd) == "stopped":

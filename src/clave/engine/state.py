@@ -55,7 +55,7 @@ class State:
 
     def __init__(
         self, id: str, bundle: str, rootfs: str, pid: int = 0, created_ns: int = 0, owner: str = "",
-        annotations: dict[str, str] | None = None, handler: str = "native", config: dict[str, Any] | None = None,
+        annotations: dict[str, str] | None = None, handler: str = "", config: dict[str, Any] | None = None,
         handler_state: dict[str, Any] | None = None,
     ) -> None:
         self.id = id

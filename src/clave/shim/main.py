@@ -186,14 +186,12 @@ def _shim_log(flags: Flags) -> Any:
     from clave.logs import Logger
 
     fifo = os.path.join(flags.bundle or os.getcwd(), "log")
-    path = None
     try:
         fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # ENXIO: nobody reads it
-        os.set_blocking(fd, True)
-        path = f"/proc/self/fd/{fd}"
     except OSError:
-        pass
-    return Logger(path, "text", flags.debug)
+        return Logger(None, "text", flags.debug)
+    os.set_blocking(fd, True)
+    return Logger(None, "text", flags.debug, stream=os.fdopen(fd, "a", buffering=1))
 
 
 def delete(flags: Flags) -> int:
