@@ -33,7 +33,7 @@ from common import interleave, machine_description, summarize  # noqa: E402
 from kbs_env import MRENCLAVE, MRSIGNER, Kbs, make_material, start_kbs, stop_kbs  # noqa: E402
 
 from clave.attestation.attesters.sample import SampleAttester  # noqa: E402
-from clave.enclave.wasm.report import make_report  # noqa: E402
+from clave.attestation.wasm_report import make_report  # noqa: E402
 from clave.kbs.client import KbsError, fetch_resource  # noqa: E402
 
 SECRET = b"bench secret " * 4

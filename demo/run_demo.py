@@ -182,7 +182,7 @@ def python_app(workdir: str) -> str:
 
 def key_broker(workdir: str, key: str) -> None:
     step("Secrets for attested apps only: clave-kbs releases a token to the app's measurement")
-    from clave.enclave.wasm import report
+    from clave.attestation import wasm_report as report
     from clave.tools.bundles import make_app_bundle
 
     kbs_dir = os.path.join(workdir, "kbs")
@@ -249,7 +249,7 @@ def key_broker(workdir: str, key: str) -> None:
 
 def relay(workdir: str, key: str) -> None:
     step("A remote verifier checks the running app through the node's relay (clave-relay, clave-verify remote)")
-    from clave.enclave.wasm import report
+    from clave.attestation import wasm_report as report
     from clave.tools.bundles import make_app_bundle
 
     bundle = os.path.join(workdir, "py-service")

@@ -10,10 +10,11 @@ import pytest
 pytest.importorskip("wasmtime")
 
 from clave.attestation import registry  # noqa: E402
-from clave.attestation.attesters.wasm import WasmAttester  # noqa: E402
+from clave.attestation import wasm_report as report  # noqa: E402
 from clave.attestation.base import AttesterUnavailable, Collateral, Layer, VerificationError, VerifyContext  # noqa: E402
 from clave.attestation.verifiers.wasm import PLATFORM_KEY_ROLE, WasmVerifier  # noqa: E402
-from clave.enclave.wasm import report, signing  # noqa: E402
+from clave.enclave.wasm import signing  # noqa: E402
+from clave.enclave.wasm.attester import WasmAttester  # noqa: E402
 from clave.enclave.wasm.runtime import WasmRuntime  # noqa: E402
 
 # A minimal WASI command: `_start` returns at once.

@@ -198,7 +198,7 @@ def test_measurement_covers_the_app_and_matches_the_running_enclave(app: App) ->
         pem.write_text(cert.stdout.split("-----BEGIN PRIVATE KEY-----")[0])
         collateral = app.base / "collateral"
         collateral.mkdir()
-        from clave.enclave.wasm import report
+        from clave.attestation import wasm_report as report
 
         (collateral / "wasm_platform_key.pem").write_bytes(report.platform_public_pem(report.load_platform_key()))
         policy = app.base / "policy.json"

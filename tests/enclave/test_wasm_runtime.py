@@ -231,7 +231,7 @@ def test_relative_path_and_symlinks_resolve_inside_the_rootfs(host: Host) -> Non
 
 
 def test_measurement_and_local_report(host: Host) -> None:
-    from clave.enclave.wasm import report
+    from clave.attestation import wasm_report as report
 
     host.install(wat.hello())
     runtime = host.prepared()

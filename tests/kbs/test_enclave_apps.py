@@ -21,7 +21,8 @@ pytest.importorskip("uvicorn")
 
 from kbs_env import Kbs, make_material, start_kbs, stop_kbs  # noqa: E402
 
-from clave.enclave.wasm import interpreters, report  # noqa: E402
+from clave.attestation import wasm_report as report  # noqa: E402
+from clave.enclave.wasm import interpreters  # noqa: E402
 from clave.tools import bundles  # noqa: E402
 
 CLAVE = str(Path(sys.executable).parent / "clave")

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kbs_env import MRENCLAVE, MRSIGNER, REPO, Kbs, Material, start_kbs, stop_kbs
 
 from clave.attestation.attesters.sample import SampleAttester
-from clave.enclave.wasm.report import make_report
+from clave.attestation.wasm_report import make_report
 from clave.kbs import protocol
 from clave.kbs.client import Connection, KbsError, decrypt_response, fetch_resource
 from clave.kbs.store import StateDir, write_private

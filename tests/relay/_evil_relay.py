@@ -50,7 +50,7 @@ class EvilRelay(Relay):
     def _forge(self, container: str, report_data: bytes) -> dict[str, Any]:
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-        from clave.enclave.wasm import report
+        from clave.attestation import wasm_report as report
 
         honest = super().evidence_reply(container, report_data)
         key = Ed25519PrivateKey.generate()

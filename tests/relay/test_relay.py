@@ -95,7 +95,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         assert measure.returncode == 0, measure.stderr
         node.reference.write_text(measure.stdout)
         node.measured = json.loads(measure.stdout)
-        from clave.enclave.wasm import report
+        from clave.attestation import wasm_report as report
 
         node.collateral.mkdir()
         public = report.platform_public_pem(report.load_platform_key(env["CLAVE_WASM_PLATFORM_KEY"]))
@@ -182,7 +182,7 @@ def test_report_data_binds_nonce_relay_session_and_container(node: Node, relay: 
                                       "nonce": nonce.hex()}))
         reply = protocol.read_message(sock.recv, protocol.MAX_REPLY)
     from clave.attestation import ratls
-    from clave.enclave.wasm import report
+    from clave.attestation import wasm_report as report
 
     assert reply["msgtype"] == "EVIDENCE" and reply["version"] == 1 and reply["container"] == "app"
     relay_key = protocol.relay_key_hash(ratls.spki_der(ratls.load_certificate(peer.certificate_der)))

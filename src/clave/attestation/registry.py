@@ -27,7 +27,7 @@ ATTESTER_MODULES: dict[str, str] = {
     "tdx_ecdsa": "clave.attestation.attesters.tdx",
     "snp": "clave.attestation.attesters.snp",
     "tpm": "clave.attestation.attesters.tpm",
-    "wasm": "clave.attestation.attesters.wasm",
+    "wasm": "clave.enclave.wasm.attester",  # the runtime's own reports: registered by path, not imported
     "sample": "clave.attestation.attesters.sample",
 }
 

@@ -20,9 +20,9 @@ cache ahead of the first container, showing progress.
 
 from __future__ import annotations
 
-import json
 import os
 
+from clave import fastjson
 from clave.cli.main import Parsed, UsageError, parse_flags
 from clave.errors import ClaveError
 
@@ -71,7 +71,7 @@ def _keygen(flags: dict[str, Any]) -> int:
         raise ClaveError(f"{out} exists: refusing to overwrite a key") from None
     except OSError as exc:
         raise ClaveError(f"cannot write {out}: {exc.strerror}") from None
-    print(json.dumps({"key": out, "mrsigner": mrsigner.hex()}))
+    print(fastjson.dumps({"key": out, "mrsigner": mrsigner.hex()}))
     return 0
 
 
@@ -81,12 +81,13 @@ def _oci_config(flags: dict[str, Any]) -> dict[str, int | None] | None:
     path = flags.get("config")
     if not path:
         return None
+    from clave.config import spec
+
     try:
-        with open(path) as f:
-            return measure.enclave_config(json.load(f))
-    except OSError as exc:
-        raise ClaveError(f"cannot read {path}: {exc.strerror}") from None
-    except (ValueError, AttributeError) as exc:
+        return measure.enclave_config(spec.read_document(path))  # only its limits matter: a partial config will do
+    except spec.ConfigError as exc:
+        raise ClaveError(str(exc)) from None
+    except (AttributeError, TypeError) as exc:
         raise ClaveError(f"{path} is not an OCI config: {exc}") from None
 
 
@@ -103,7 +104,7 @@ def _sign(flags: dict[str, Any], target: str, sign: Any) -> int:
         raise ClaveError(str(exc)) from None
     except OSError as exc:
         raise ClaveError(f"cannot sign {target}: {exc.strerror}: {exc.filename}") from None
-    print(json.dumps(result))
+    print(fastjson.dumps(result))
     return 0
 
 
@@ -130,7 +131,7 @@ def _measure(flags: dict[str, Any], module: str) -> int:
             config = signed.enclave_config
     config = config or measure.enclave_config(None)
     mrenclave = measure.mrenclave(measure.module_digest(wasm), config)
-    print(json.dumps({"mrenclave": mrenclave.hex(), "mrsigner": mrsigner, "enclave_config": config}))
+    print(fastjson.dumps({"mrenclave": mrenclave.hex(), "mrsigner": mrsigner, "enclave_config": config}))
     return 0
 
 
@@ -152,17 +153,15 @@ def _compile(names: list[str]) -> int:
 
 def _app(command: str, flags: dict[str, Any], bundle: str) -> int:
     """sign or measure the app a bundle runs through a language runtime."""
+    from clave.config import spec
     from clave.enclave.wasm import cache, interpreters, measure, signing
 
     try:
-        with open(os.path.join(bundle, "config.json")) as f:
-            oci = json.load(f)
-        args = oci["process"]["args"]
-        root = oci.get("root", {}).get("path", "rootfs")
-    except OSError as exc:
-        raise ClaveError(f"cannot read {bundle}/config.json: {exc.strerror}") from None
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
-        raise ClaveError(f"{bundle}/config.json is not an OCI config with process.args: {exc}") from None
+        oci = spec.load_bundle(bundle)
+    except spec.ConfigError as exc:
+        raise ClaveError(str(exc)) from None
+    args = oci.get("process", {}).get("args", [])
+    root = oci["root"]["path"]
     language = interpreters.for_command(args[0]) if args else None
     if language is None:
         raise ClaveError(f"{bundle}: process.args[0] ({args[0] if args else 'none'}) is not an interpreter of "
@@ -189,6 +188,6 @@ def _app(command: str, flags: dict[str, Any], bundle: str) -> int:
             mrsigner = signing.verify_app(manifest, document, bundle).mrsigner.hex()
         except signing.SignatureError as exc:
             raise ClaveError(str(exc)) from None
-    print(json.dumps({"mrenclave": measure.app_mrenclave(manifest).hex(), "mrsigner": mrsigner,
+    print(fastjson.dumps({"mrenclave": measure.app_mrenclave(manifest).hex(), "mrsigner": mrsigner,
                       "enclave_config": manifest["enclave_config"], "manifest": manifest}))
     return 0

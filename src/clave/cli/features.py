@@ -5,9 +5,9 @@ usage: clave features
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from clave import fastjson
 from clave.cli.main import Parsed
 
 FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {"help": ("bool", ("h",))}
@@ -16,5 +16,5 @@ FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {"help": ("bool", ("h",))}
 def run(parsed: Parsed, ctx: Any) -> int:
     from clave.config.features import features
 
-    print(json.dumps(features(), indent=4))
+    print(fastjson.dumps_indented(features(), indent="    "))
     return 0

@@ -5,10 +5,10 @@ usage: clave spec [--bundle DIR] [--rootless]
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
+from clave import fastjson
 from clave.cli.main import Parsed
 from clave.errors import ClaveError
 
@@ -29,5 +29,5 @@ def run(parsed: Parsed, ctx: Any) -> int:
     except OSError as exc:
         raise ClaveError(f"write {path}: {exc.strerror}") from None
     with os.fdopen(fd, "w") as f:
-        json.dump(default_spec(parsed.flags.get("rootless", False)), f, indent="\t")
+        f.write(fastjson.dumps_indented(default_spec(parsed.flags.get("rootless", False)), indent="\t"))
     return 0

@@ -139,19 +139,35 @@ def check_id(value: Any, path: str) -> int:
 def load_bundle(bundle: str) -> dict[str, Any]:
     """Read ``<bundle>/config.json`` and validate it; returns the document."""
     path = os.path.join(bundle, "config.json")
+    doc = read_document(path, f"config.json not found in bundle {bundle}")
+    validate(doc)
+    return doc
+
+
+def read_document(path: str, missing: str = "") -> Any:
+    """The JSON of a config file, not validated (for callers that only route on it, such as the shim's
+    start, which reads the annotations on every container start)."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        raise ConfigError(f"config.json not found in bundle {bundle}") from None
+        raise ConfigError(missing or f"{path} not found") from None
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     try:
-        doc = fastjson.loads(raw)
+        return fastjson.loads(raw)
     except ValueError as exc:
         raise ConfigError(f"config.json: invalid JSON: {exc}") from None
-    validate(doc)
-    return doc
+
+
+def bundle_annotations(bundle: str) -> dict[str, Any]:
+    """The annotations of a bundle's config.json, or {} when it has none or cannot be read."""
+    try:
+        doc = read_document(os.path.join(bundle, "config.json"))
+    except ConfigError:
+        return {}
+    annotations = doc.get("annotations") if isinstance(doc, dict) else None
+    return annotations if isinstance(annotations, dict) else {}
 
 
 def validate(doc: Any) -> None:

@@ -8,6 +8,7 @@ import errno
 import os
 import stat
 
+from clave.linux import mountinfo
 from clave.linux import sys as lsys
 
 TYPE_CHECKING = False
@@ -206,8 +207,8 @@ def finish_propagation(propagation: str | None) -> None:
 
 def top_mount_id(path: str) -> str | None:
     """The id of the topmost mount at ``path`` (None when ``path`` is no mount point)."""
-    top = _top_mount(os.path.realpath(path), _mountinfo())
-    return top[0] if top is not None else None
+    top = _top_mount(os.path.realpath(path), mountinfo.entries())
+    return top.id if top is not None else None
 
 
 def detach_rootfs(rootfs: str, before: str | None) -> None:
@@ -222,52 +223,34 @@ def detach_rootfs(rootfs: str, before: str | None) -> None:
             raise RootfsError(f"unmount {path}: {exc.strerror}") from None
 
 
-def _mountinfo_records() -> list[tuple[list[str], list[str]]]:
-    """/proc/self/mountinfo, each line as its fields before the " - " separator (id, parent id, dev, root, mount
-    point, options, optional fields) and after it (fs type, source, super options)."""
-    with open("/proc/self/mountinfo") as f:
-        return [(head.split(), tail.split()) for head, _, tail in (line.partition(" - ") for line in f)]
-
-
-def _mountinfo() -> list[list[str]]:
-    return [head for head, _ in _mountinfo_records()]
-
-
 def filesystem_type(path: str) -> str:
     """The type of the file system holding ``path``: that of the last-mounted, longest mount point above it."""
     real = os.path.realpath(path)
     best, kind = "", ""
-    for head, tail in _mountinfo_records():
-        point = _unescape(head[4])
+    for entry in mountinfo.entries():
+        point = entry.point
         if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
-            best, kind = point, tail[0]
+            best, kind = point, entry.fstype
     return kind
 
 
-def _is_shared(entry: list[str]) -> bool:
-    return any(field.startswith("shared:") for field in entry[6:])
+def _is_shared(entry: mountinfo.MountEntry) -> bool:
+    return any(field.startswith("shared:") for field in entry.optional)
 
 
-def _top_mount(path: str, entries: list[list[str]]) -> list[str] | None:
-    on_path = [e for e in entries if _unescape(e[4]) == path]
+def _top_mount(path: str, entries: list[mountinfo.MountEntry]) -> mountinfo.MountEntry | None:
+    on_path = [e for e in entries if e.point == path]
     return on_path[-1] if on_path else None
 
 
 def _parent_mount_point(path: str) -> str | None:
     """The mount point under the topmost mount at ``path``, if that parent mount is shared."""
-    entries = _mountinfo()
+    entries = mountinfo.entries()
     top = _top_mount(path, entries)
-    parent = next((e for e in entries if top is not None and e[0] == top[1]), None)
+    parent = next((e for e in entries if top is not None and e.id == top.parent), None)
     if parent is None or not _is_shared(parent):
         return None
-    return _unescape(parent[4])
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    if "\\" not in field:
-        return field
-    return field.encode().decode("unicode_escape").encode("latin-1").decode()
+    return parent.point
 
 
 def mount_all(rootfs: str, mounts: list[dict[str, Any]], cgroup_paths: dict[str, str], in_userns: bool) -> None:
@@ -474,7 +457,7 @@ def _make_device(root_fd: int, dev: dict[str, Any], in_userns: bool) -> None:
 def pivot_root(rootfs: str) -> None:
     """Switch to rootfs and detach the host's root so nothing of it stays reachable. The rootfs keeps its
     propagation (rootfsPropagation), though pivot_root refuses a shared one: it is private meanwhile."""
-    top = _top_mount(rootfs, _mountinfo())
+    top = _top_mount(rootfs, mountinfo.entries())
     shared = top is not None and _is_shared(top)
     if shared:
         lsys.mount(None, rootfs, None, lsys.MS_PRIVATE)

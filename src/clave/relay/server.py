@@ -89,7 +89,7 @@ class EngineEvidence:
         return ids
 
     def platform_public_key(self) -> bytes | None:
-        from clave.enclave.wasm import report
+        from clave.attestation import wasm_report as report
 
         path = report.platform_key_path()
         if not os.path.isfile(path):  # never create one here: load_platform_key would

@@ -72,14 +72,9 @@ def socket_address(containerd_address: str, namespace: str, group_id: str) -> st
 
 def _group_id(bundle: str, container_id: str) -> str:
     """Containers of one pod share the sandbox's shim."""
-    from clave import fastjson
+    from clave.config.spec import bundle_annotations
 
-    try:
-        with open(os.path.join(bundle, "config.json"), "rb") as f:
-            annotations = fastjson.loads(f.read()).get("annotations", {})
-    except (OSError, ValueError):
-        return container_id
-    return annotations.get(SANDBOX_ANNOTATION) or container_id
+    return bundle_annotations(bundle).get(SANDBOX_ANNOTATION) or container_id
 
 
 def start(flags: Flags) -> int:

@@ -32,7 +32,7 @@ class WasmVerifier(Verifier):
         self.trust_on_first_use = trust_on_first_use
 
     def matches(self, evidence: bytes) -> bool:
-        from clave.enclave.wasm.report import MAGIC
+        from clave.attestation.wasm_report import MAGIC
 
         return evidence.startswith(MAGIC)
 
@@ -40,7 +40,7 @@ class WasmVerifier(Verifier):
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-        from clave.enclave.wasm import report
+        from clave.attestation import wasm_report as report
 
         try:
             fields, signed, signature = report.parse_report(evidence)

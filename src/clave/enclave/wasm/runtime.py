@@ -36,9 +36,10 @@ import posixpath
 import threading
 import time
 
+from clave.attestation import wasm_report as report
 from clave.enclave.runtime import EnclaveError, EnclaveRuntime
 from clave.enclave.wasm import cache as module_cache
-from clave.enclave.wasm import capi, compiler, interpreters, measure, report, signing
+from clave.enclave.wasm import capi, compiler, interpreters, measure, signing
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -126,13 +126,6 @@ class Mount:
 _mounts_cache: tuple[dict[str, Mount], Mount | None] | None = None
 
 
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as octal
-    if "\\" not in field:
-        return field
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-
-
 def cgroup_mounts() -> tuple[dict[str, Mount], Mount | None]:
     """v1 hierarchies keyed by controller (and ``name=...`` for named ones) plus the cgroup2 mount.
 
@@ -144,28 +137,22 @@ def cgroup_mounts() -> tuple[dict[str, Mount], Mount | None]:
         return _mounts_cache
     v1: dict[str, Mount] = {}
     unified: Mount | None = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, sep, right = line.partition(" - ")
-            if not sep:
-                continue
-            fstype, _, rest = right.partition(" ")
-            if fstype not in ("cgroup", "cgroup2"):
-                continue
-            fields = left.split(" ")
-            root, mountpoint = _unescape(fields[3]), _unescape(fields[4])
-            if fstype == "cgroup2":
-                if unified is None:
-                    unified = Mount(mountpoint, root, ())
-                continue
-            super_opts = rest.split(" ", 1)[1].strip() if " " in rest else ""
-            controllers = tuple(
-                opt for opt in super_opts.split(",")
-                if opt not in ("rw", "ro") and ("=" not in opt or opt.startswith("name="))
-            )
-            mount = Mount(mountpoint, root, controllers)
-            for controller in controllers:
-                v1.setdefault(controller, mount)
+    from clave.linux import mountinfo
+
+    for entry in mountinfo.entries():
+        if entry.fstype == "cgroup2":
+            if unified is None:
+                unified = Mount(entry.point, entry.root, ())
+            continue
+        if entry.fstype != "cgroup":
+            continue
+        controllers = tuple(
+            opt for opt in entry.super_options.split(",")
+            if opt not in ("rw", "ro") and ("=" not in opt or opt.startswith("name="))
+        )
+        mount = Mount(entry.point, entry.root, controllers)
+        for controller in controllers:
+            v1.setdefault(controller, mount)
     _mounts_cache = (v1, unified)
     return _mounts_cache
 

@@ -1,6 +1,7 @@
 """The ``wasm`` attester: local reports of the built-in WebAssembly enclave runtime. INSECURE: software only.
+Registered in clave.attestation.registry by module path (attestation imports no runtime code).
 
-The report (``clave.enclave.wasm.report``) binds a signed module's mrenclave and mrsigner to the report data and
+The report (``clave.attestation.wasm_report``) binds a signed module's mrenclave and mrsigner to the report data and
 is signed by this host's platform key: it proves only what the host says. Inside an enclave container the
 runtime produces it (``WasmRuntime.local_report``); on the host this attester produces it for the module named
 by ``CLAVE_WASM_MODULE`` (a signed module; its enclave config is the signed one).
@@ -33,7 +34,8 @@ class WasmAttester(Attester):
             raise AttesterUnavailable(f"WebAssembly module {self.module_path} does not exist")
 
     def attest(self, report_data: bytes) -> Evidence:
-        from clave.enclave.wasm import report, signing
+        from clave.attestation import wasm_report as report
+        from clave.enclave.wasm import signing
 
         self.available()
         assert self.module_path is not None

@@ -44,17 +44,14 @@ def platform_key_path() -> str:
 
 def load_platform_key(path: str | None = None) -> Any:
     """The host platform key, created (0600, atomically) on first use."""
+    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    from clave.enclave.wasm.signing import ed25519_private_raw
 
     path = path or platform_key_path()
     try:
         with open(path, "rb") as f:
             pem = f.read()
     except FileNotFoundError:
-        from cryptography.hazmat.primitives import serialization
-
         os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
         pem = Ed25519PrivateKey.generate().private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -71,9 +68,12 @@ def load_platform_key(path: str | None = None) -> Any:
             os.unlink(tmp)
         return load_platform_key(path)
     try:
-        return Ed25519PrivateKey.from_private_bytes(ed25519_private_raw(pem))
-    except ValueError as exc:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
         raise ReportError(f"platform key {path}: {exc}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ReportError(f"platform key {path}: not an Ed25519 key")
+    return key
 
 
 def platform_public_pem(key: Any) -> bytes:
