@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from helpers import flip  # noqa: E402
 
 from clave.attestation.attesters.snp import SnpAttester
 from clave.attestation.base import (
@@ -66,10 +67,6 @@ def ctx_for(name: str, **changes: Any) -> VerifyContext:
     return ctx
 
 
-def flip(data: bytes, offset: int, bit: int = 0) -> bytes:
-    out = bytearray(data)
-    out[offset] ^= 1 << bit
-    return bytes(out)
 
 
 def rejected(evidence: bytes, ctx: VerifyContext) -> VerificationError:

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
+from helpers import flip  # noqa: E402
 
 from clave.attestation.base import Layer, Roots, VerificationError, VerifyContext
 from clave.attestation.verifiers.aws_nitro import PLUGINS, NitroVerifier, parse_document
@@ -45,10 +46,6 @@ def ctx_for(name: str, **changes: Any) -> VerifyContext:
     return ctx
 
 
-def flip(data: bytes, offset: int, bit: int = 0) -> bytes:
-    out = bytearray(data)
-    out[offset] ^= 1 << bit
-    return bytes(out)
 
 
 def rejected(evidence: bytes, ctx: VerifyContext) -> VerificationError:

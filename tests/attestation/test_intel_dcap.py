@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
+from helpers import flip  # noqa: E402
 
 from clave.attestation.attesters import sgx as sgx_attester
 from clave.attestation.attesters import tdx as tdx_attester
@@ -99,10 +100,6 @@ def rejected(name: str, data: bytes | None = None, **kwargs: Any) -> Verificatio
     return info.value
 
 
-def flip(data: bytes, offset: int, bit: int = 0) -> bytes:
-    out = bytearray(data)
-    out[offset] ^= 1 << bit
-    return bytes(out)
 
 
 # ---------------------------------------------------------------- every sample, expected values

@@ -9,7 +9,7 @@ import shutil
 import socket
 import struct
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from swtpm_process import running_swtpm  # noqa: E402  (beside this file)
+from helpers import flip as _flip  # noqa: E402
+from helpers import swtpm_fixture
 
 from clave.attestation import registry
 from clave.attestation import tpm_wire as wire
@@ -57,10 +58,6 @@ def gcp() -> GcpSample:
                      sample["expected"])
 
 
-def _flip(data: bytes, offset: int, bit: int = 0) -> bytes:
-    out = bytearray(data)
-    out[offset] ^= 1 << bit
-    return bytes(out)
 
 
 def test_gcp_quote_verifies_to_manifest_values(gcp: GcpSample) -> None:
@@ -200,11 +197,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A fresh swtpm on loopback; yields its TCTI string."""
-    with running_swtpm(tmp_path_factory.mktemp("swtpm")) as tcti:
-        yield tcti
+swtpm = swtpm_fixture("module")
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import run_clave
 
 pytest.importorskip("wasmtime")
 
@@ -69,13 +70,7 @@ class App:
             assert result.returncode == 0, result.stderr
 
     def clave(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-            result = subprocess.run([str(BIN / "clave"), "--root", str(self.root), *args], cwd=self.bundle,
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, text=True, timeout=timeout,
-                                    env={**os.environ, **self.env})
-            out.seek(0)
-            err.seek(0)
-            return subprocess.CompletedProcess(result.args, result.returncode, out.read(), err.read())
+        return run_clave(*args, root=self.root, cwd=self.bundle, timeout=timeout, env=self.env)
 
     def measure(self) -> dict[str, object]:
         result = self.clave("enclave", "measure", str(self.bundle))

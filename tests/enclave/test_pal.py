@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import run_clave
 
 from clave.tools.bundles import make_bundle, make_busybox_rootfs
 
@@ -73,13 +74,7 @@ class Env:
         (self.bundle / "config.json").write_text(json.dumps(config))
 
     def clave(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """Run the CLI with stdio in files: a created container's init keeps create's stdout/stderr open."""
-        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-            result = subprocess.run([CLAVE, "--root", str(self.root), *args], stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=err, text=True, timeout=30)
-            out.seek(0)
-            err.seek(0)
-            return subprocess.CompletedProcess(result.args, result.returncode, out.read(), err.read())
+        return run_clave(*args, root=self.root, timeout=30)
 
     def calls(self) -> list[str]:
         return self.log.read_text().splitlines() if self.log.exists() else []

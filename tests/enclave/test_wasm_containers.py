@@ -9,12 +9,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import run_clave
 
 pytest.importorskip("wasmtime")
 sys.path.insert(0, str(Path(__file__).parent))
@@ -44,12 +44,7 @@ class Bundle:
         (self.path / "config.json").write_text(json.dumps(config))
 
     def clave(self, *args: str) -> subprocess.CompletedProcess[str]:
-        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-            result = subprocess.run([str(BIN / "clave"), "--root", str(self.root), *args], cwd=self.path,
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, text=True, timeout=60)
-            out.seek(0)
-            err.seek(0)
-            return subprocess.CompletedProcess(result.args, result.returncode, out.read(), err.read())
+        return run_clave(*args, root=self.root, cwd=self.path)
 
     def assert_clean(self) -> None:
         assert not self.root.exists() or os.listdir(self.root) == []

@@ -40,15 +40,7 @@ def subreaper() -> Iterator[None]:
         reap_children()
 
 
-def reap_children() -> None:
-    """Collect every exited child without blocking (orphaned inits that died)."""
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+from helpers import reap_children  # noqa: E402
 
 
 @pytest.fixture

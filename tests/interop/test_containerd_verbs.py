@@ -24,11 +24,7 @@ def _task_status(containerd: Containerd, container_id: str) -> str | None:
     return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+from helpers import alive as _alive  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -110,11 +110,7 @@ def _task(containerd: Containerd, cid: str) -> tuple[int, str] | None:
     return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+from helpers import alive as _alive  # noqa: E402
 
 
 def _assert_gone(containerd: Containerd, cid: str, init_pid: int, socket_path: str) -> None:

@@ -9,11 +9,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import run_clave
 
 pytest.importorskip("wasmtime")
 pytest.importorskip("joserfc")
@@ -40,12 +40,7 @@ pytestmark = [
 
 
 def clave(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        result = subprocess.run([CLAVE, *args], cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                text=True, timeout=timeout)
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(result.args, result.returncode, out.read(), err.read())
+    return run_clave(*args, cwd=cwd, timeout=timeout)
 
 
 class Story:

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import run_clave, swtpm_fixture
 
 pytest.importorskip("wasmtime")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "enclave"))
 import _wasm_modules as wat  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "attestation"))
-from swtpm_process import running_swtpm  # noqa: E402
 
 from clave.attestation import tls  # noqa: E402
 from clave.config.defaults import default_spec  # noqa: E402
@@ -60,13 +60,7 @@ class Node:
     measured: dict[str, str]
 
     def clave(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-        # Files, not pipes: a detached container keeps its stdio open, a pipe would never see EOF.
-        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-            result = subprocess.run([str(BIN / "clave"), "--root", str(self.root), *args], cwd=cwd, env=self.env,
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, text=True, timeout=60)
-            out.seek(0)
-            err.seek(0)
-            return subprocess.CompletedProcess(result.args, result.returncode, out.read(), err.read())
+        return run_clave(*args, root=self.root, cwd=cwd, env=self.env)
 
 
 def _run_container(node: Node, name: str, key: Path) -> None:
@@ -319,10 +313,7 @@ def test_trust_on_first_use_trusts_whatever_the_relay_serves(node: Node, tmp_pat
 # ---------------------------------------------------------------- the relay's identity from a (software) TPM
 
 
-@pytest.fixture
-def swtpm(tmp_path: Path) -> Iterator[str]:
-    with running_swtpm(tmp_path) as tcti:
-        yield tcti
+swtpm = swtpm_fixture()
 
 
 def test_relay_attested_by_a_tpm(node: Node, swtpm: str, tmp_path: Path) -> None:

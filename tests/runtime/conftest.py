@@ -226,15 +226,8 @@ def reap(pid: int, timeout: float = 5.0) -> int | None:
     raise AssertionError(f"process {pid} did not exit")
 
 
-def reap_zombies() -> None:
-    """Reap inits of failed creates that were re-parented to us (the caller reaps, as the spec says)."""
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+# Reap inits of failed creates that were re-parented to us (the caller reaps, as the spec says).
+from helpers import reap_children as reap_zombies  # noqa: E402
 
 
 def leftovers(root: Path, token: str, paths: list[Path]) -> list[str]:

@@ -26,12 +26,7 @@ def wait_for(path: Path, timeout: float = 5.0) -> str:
     raise AssertionError(f"{path} never appeared")
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except FileNotFoundError:
-        return False
+from helpers import alive  # noqa: E402
 
 
 def test_create_waits_start_runs(clave: Clave, bundle: Bundle) -> None:

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from helpers import alive
+
 CLAVE = str(Path(sys.executable).with_name("clave"))
 BUSYBOX = "/bin/busybox"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -155,15 +157,6 @@ def processes_in_cgroup(path: str) -> list[int]:
             if alive(int(entry.name)):
                 pids.append(int(entry.name))
     return pids
-
-
-def alive(pid: int) -> bool:
-    """True for a live (not zombie) process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def wait_for_nothing(check: Any, timeout: float = 5.0) -> list[str]:
