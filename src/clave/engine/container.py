@@ -49,15 +49,23 @@ class Engine:
         return handler.status(state, sd)
 
     # ---------------------------------------------------------------- create
-    def create(self, container_id: str, opts: CreateOptions) -> st.State:
+    def load_config(self, bundle: str) -> dict[str, Any]:
+        """The bundle's validated config.json (a caller that needs its handler first passes it to create)."""
+        try:
+            return oci.load_bundle(os.path.abspath(bundle))
+        except oci.ConfigError as exc:
+            raise InvalidArgument(str(exc)) from None
+
+    def handler_for_config(self, config: dict[str, Any]) -> Handler:
+        """The handler a container of this config gets (the shim attaches its rootfs before create)."""
+        return handler_for(config, default=self.default_handler)
+
+    def create(self, container_id: str, opts: CreateOptions, config: dict[str, Any] | None = None) -> st.State:
         bundle = os.path.abspath(opts.bundle)
         sd = st.StateDir(self.root, container_id)  # validates the id
         if sd.present():
             raise AlreadyExists(f"container {container_id} already exists")
-        try:
-            config = oci.load_bundle(bundle)
-        except oci.ConfigError as exc:
-            raise InvalidArgument(str(exc)) from None
+        config = config if config is not None else self.load_config(bundle)
         if "process" not in config:
             raise InvalidArgument("config.json: process: required to create a container")
         handler = handler_for(config, default=self.default_handler)
@@ -298,14 +306,6 @@ class Engine:
             return handler.oom_count(state)
         finally:
             sd.unlock()
-
-    def handler_for_bundle(self, bundle: str) -> Handler:
-        """The handler a bundle's container would get (the shim attaches its rootfs before create)."""
-        try:
-            config = oci.load_bundle(os.path.abspath(bundle))
-        except oci.ConfigError as exc:
-            raise InvalidArgument(str(exc)) from None
-        return handler_for(config, default=self.default_handler)
 
     def handler(self, container_id: str) -> Handler:
         """The handler of an existing container (the shim asks it for its sandbox and rootfs)."""

@@ -8,7 +8,7 @@ handler cannot do raises ``Unsupported``; the other errors are the classes in ``
 
 from __future__ import annotations
 
-import threading
+import _thread  # not threading: `clave state` and `start` must not pay for its imports
 from abc import ABC, abstractmethod
 
 from clave.errors import Unsupported
@@ -70,7 +70,7 @@ class Sandbox:
     not take their statuses); ``stop`` ends the sandbox (for a VM: the VM)."""
 
     def __init__(self) -> None:
-        self.quiet = threading.RLock()
+        self.quiet = _thread.RLock()
 
     def start(self, on_exit: Callable[[Exit], None]) -> None:
         """Begin delivering exits to ``on_exit`` (from another thread)."""

@@ -140,8 +140,10 @@ class LinuxHandler(Handler):
             return "creating"
         if not self._init_alive(state):
             return "stopped"
-        if self._cgroup(state).frozen():  # before the fifo: a created container can be paused too (runc's order)
-            return "paused"
+        from clave.linux import freezer  # not the cgroup managers: `clave state` stays light
+
+        if freezer.frozen(state.handler_state.get("cgroup_paths", {})):  # before the fifo: a created container
+            return "paused"                                                 # can be paused too (runc's order)
         if os.path.exists(sd.fifo):
             return "created"
         return "running"

@@ -191,7 +191,8 @@ class TaskService:
             if req.id in self.containers:
                 raise TtrpcError(Code.ALREADY_EXISTS, f"container {req.id} already exists")
         try:
-            handler = self.engine.handler_for_bundle(req.bundle)
+            config = self.engine.load_config(req.bundle)
+            handler = self.engine.handler_for_config(config)
             self._sandbox_for(handler, req.id)
             attached = handler.attach_rootfs(req.bundle, [{"type": m.type, "source": m.source,
                                                            "options": list(m.options)} for m in req.rootfs])
@@ -211,7 +212,7 @@ class TaskService:
             else:
                 opts.stdio = io.open()
             with self._quiet():
-                state = self.engine.create(req.id, opts)
+                state = self.engine.create(req.id, opts, config)
             if console is not None:
                 console.accept()
                 io.attach_master(console.master)

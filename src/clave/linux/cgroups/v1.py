@@ -309,11 +309,9 @@ class V1Manager(CgroupManager):
         write_text(self._dir("freezer", "thaw") + "/freezer.state", "THAWED", "thaw")
 
     def frozen(self) -> bool:
-        path = self._paths.get("freezer")
-        if path is None:
-            return False
-        state = read_optional(path + "/freezer.state")  # None once the cgroup is gone
-        return state is not None and state.strip() == "FROZEN"
+        from clave.linux import freezer
+
+        return freezer.frozen({"freezer": self._paths["freezer"]}) if "freezer" in self._paths else False
 
     def _procs_dir(self) -> str:
         for controller in ("pids", "freezer", "memory", "devices", "cpu", UNIFIED_KEY):

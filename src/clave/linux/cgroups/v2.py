@@ -297,10 +297,9 @@ class V2Manager(CgroupManager):
             delay = min(delay * 2, 0.01)
 
     def frozen(self) -> bool:
-        events = read_optional(self._path + "/cgroup.events")
-        if events is None:
-            return False
-        return parse_flat_keyed(events).get("frozen", 0) == 1
+        from clave.linux import freezer
+
+        return freezer.frozen({UNIFIED_KEY: self._path})
 
     def pids(self) -> list[int]:
         return procs_recursive(self._path)
