@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 VERBS = (
     "create", "start", "run", "state", "kill", "delete", "list", "spec", "features",
-    "exec", "ps", "pause", "resume", "update", "events", "check", "enclave", "attest",
+    "exec", "ps", "pause", "resume", "update", "events", "check", "enclave", "attest", "node", "device-plugin",
 )
 # flag name -> (kind, aliases); kind is "str", "int" or "bool".
 GLOBAL_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -48,6 +48,8 @@ commands:
   events    stats and OOM events           check     what this host supports
   enclave   keygen / sign / measure WebAssembly enclave modules
   attest    TEE evidence or an RA-TLS certificate from the best attester here
+  node      install / uninstall Clave on a Kubernetes node (containerd's runtimes)
+  device-plugin  advertise enclave resources (WASM enclave slots, SGX EPC) to kubelet
 
 global options:
   --root DIR         state directory (default /run/clave)
@@ -147,7 +149,7 @@ def run(argv: Sequence[str]) -> int:
             return 0
         if verb not in VERBS:
             raise UsageError(f"unknown command {verb!r}; run 'clave --help' for the list")
-        module = importlib.import_module(f"clave.cli.{verb}")
+        module = importlib.import_module(f"clave.cli.{verb.replace('-', '_')}")  # device-plugin
         verb_parsed = parse_flags(rest, module.FLAGS, verb)
         if verb_parsed.flags.get("help"):
             print((module.__doc__ or verb).strip())
