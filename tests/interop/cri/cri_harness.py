@@ -222,9 +222,10 @@ def ctr(address: str, *args: str) -> None:
 
 
 @contextmanager
-def running_cri(base: Path, config: Path) -> Iterator[Cri]:
+def running_cri(base: Path, config: Path, path: tuple[Path, ...] = ()) -> Iterator[Cri]:
     """containerd started with ``config`` (written with daemon_config(base)), answering CRI, with the pause image
-    its config names and the busybox image imported; everything removed and stopped afterwards."""
+    its config names and the busybox image imported; everything removed and stopped afterwards. containerd finds
+    shims on its PATH: ``path``, then this interpreter's bin directory, then the caller's PATH."""
     import grpc
 
     from clave.tools.bundles import make_busybox_rootfs
@@ -238,7 +239,8 @@ def running_cri(base: Path, config: Path) -> Iterator[Cri]:
                                   base / "busybox.tar")
     address = str(base / "containerd.sock")
     log_path = base / "containerd.log"
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+    dirs = [*map(str, path), str(Path(sys.executable).parent), os.environ.get("PATH", "/usr/bin:/bin")]
+    env = dict(os.environ, PATH=":".join(dirs))
     with open(log_path, "wb") as log:
         daemon = subprocess.Popen(["containerd", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL, env=env)
