@@ -85,7 +85,8 @@ class Plugin:
 
 @pytest.fixture(scope="module")
 def protos(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModuleType, ModuleType]:
-    return load_proto_modules(PROTO, tmp_path_factory.mktemp("dpgen"))
+    # named as tests/proto/test_messages.py compiles it (relative to protos/), which may run in this process too
+    return load_proto_modules(PROTO, tmp_path_factory.mktemp("dpgen"), root=REPO / "protos")
 
 
 @pytest.fixture

@@ -128,17 +128,20 @@ def build_pause_rootfs(work: Path) -> Path:
 # --- gRPC clients from .proto files -------------------------------------------------------------------------
 
 
-def load_proto_modules(proto: Path, out: Path) -> tuple[ModuleType, ModuleType]:
-    """Compile ``proto`` with grpcio-tools into ``out`` and import its ``_pb2`` and ``_pb2_grpc`` modules."""
+def load_proto_modules(proto: Path, out: Path, root: Path | None = None) -> tuple[ModuleType, ModuleType]:
+    """Compile ``proto`` with grpcio-tools into ``out`` and import its ``_pb2`` and ``_pb2_grpc`` modules.
+    ``root`` (default: the file's directory) is the include root: the file's name in protobuf's descriptor pool
+    is relative to it, and one process must not register one name twice under two file names."""
     from grpc_tools import protoc
 
+    root = root or proto.parent
     out.mkdir(exist_ok=True)
-    status = protoc.main(["protoc", f"-I{proto.parent}", f"--python_out={out}", f"--grpc_python_out={out}",
-                          str(proto)])
+    status = protoc.main(["protoc", f"-I{root}", f"--python_out={out}", f"--grpc_python_out={out}", str(proto)])
     assert status == 0, f"protoc failed on {proto}"
+    module = proto.relative_to(root).with_suffix("").as_posix().replace("/", ".")
     sys.path.insert(0, str(out))
     try:
-        return importlib.import_module(f"{proto.stem}_pb2"), importlib.import_module(f"{proto.stem}_pb2_grpc")
+        return importlib.import_module(f"{module}_pb2"), importlib.import_module(f"{module}_pb2_grpc")
     finally:
         sys.path.remove(str(out))
 
