@@ -36,6 +36,8 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("check", "what this host supports"),
     ("enclave", "keygen / sign / measure WebAssembly enclave modules"),
     ("attest", "TEE evidence or an RA-TLS certificate from the best attester here"),
+    ("node", "install / uninstall Clave on a Kubernetes node (containerd's runtimes)"),
+    ("device-plugin", "advertise enclave resources (WASM enclave slots, SGX EPC) to kubelet"),
 )
 VERBS = tuple(name for name, _ in COMMANDS)
 # flag name -> (kind, aliases); kind is "str", "int" or "bool".
@@ -166,7 +168,7 @@ def run(argv: Sequence[str]) -> int:
         if verb not in VERBS:
             # runc exits 3 here (its help lookup's status): callers probing for a verb see the same code.
             raise ClaveError(f"unknown command {verb!r}; run 'clave --help' for the list", exit_code=3)
-        module = importlib.import_module(f"clave.cli.{verb}")
+        module = importlib.import_module(f"clave.cli.{verb.replace('-', '_')}")  # device-plugin
         verb_parsed = parse_flags(rest, module.FLAGS, verb)
         if verb_parsed.flags.get("help"):
             print((module.__doc__ or verb).strip())
