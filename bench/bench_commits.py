@@ -27,8 +27,16 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from bench_runtime import PR_SET_CHILD_SUBREAPER, SHIM_STEPS, Counter, Runtime, measure_run, measure_shim_sequence, \
-    precompile_clave, write_bundles
+from bench_runtime import (
+    PR_SET_CHILD_SUBREAPER,
+    SHIM_STEPS,
+    Counter,
+    Runtime,
+    measure_run,
+    measure_shim_sequence,
+    precompile_clave,
+    write_bundles,
+)
 from bench_shim import Containerd
 from common import interleave, machine_description, print_ratio_table, run_command_ms, steps_table
 
