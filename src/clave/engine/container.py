@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import os
 
-from clave.config import spec as oci
 from clave.engine import state as st
 from clave.errors import AlreadyExists, ClaveError, InvalidArgument, NotFound, WrongState, os_error_message
 from clave.faults import pause_point
 from clave.handlers import Handler, handler_for
 from clave.handlers.base import CreateOptions, ExecOptions
-from clave.linux.hooks import HookError, run_hooks
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -51,6 +49,8 @@ class Engine:
     # ---------------------------------------------------------------- create
     def load_config(self, bundle: str) -> dict[str, Any]:
         """The bundle's validated config.json (a caller that needs its handler first passes it to create)."""
+        from clave.config import spec as oci
+
         try:
             return oci.load_bundle(os.path.abspath(bundle))
         except oci.ConfigError as exc:
@@ -74,6 +74,8 @@ class Engine:
             raise InvalidArgument("cannot allocate tty if clave will detach without setting console socket")
         if not terminal and opts.console_socket:
             raise InvalidArgument("cannot use console socket if clave will not detach or allocate tty")
+        from clave.config import spec as oci
+
         state = st.State(id=container_id, bundle=bundle, rootfs=oci.rootfs_path(config, bundle),
                          annotations=config.get("annotations", {}), config=config, handler=handler.name)
         sd.make()
@@ -96,6 +98,8 @@ class Engine:
             sd.unlock()
 
     def _runtime_hooks(self, state: st.State, init_pid: int) -> None:
+        from clave.linux.hooks import HookError, run_hooks
+
         hooks = state.config.get("hooks", {})
         doc = self._hook_state(state, "creating", init_pid)
         for kind in ("prestart", "createRuntime"):
@@ -129,6 +133,8 @@ class Engine:
             handler.start(state, sd)
             hooks = state.config.get("hooks", {}).get("poststart", [])
             if hooks:
+                from clave.linux.hooks import run_hooks
+
                 run_hooks("poststart", hooks, self._hook_state(state, "running", state.pid), warn=self._warn)
         finally:
             sd.unlock()
@@ -198,6 +204,8 @@ class Engine:
             self._destroy(handler, state, sd)
             hooks = state.config.get("hooks", {}).get("poststop", [])
             if hooks and status != "creating":
+                from clave.linux.hooks import run_hooks
+
                 run_hooks("poststop", hooks, self._hook_state(state, "stopped", 0), warn=self._warn)
         finally:
             sd.unlock()
@@ -205,6 +213,8 @@ class Engine:
     # ---------------------------------------------------------------- exec
     def exec(self, container_id: str, process: dict[str, Any], opts: ExecOptions) -> int:
         """Start ``process`` in the running container; returns its pid once it runs."""
+        from clave.config import spec as oci
+
         try:
             oci.validate_process(process, opts.source)
         except oci.ConfigError as exc:
@@ -274,6 +284,8 @@ class Engine:
 
     def update(self, container_id: str, resources: dict[str, Any]) -> None:
         """Apply new resources to a live container and record them."""
+        from clave.config import spec as oci
+
         try:
             oci.validate_resources(resources, "update")
         except oci.ConfigError as exc:

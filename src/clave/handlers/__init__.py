@@ -7,7 +7,7 @@ enclave or VM machinery. A fourth handler is one more entry here and one module 
 
 from __future__ import annotations
 
-import importlib
+import sys
 
 from clave.handlers.base import Handler
 
@@ -42,7 +42,8 @@ def handler_for(config: dict[str, Any], name: str | None = None, default: str | 
 
         raise InvalidArgument(f"unknown container handler {name!r} (known: {', '.join(sorted(HANDLERS))})")
     module_name, _, cls_name = target.partition(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
+    __import__(module_name)  # not importlib: `clave state` would pay for it and the warnings module
+    cls = getattr(sys.modules[module_name], cls_name)
     handler: Handler = cls()
     return handler
 
