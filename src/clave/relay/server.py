@@ -19,12 +19,14 @@ from typing import Any, Protocol
 from clave.attestation import ratls
 from clave.attestation.base import Attester
 from clave.attestation.tls import AttestedServer
+from clave.engine.state import DEFAULT_ROOT
 from clave.errors import ClaveError
 from clave.relay import protocol
 from clave.relay.protocol import ProtocolError
+from clave.shim.main import STATE_ROOT as SHIM_STATE_ROOT
 
 # The CLI's root, and one root per containerd namespace for containers run through the shim.
-DEFAULT_ROOTS = ("/run/clave", "/run/containerd/clave/*")
+DEFAULT_ROOTS = (DEFAULT_ROOT, f"{SHIM_STATE_ROOT}/*")  # the CLI's and every namespace of the shim's
 REQUEST_TIMEOUT = 30.0
 MAX_CONNECTIONS = 64  # served at once; more are closed at once rather than queued behind slow peers
 

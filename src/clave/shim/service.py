@@ -410,6 +410,9 @@ class TaskService:
         with self.lock:
             if self.containers and not req.now:
                 return Empty()
+            if self.sandbox is not None:
+                self.sandbox.stop()  # the pod's lifetime ends with its shim (for a VM: the VM)
+                self.sandbox = None
         threading.Timer(0.05, self.on_shutdown).start()  # after this reply has gone out
         return Empty()
 
