@@ -16,6 +16,7 @@ from clave.errors import Unsupported
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from contextlib import AbstractContextManager
     from typing import Any
 
     from clave.engine.state import State, StateDir
@@ -70,7 +71,7 @@ class Sandbox:
     not take their statuses); ``stop`` ends the sandbox (for a VM: the VM)."""
 
     def __init__(self) -> None:
-        self.quiet = _thread.RLock()
+        self.quiet: AbstractContextManager[Any] = _thread.RLock()
 
     def start(self, on_exit: Callable[[Exit], None]) -> None:
         """Begin delivering exits to ``on_exit`` (from another thread)."""

@@ -284,7 +284,13 @@ class ReaperSandbox(Sandbox):
     """A pod of Linux containers: the shim is their subreaper, and one thread reaps every child. It sleeps in
     waitid(WNOWAIT) until some child has exited, without reaping it, then reaps under ``quiet``: calls that
     wait for children of their own (create's intermediate, hooks) hold ``quiet`` and keep theirs. No signal
-    handler is needed, so any thread can start it."""
+    handler is needed, so any thread can start it. With no child at all it waits for the next ``quiet`` call
+    to end (children are made only under it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._notifying = _NotifyingLock()
+        self.quiet = self._notifying
 
     def start(self, on_exit: Callable[[Exit], None]) -> None:
         import threading
@@ -300,7 +306,7 @@ class ReaperSandbox(Sandbox):
             try:
                 os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
             except ChildProcessError:
-                time.sleep(0.05)  # no children yet (or between containers)
+                self._notifying.wait_released(1.0)  # no children yet (or between containers)
                 continue
             with self.quiet:
                 while True:
@@ -311,6 +317,31 @@ class ReaperSandbox(Sandbox):
                     if pid == 0:
                         break
                     self._on_exit(Exit(pid, _shell_status(status), time.time_ns()))
+
+
+class _NotifyingLock:
+    """A re-entrant lock that tells a waiter each time it is released."""
+
+    def __init__(self) -> None:
+        import _thread
+
+        self._lock = _thread.RLock()
+        self._released = _thread.allocate_lock()
+        self._released.acquire()
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *_: object) -> None:
+        self._lock.release()
+        if self._released.locked():
+            try:
+                self._released.release()
+            except RuntimeError:
+                pass  # released by another thread meanwhile
+
+    def wait_released(self, timeout: float) -> None:
+        self._released.acquire(timeout=timeout)
 
 
 def make_plan(state: State, sd: StateDir, opts: CreateOptions) -> InitPlan:
