@@ -40,14 +40,15 @@ def run(parsed: Parsed, ctx: Any) -> int:
     engine = Engine(ctx.root, ctx.log)
     if not detach:
         lsys.set_child_subreaper()  # the init is re-parented to us when the intermediate exits
+    config = engine.load_config(opts.bundle)  # parsed once: create takes it too
     console = None
-    if not detach and not opts.console_socket and _wants_terminal(opts.bundle):
+    if not detach and not opts.console_socket and config.get("process", {}).get("terminal"):
         from clave.linux.console import ConsoleSocket
 
         console = ConsoleSocket()
         opts.console_socket = console.socket_path
     try:
-        engine.create(container_id, opts)
+        engine.create(container_id, opts, config)
         if console is not None:
             console.accept()
         try:
@@ -69,15 +70,6 @@ def run(parsed: Parsed, ctx: Any) -> int:
     if not parsed.flags.get("keep"):
         engine.delete(container_id, force=True)
     return status
-
-
-def _wants_terminal(bundle: str) -> bool:
-    from clave.config import spec as oci
-
-    try:
-        return bool(oci.load_bundle(bundle).get("process", {}).get("terminal"))
-    except oci.ConfigError:
-        return False  # create reports it
 
 
 def forward_signals(send: Callable[[int], None]) -> None:
