@@ -44,9 +44,11 @@ def access_error(exc: OSError, path: str) -> ClaveError:
 
 
 def rfc3339_ns(t_ns: int) -> str:
+    """Go's RFC3339Nano, as runc prints `created`: nanoseconds with trailing zeros (and a bare ".") dropped."""
     seconds, nanos = divmod(t_ns, 1_000_000_000)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-    return f"{stamp}.{nanos:09d}Z"
+    fraction = f"{nanos:09d}".rstrip("0")
+    return f"{stamp}.{fraction}Z" if fraction else f"{stamp}Z"
 
 
 class State:
