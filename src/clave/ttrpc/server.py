@@ -30,6 +30,7 @@ from clave.ttrpc._frame import (
     TYPE_REQUEST,
     TYPE_RESPONSE,
     ConnectionClosed,
+    FdChannel,
     discard,
     pack_header,
     recv_exact,
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from typing import Any, TypeVar
 
     from clave.proto import Message
+    from clave.ttrpc._frame import Channel
 
     Handler = Callable[["Context", bytes], bytes]
     StreamHandler = Callable[["Context", "ServerStream"], bytes | None]
@@ -170,7 +172,7 @@ class _Workers:
 
 
 class _Connection:
-    def __init__(self, server: Server, sock: _socket.socket) -> None:
+    def __init__(self, server: Server, sock: Channel) -> None:
         self.server = server
         self.sock = sock
         self.send_lock = threading.Lock()
@@ -403,6 +405,17 @@ class Server:
                     return
                 self._connections.add(conn)
             threading.Thread(target=conn.serve, name="ttrpc-conn", daemon=True).start()
+
+    def serve_fd(self, fd: int) -> None:
+        """Serve one connection on an already-open fd that is not a socket (a virtio-serial port, a pipe),
+        in this thread, until the peer closes its side (end of file). The fd stays open: the caller may serve
+        the next connection on it (a virtio-serial port outlives the host's connections)."""
+        conn = _Connection(self, FdChannel(fd))
+        with self._lock:
+            if self._closed:
+                raise TtrpcError(Code.UNAVAILABLE, "ttrpc: server closed")
+            self._connections.add(conn)
+        conn.serve()
 
     def start(self, listener: _socket.socket) -> threading.Thread:
         """serve() in a background thread."""
