@@ -221,7 +221,7 @@ def build_guest(out: str | None = None, force: bool = False, progress: Callable[
     """Build the guest (or find it already built) and return it. ``out`` defaults to the cache directory
     /var/lib/clave/vm/guest/KEY, which then becomes ``current``."""
     say = progress or (lambda _msg: None)
-    for tool in ("apt-get", "apt-cache", "dpkg-deb", "lz4", "mkfs.ext4"):
+    for tool in ("apt-get", "apt-cache", "dpkg-deb", "lz4", "mkfs.ext4", "debugfs"):
         if shutil.which(tool) is None:
             raise BuildError(f"{tool} not found: install Debian's {_TOOL_PACKAGES.get(tool, tool)}")
     say("resolving packages")
@@ -264,7 +264,8 @@ def build_guest(out: str | None = None, force: bool = False, progress: Callable[
     return Guest(target)
 
 
-_TOOL_PACKAGES = {"lz4": "lz4", "mkfs.ext4": "e2fsprogs", "dpkg-deb": "dpkg", "apt-get": "apt", "apt-cache": "apt"}
+_TOOL_PACKAGES = {"lz4": "lz4", "mkfs.ext4": "e2fsprogs", "debugfs": "e2fsprogs", "dpkg-deb": "dpkg",
+                  "apt-get": "apt", "apt-cache": "apt"}
 
 
 def _point_current(target: str) -> None:
@@ -423,11 +424,34 @@ def _compile_bytecode(tree: str) -> None:
            "LD_LIBRARY_PATH": libs}
     for sub in ("usr/lib/python3.11", AGENT_DIR):
         done = subprocess.run(
-            [python, "-I", "-S", "-m", "compileall", "-q", "-j", "1", "--invalidation-mode", "unchecked-hash",
-             "-s", tree, "-p", "/", os.path.join(tree, sub)],
+            # -B: the compiler's own imports must not leave pycs naming the build directory
+            [python, "-B", "-I", "-S", "-m", "compileall", "-f", "-q", "-j", "1",
+             "--invalidation-mode", "unchecked-hash", "-s", tree, "-p", "/", os.path.join(tree, sub)],
             env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise BuildError(f"compileall {sub}: {(done.stdout + done.stderr).strip()[-300:]}")
+    # marshal marks an object as shared (FLAG_REF) when its refcount is above one, which depends on what else
+    # the compiling process holds: the same source gave different pycs. Re-marshal each file alone in one
+    # fresh process, so only the file's own structure decides.
+    done = subprocess.run([python, "-B", "-I", "-S", "-c", _REMARSHAL, tree], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BuildError(f"normalizing bytecode: {done.stderr.strip()[-300:]}")
+
+
+_REMARSHAL = """
+import marshal, os, sys
+paths = []
+for d, dirs, files in os.walk(sys.argv[1]):
+    dirs.sort()
+    paths += [os.path.join(d, f) for f in sorted(files) if f.endswith(".pyc")]
+for p in paths:
+    with open(p, "rb") as f:
+        data = f.read()
+    body = marshal.dumps(marshal.loads(data[16:]))
+    with open(p, "wb") as f:
+        f.write(data[:16] + body)
+    del data, body
+"""
 
 
 def _normalize(tree: str) -> None:
@@ -443,9 +467,11 @@ def _normalize(tree: str) -> None:
 def _mkfs(tree: str, image: str, key: str) -> None:
     used = 0
     count = 0
+    names = []
     for dirpath, dirnames, filenames in os.walk(tree):
         for name in dirnames + filenames:
             count += 1
+            names.append(os.path.relpath(os.path.join(dirpath, name), tree))
             st = os.lstat(os.path.join(dirpath, name))
             used += (st.st_size + 4095) // 4096 * 4096 + 4096
     size_mb = used * 5 // 4 // (1 << 20) + 16  # room for metadata; the image is mounted read-only
@@ -457,6 +483,13 @@ def _mkfs(tree: str, image: str, key: str) -> None:
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise BuildError(f"mkfs.ext4: {done.stderr.strip()}")
+    # mkfs -d copies each source's ctime (which no one can set) and atime (which reading the tree moved):
+    # pin both with debugfs, which also recomputes the inode checksums.
+    script = [f'sif "/{rel}" {field} @{EPOCH}' for rel in ["", *names] for field in ("ctime", "atime")]
+    done = subprocess.run(["debugfs", "-w", "-f", "-", image], input="\n".join(script) + "\n", env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0 or "sif:" in done.stderr:
+        raise BuildError(f"debugfs: {done.stderr.strip()[-300:]}")
 
 
 def print_progress(message: str) -> None:
