@@ -1205,7 +1205,7 @@ class CgroupStats(_Message):
                         _q = _w.skip_field(buf, _q, _pos, _t)
                 if _q != _pos:
                     raise _w.DecodeError("map entry overruns its length")
-                f_hugetlb_stats[_mk] = _mv
+                f_hugetlb_stats[_mk] = HugetlbStats() if _mv is None else _mv
             else:
                 _pos = _w.skip_field(buf, _pos, end, _t)
         if _pos != end:
