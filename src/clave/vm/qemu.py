@@ -319,9 +319,17 @@ class Vm:
         except OSError:
             return b""
 
-    def console_tail(self, lines: int = 4) -> str:
+    def console_tail(self, lines: int = 3) -> str:
+        """The console's last lines, led by the guest's own failure line or the kernel's panic when there is
+        one (a panic's stack trace would push it out of the tail)."""
         text = self._console_bytes().decode(errors="replace")
-        tail = [line.strip() for line in text.replace("\r", "").splitlines() if line.strip()][-lines:]
+        all_lines = [line.strip() for line in text.replace("\r", "").splitlines() if line.strip()]
+        tail = all_lines[-lines:]
+        for line in reversed(all_lines):
+            if guest_mod.MARK_FAIL in line or "Kernel panic" in line:
+                if line not in tail:
+                    tail.insert(0, line)
+                break
         return " | ".join(tail) or "(empty)"
 
     def _exit_reason(self) -> str:

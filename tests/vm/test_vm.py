@@ -1,0 +1,145 @@
+"""One booted VM shared by this module: the agent, and busybox containers run inside the guest through it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from clave.proto.generated.clave_agent_v1 import ServingStatus
+from clave.vm.accel import acceleration
+from clave.vm.client import AgentClient, blk_storage
+from clave.vm.errors import AgentError
+from clave.vm.guest import Guest
+from clave.vm.qemu import Vm
+from tests.vm.conftest import MOUNTS, oci_config
+
+
+def run(agent: AgentClient, cid: str, args: list[str], serial: str = "ctr2", stdin: bytes | None = None,
+        timeout: float = 60) -> tuple[int, bytes, bytes]:
+    """Create, attach, start, wait and remove a container; (status, stdout, stderr)."""
+    agent.create_container(cid, oci_config(args, serial), [blk_storage(serial, f"{MOUNTS}/{serial}")])
+    try:
+        io = agent.attach_io(cid)
+        if stdin is not None:
+            io.write_stdin(stdin)
+            io.close_stdin()
+        agent.start_container(cid)
+        status = agent.wait_process(cid, timeout=timeout)
+        io.join(10)
+        return status, bytes(io.stdout), bytes(io.stderr)
+    finally:
+        agent.remove_container(cid)
+
+
+@pytest.fixture(scope="module")
+def agent(vm: Vm) -> AgentClient:
+    return vm.agent()
+
+
+@pytest.fixture(scope="module")
+def sleeper(agent: AgentClient) -> Iterator[str]:
+    """A long-running container (on disk ctr1) for exec and signal tests."""
+    agent.create_container("sleeper", oci_config(["sleep", "1000"], "ctr1"), [blk_storage("ctr1", f"{MOUNTS}/ctr1")])
+    io = agent.attach_io("sleeper")
+    agent.start_container("sleeper")
+    yield "sleeper"
+    agent.remove_container("sleeper")
+    io.join(10)
+
+
+def test_boots_under_tcg_here_and_says_why_not_kvm(vm: Vm, guest: Guest) -> None:
+    verdict = acceleration(guest)
+    assert vm.accel == verdict.accel
+    if verdict.accel == "tcg":
+        assert verdict.reason  # "no /dev/kvm", or what QEMU did under KVM
+        assert "tsc_early_khz=" in " ".join(vm.command("tcg"))
+    t = vm.timings
+    assert 0 < t.vmm_started <= t.kernel_up <= t.agent_ready
+
+
+def test_health_and_version(agent: AgentClient) -> None:
+    assert agent.health() == ServingStatus.SERVING
+    assert agent.version()
+
+
+def test_uname_inside_is_the_guest_kernel(agent: AgentClient, guest: Guest) -> None:
+    status, out, _ = run(agent, "uname", ["uname", "-r"])
+    assert status == 0
+    assert out.decode().strip() == guest.kernel_release != os.uname().release
+
+
+def test_exit_codes_and_stderr(agent: AgentClient) -> None:
+    status, out, err = run(agent, "codes", ["sh", "-c", "echo out; echo err >&2; exit 7"])
+    assert (status, out, err) == (7, b"out\n", b"err\n")
+    # the container's init ignores signals it has no handler for, except from outside its pid namespace
+    agent.create_container("killed", oci_config(["sleep", "100"], "ctr2"), [blk_storage("ctr2", f"{MOUNTS}/ctr2")])
+    try:
+        io = agent.attach_io("killed")
+        agent.start_container("killed")
+        agent.signal_process("killed", signal.SIGKILL)
+        assert agent.wait_process("killed", timeout=20) == 128 + signal.SIGKILL
+        io.join(10)
+    finally:
+        agent.remove_container("killed")
+
+
+def test_megabytes_of_stdout_byte_for_byte(agent: AgentClient) -> None:
+    count = 400_000  # ~2.7 MB of stdout and ~0.6 MB of stderr, interleaved
+    status, out, err = run(agent, "bulk", ["sh", "-c", f"seq 1 {count}; seq 1 {count // 5} >&2; exit 3"])
+    assert status == 3
+    assert out == "".join(f"{i}\n" for i in range(1, count + 1)).encode()
+    assert err == "".join(f"{i}\n" for i in range(1, count // 5 + 1)).encode()
+
+
+def test_stdin_bytes_and_end_of_file_reach_the_process(agent: AgentClient) -> None:
+    data = os.urandom(2 << 20)
+    status, out, _ = run(agent, "cat", ["cat"], stdin=data)
+    assert status == 0  # cat exits only at end of file
+    assert out == data
+
+
+def test_exec_wait_and_signal(agent: AgentClient, sleeper: str) -> None:
+    agent.exec_process(sleeper, "e1", {"args": ["sh", "-c", "cat /proc/1/cmdline; exit 5"], "cwd": "/",
+                                       "env": ["PATH=/bin:/sbin"], "user": {"uid": 0, "gid": 0}})
+    # exec starts at ExecProcess: output waits in the pipe until the stream is attached
+    io = agent.attach_io(sleeper, "e1")
+    assert agent.wait_process(sleeper, "e1") == 5
+    io.join(10)
+    assert bytes(io.stdout) == b"sleep\x001000\x00"
+
+    agent.exec_process(sleeper, "e2", {"args": ["sleep", "100"], "cwd": "/", "env": ["PATH=/bin"],
+                                       "user": {"uid": 0, "gid": 0}})
+    io = agent.attach_io(sleeper, "e2")
+    agent.signal_process(sleeper, signal.SIGTERM, "e2")
+    assert agent.wait_process(sleeper, "e2", timeout=20) == 128 + signal.SIGTERM
+    io.join(10)
+
+
+def test_stats_pause_resume(agent: AgentClient, sleeper: str) -> None:
+    stats = agent.stats_container(sleeper)
+    assert stats["pids"]["current"] >= 1
+    assert stats["memory"]["usage"]["usage"] > 0
+    agent.pause_container(sleeper)
+    agent.resume_container(sleeper)
+
+
+def test_bad_requests_are_one_error(agent: AgentClient) -> None:
+    with pytest.raises(AgentError, match="not found"):
+        agent.start_container("nope")
+    with pytest.raises(AgentError, match="no virtio-blk disk with serial"):
+        agent.create_container("x", oci_config(["true"], "absent"), [blk_storage("absent", f"{MOUNTS}/absent")])
+    # nothing was left behind: the same id can be created after the failure
+    status, _, _ = run(agent, "x", ["true"])
+    assert status == 0
+
+
+def test_clock_and_random_reseed(agent: AgentClient) -> None:
+    agent.set_time()
+    agent.reseed_random()
+    status, out, _ = run(agent, "date", ["date", "+%s"])
+    assert status == 0
+    assert abs(int(out) - time.time()) < 30
