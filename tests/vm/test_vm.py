@@ -41,14 +41,17 @@ def agent(vm: Vm) -> AgentClient:
 
 
 @pytest.fixture(scope="module")
-def sleeper(agent: AgentClient) -> Iterator[str]:
+def sleeper(vm: Vm, agent: AgentClient) -> Iterator[str]:
     """A long-running container (on disk ctr1) for exec and signal tests."""
     agent.create_container("sleeper", oci_config(["sleep", "1000"], "ctr1"), [blk_storage("ctr1", f"{MOUNTS}/ctr1")])
     io = agent.attach_io("sleeper")
     agent.start_container("sleeper")
     yield "sleeper"
-    agent.remove_container("sleeper")
-    io.join(10)
+    vm.agent().remove_container("sleeper")  # the VM's current connection (a test reconnects)
+    try:
+        io.join(10)
+    except AgentError:
+        assert agent.closed  # its stream went with the connection it was opened on
 
 
 def test_boots_under_tcg_here_and_says_why_not_kvm(vm: Vm, guest: Guest) -> None:
@@ -143,3 +146,37 @@ def test_clock_and_random_reseed(agent: AgentClient) -> None:
     status, out, _ = run(agent, "date", ["date", "+%s"])
     assert status == 0
     assert abs(int(out) - time.time()) < 30
+
+
+def test_terminal_with_resize(agent: AgentClient) -> None:
+    config = oci_config(["sh", "-c", "stty size; tty"], "ctr3", terminal=True)
+    agent.create_container("tty", config, [blk_storage("ctr3", f"{MOUNTS}/ctr3")])
+    try:
+        agent.resize_tty("tty", 30, 100)
+        io = agent.attach_io("tty")
+        agent.start_container("tty")
+        assert agent.wait_process("tty", timeout=30) == 0
+        io.join(10)
+        lines = bytes(io.stdout).decode().split()
+        assert lines[:2] == ["30", "100"]
+        assert lines[2].startswith("/dev/pts/")
+    finally:
+        agent.remove_container("tty")
+
+
+def test_qmp_stop_and_cont(vm: Vm, agent: AgentClient) -> None:
+    qmp = vm.qmp()
+    qmp.stop()
+    assert qmp.query_status() == "paused"
+    assert not agent.ready(timeout=0.5)  # a paused guest answers nothing
+    qmp.cont()
+    assert qmp.query_status() == "running"
+    assert agent.health() == ServingStatus.SERVING
+
+
+def test_agent_serves_the_next_host_connection_with_its_state(vm: Vm, agent: AgentClient, sleeper: str) -> None:
+    agent.close()  # e.g. the host-side process restarted: the guest keeps its port and its containers
+    fresh = vm.agent()
+    assert fresh is not agent
+    assert fresh.health() == ServingStatus.SERVING
+    assert fresh.stats_container(sleeper)["pids"]["current"] >= 1

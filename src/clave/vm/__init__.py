@@ -1,29 +1,60 @@
 """VM sandboxes: the guest builder, the QEMU driver and the host side of the guest agent.
 
-Public surface for a host-side handler (nothing here imports the engine, the shim or the handlers; only the
-guest agent, which runs inside the VM, uses Clave's engine):
+Nothing here imports the engine, the shim or the handlers; only the guest agent (clave.vm.agent), which runs
+inside the VM, uses Clave's engine. For a host-side handler:
 
-    guest = build_guest()                        # or current_guest(); digests in guest.digests()
-    vm = Vm.create(VmConfig(state_dir, guest, disks=[Disk("rootfs.img", serial="ctr1")]))
-    vm.start()                                   # boots, waits for the agent; vm.timings
-    agent = vm.agent()                           # AgentClient: create_container, start, exec, wait, io...
+    guest = current_guest()                      # or build_guest(); guest.digests() for measured boot
+    vm = Vm.create(VmConfig(state_dir, guest, vcpus=1, memory_mib=256,
+                            disks=[Disk("rootfs.img", serial="ctr1")]))
+    vm.start()                                   # boot + agent ready, one retry; vm.timings
+    agent = vm.agent()                           # AgentClient
+    agent.create_container(cid, oci_config, [blk_storage("ctr1", "/run/clave-agent/mounts/ctr1")])
+    io = agent.attach_io(cid, on_output=...)     # before start; io.write_stdin / io.close_stdin / io.join
+    agent.start_container(cid); status = agent.wait_process(cid)
     vm.destroy()                                 # or destroy_state_dir(state_dir) after a crash
-    acceleration()                               # "kvm" or "tcg", and why
+    acceleration()                               # Verdict(accel="kvm"|"tcg", reason): for `clave check`
 """
 
 from __future__ import annotations
 
+from clave.vm.accel import Verdict, acceleration
+from clave.vm.client import AgentClient, ProcessIO, blk_storage
 from clave.vm.errors import AgentError, BootError, BuildError, ResourceError, VmError, VmGone
 from clave.vm.guest import Guest, build_guest, current_guest
+from clave.vm.qemu import (
+    DEFAULT_MEMORY_MIB,
+    DEFAULT_VCPUS,
+    MIN_MEMORY_MIB,
+    Disk,
+    Timings,
+    Vm,
+    VmConfig,
+    check_resources,
+    destroy_state_dir,
+)
 
 __all__ = [
+    "DEFAULT_MEMORY_MIB",
+    "DEFAULT_VCPUS",
+    "MIN_MEMORY_MIB",
+    "AgentClient",
     "AgentError",
     "BootError",
     "BuildError",
+    "Disk",
     "Guest",
+    "ProcessIO",
     "ResourceError",
+    "Timings",
+    "Verdict",
+    "Vm",
+    "VmConfig",
     "VmError",
     "VmGone",
+    "acceleration",
+    "blk_storage",
     "build_guest",
+    "check_resources",
     "current_guest",
+    "destroy_state_dir",
 ]
