@@ -180,3 +180,18 @@ def test_agent_serves_the_next_host_connection_with_its_state(vm: Vm, agent: Age
     assert fresh is not agent
     assert fresh.health() == ServingStatus.SERVING
     assert fresh.stats_container(sleeper)["pids"]["current"] >= 1
+
+
+def test_oom_kill_inside_the_guest_is_an_oom_event(agent: AgentClient) -> None:
+    config = oci_config(["sh", "-c", "a=x; while true; do a=$a$a; done"], "ctr4")  # doubles until killed
+    config["linux"]["resources"] = {"memory": {"limit": 16 << 20, "swap": 16 << 20}}
+    agent.create_container("oom", config, [blk_storage("ctr4", f"{MOUNTS}/ctr4")])
+    try:
+        io = agent.attach_io("oom")
+        agent.start_container("oom")
+        status = agent.wait_process("oom", timeout=60)
+        io.join(10)
+        assert status == 128 + signal.SIGKILL
+        assert agent.oom_event(timeout=10) == "oom"
+    finally:
+        agent.remove_container("oom")

@@ -17,21 +17,45 @@ inside the VM, uses Clave's engine. For a host-side handler:
 
 from __future__ import annotations
 
-from clave.vm.accel import Verdict, acceleration
-from clave.vm.client import AgentClient, ProcessIO, blk_storage
-from clave.vm.errors import AgentError, BootError, BuildError, ResourceError, VmError, VmGone
-from clave.vm.guest import Guest, build_guest, current_guest
-from clave.vm.qemu import (
-    DEFAULT_MEMORY_MIB,
-    DEFAULT_VCPUS,
-    MIN_MEMORY_MIB,
-    Disk,
-    Timings,
-    Vm,
-    VmConfig,
-    check_resources,
-    destroy_state_dir,
-)
+# Resolved on first use (PEP 562): the guest agent imports this package too, and under TCG every import
+# it does not need costs its start-up.
+_EXPORTS = {
+    "acceleration": "accel", "Verdict": "accel",
+    "AgentClient": "client", "ProcessIO": "client", "blk_storage": "client",
+    "AgentError": "errors", "BootError": "errors", "BuildError": "errors", "ResourceError": "errors",
+    "VmError": "errors", "VmGone": "errors",
+    "Guest": "guest", "build_guest": "guest", "current_guest": "guest",
+    "DEFAULT_MEMORY_MIB": "qemu", "DEFAULT_VCPUS": "qemu", "MIN_MEMORY_MIB": "qemu", "Disk": "qemu",
+    "Timings": "qemu", "Vm": "qemu", "VmConfig": "qemu", "check_resources": "qemu", "destroy_state_dir": "qemu",
+}
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from clave.vm.accel import Verdict, acceleration
+    from clave.vm.client import AgentClient, ProcessIO, blk_storage
+    from clave.vm.errors import AgentError, BootError, BuildError, ResourceError, VmError, VmGone
+    from clave.vm.guest import Guest, build_guest, current_guest
+    from clave.vm.qemu import (
+        DEFAULT_MEMORY_MIB,
+        DEFAULT_VCPUS,
+        MIN_MEMORY_MIB,
+        Disk,
+        Timings,
+        Vm,
+        VmConfig,
+        check_resources,
+        destroy_state_dir,
+    )
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'clave.vm' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"clave.vm.{module}"), name)
+
 
 __all__ = [
     "DEFAULT_MEMORY_MIB",

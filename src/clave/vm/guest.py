@@ -60,7 +60,7 @@ B=/bin/busybox
 $B mount -t devtmpfs dev /dev
 $B mount -t proc proc /proc
 $B mount -t sysfs sys /sys
-echo "{MARK_INIT}" >/dev/console
+echo "{MARK_INIT} (uptime $($B cut -d' ' -f1 /proc/uptime))" >/dev/console
 fail() {{ echo "{MARK_FAIL} $*" >/dev/console; $B reboot -f; }}
 for m in $($B cat /modules/order); do $B insmod /modules/$m.ko || fail "insmod $m"; done
 serial={GUEST_SERIAL}
@@ -78,6 +78,7 @@ done
 [ -n "$dev" ] || fail "no virtio-blk disk with serial $serial"
 $B mount -t ext4 -o ro,noatime "$dev" /newroot || fail "cannot mount the guest image $dev"
 [ -x /newroot/sbin/clave-init ] || fail "the guest image has no /sbin/clave-init"
+echo "clave-guest: modules loaded, image $dev mounted (uptime $($B cut -d' ' -f1 /proc/uptime))" >/dev/console
 for d in dev proc sys; do $B mount --move /$d /newroot/$d; done
 exec $B switch_root /newroot /sbin/clave-init
 """
@@ -93,7 +94,7 @@ mount -t devpts -o newinstance,ptmxmode=0666,mode=0620,gid=5 devpts /dev/pts
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm
 ln -sf /proc/self/fd /dev/fd
 hostname clave
-echo "{MARK_AGENT}" >/dev/console
+echo "{MARK_AGENT} (uptime $(cut -d' ' -f1 /proc/uptime))" >/dev/console
 cd /{AGENT_DIR}
 /usr/bin/python3.11 -S -E -m clave.vm.agent </dev/null >/dev/console 2>&1
 echo "{MARK_FAIL} agent exited with status $?" >/dev/console

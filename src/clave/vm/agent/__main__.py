@@ -39,6 +39,15 @@ def wait_for_host(fd: int) -> None:
         time.sleep(0.02)  # disconnected ports report POLLHUP at once: do not spin
 
 
+def _since_boot() -> str:
+    """When the agent became ready after boot, and how long its Python took: boot-time diagnostics."""
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    with open("/proc/self/stat") as f:
+        started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+    return f"{uptime:.2f} s after boot, Python start to ready {uptime - started:.2f} s"
+
+
 def main() -> int:
     import ctypes
 
@@ -56,7 +65,7 @@ def main() -> int:
     server.register_stream(pb.AgentServiceService.NAME, "AttachIO", service.io_stream)
     port = find_port()
     fd = os.open(port, os.O_RDWR | os.O_CLOEXEC)
-    print(f"clave-agent: serving on {port}", flush=True)
+    print(f"clave-agent: serving on {port} ({_since_boot()})", flush=True)
     while True:
         wait_for_host(fd)
         server.serve_fd(fd)
