@@ -174,14 +174,6 @@ def test_qmp_stop_and_cont(vm: Vm, agent: AgentClient) -> None:
     assert agent.health() == ServingStatus.SERVING
 
 
-def test_agent_serves_the_next_host_connection_with_its_state(vm: Vm, agent: AgentClient, sleeper: str) -> None:
-    agent.close()  # e.g. the host-side process restarted: the guest keeps its port and its containers
-    fresh = vm.agent()
-    assert fresh is not agent
-    assert fresh.health() == ServingStatus.SERVING
-    assert fresh.stats_container(sleeper)["pids"]["current"] >= 1
-
-
 def test_oom_kill_inside_the_guest_is_an_oom_event(agent: AgentClient) -> None:
     config = oci_config(["sh", "-c", "a=x; while true; do a=$a$a; done"], "ctr4")  # doubles until killed
     config["linux"]["resources"] = {"memory": {"limit": 16 << 20, "swap": 16 << 20}}
@@ -195,3 +187,12 @@ def test_oom_kill_inside_the_guest_is_an_oom_event(agent: AgentClient) -> None:
         assert agent.oom_event(timeout=10) == "oom"
     finally:
         agent.remove_container("oom")
+
+
+# Last in the module: it closes the connection the other tests share.
+def test_agent_serves_the_next_host_connection_with_its_state(vm: Vm, agent: AgentClient, sleeper: str) -> None:
+    agent.close()  # e.g. the host-side process restarted: the guest keeps its port and its containers
+    fresh = vm.agent()
+    assert fresh is not agent
+    assert fresh.health() == ServingStatus.SERVING
+    assert fresh.stats_container(sleeper)["pids"]["current"] >= 1
