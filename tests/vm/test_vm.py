@@ -191,8 +191,18 @@ def test_oom_kill_inside_the_guest_is_an_oom_event(agent: AgentClient) -> None:
 
 # Last in the module: it closes the connection the other tests share.
 def test_agent_serves_the_next_host_connection_with_its_state(vm: Vm, agent: AgentClient, sleeper: str) -> None:
+    # the host goes away in the middle of a flood of output (frames larger than one port write)
+    agent.create_container("flood", oci_config(["yes", "x" * 100_000], "ctr2"),
+                           [blk_storage("ctr2", f"{MOUNTS}/ctr2")])
+    flood = agent.attach_io("flood")
+    agent.start_container("flood")
+    deadline = time.monotonic() + 30
+    while flood.offsets[1] < 4 << 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
     agent.close()  # e.g. the host-side process restarted: the guest keeps its port and its containers
     fresh = vm.agent()
     assert fresh is not agent
-    assert fresh.health() == ServingStatus.SERVING
+    for _ in range(20):  # the new connection's framing is intact
+        assert fresh.health() == ServingStatus.SERVING
     assert fresh.stats_container(sleeper)["pids"]["current"] >= 1
+    fresh.remove_container("flood")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import struct
 
 TYPE_CHECKING = False
@@ -41,27 +42,51 @@ class FdChannel:
     as a virtio-serial port (/dev/vportNp1, the guest end of the agent channel) or a pipe pair.
 
     End of file (the host closed its side of the port) ends the connection; the fd stays open unless
-    ``owns_fd``, so the caller can serve the next connection on the same device."""
+    ``owns_fd``, so the caller can serve the next connection on the same device.
+
+    A non-blocking fd is waited on with poll(), and POLLHUP ends the connection in both directions. That
+    matters for a virtio-serial port: a blocking write while the host is away waits for the *next* host and
+    then delivers the rest of a frame meant for the previous one, breaking the new connection's framing."""
 
     def __init__(self, fd: int, owns_fd: bool = False) -> None:
         self.fd = fd
         self._owns_fd = owns_fd
         self._shut = False
 
+    def _wait(self, events: int) -> bool:
+        """Wait until ``events`` or a hang-up; False on a hang-up without ``events``."""
+        poller = select.poll()
+        poller.register(self.fd, events)
+        while not self._shut:
+            for _fd, revents in poller.poll(500):  # a timeout, so shutdown() is noticed
+                if revents & events:
+                    return True
+                if revents & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    return False
+        return False
+
     def recv(self, n: int, /) -> bytes:
-        if self._shut:
-            return b""
-        return os.read(self.fd, n)
+        while not self._shut:
+            try:
+                return os.read(self.fd, n)
+            except BlockingIOError:
+                if not self._wait(select.POLLIN):
+                    return b""
+        return b""
 
     def sendall(self, data: bytes, /) -> None:
-        if self._shut:
-            raise BrokenPipeError("channel shut down")
         view = memoryview(data)
         while view:
-            view = view[os.write(self.fd, view) :]
+            if self._shut:
+                raise BrokenPipeError("channel shut down")
+            try:
+                view = view[os.write(self.fd, view) :]
+            except BlockingIOError:
+                if not self._wait(select.POLLOUT):
+                    raise BrokenPipeError("peer hung up") from None
 
     def shutdown(self, how: int, /) -> None:
-        self._shut = True  # a read blocked on a device is not woken; the next one returns end of file
+        self._shut = True
 
     def close(self) -> None:
         self._shut = True

@@ -45,6 +45,7 @@ MIN_MEMORY_MIB = 128
 TCG_BOOT_TIMEOUT = 30.0
 KVM_BOOT_TIMEOUT = 10.0
 MACHINES = ("microvm", "q35")
+RECONNECT_DELAY = 0.2
 STATE_FILES = ("vm.json", "qemu.pid", "qmp.sock", "agent.sock", "console.log", "console.1.log", "qemu.log")
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
@@ -358,6 +359,10 @@ class Vm:
                 raise VmGone(f"VM {self.state_dir}: {self._exit_reason() or 'QEMU is not running'}")
             from clave.vm.client import AgentClient
 
+            if self._agent is not None:
+                # Let the guest see the hang-up first: a port cannot tell a quick reconnect from no
+                # disconnect, and the agent must stop writing the old connection's frames (see FdChannel).
+                time.sleep(RECONNECT_DELAY)
             self._agent = AgentClient.connect(self.agent_socket)
         return self._agent
 

@@ -64,7 +64,8 @@ def main() -> int:
     server.register_service(pb.HealthService, HealthService())
     server.register_stream(pb.AgentServiceService.NAME, "AttachIO", service.io_stream)
     port = find_port()
-    fd = os.open(port, os.O_RDWR | os.O_CLOEXEC)
+    # non-blocking: a write while the host is away must fail, not wait for the next host (see FdChannel)
+    fd = os.open(port, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
     print(f"clave-agent: serving on {port} ({_since_boot()})", flush=True)
     while True:
         wait_for_host(fd)
