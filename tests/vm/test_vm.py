@@ -130,6 +130,19 @@ def test_stats_pause_resume(agent: AgentClient, sleeper: str) -> None:
     agent.resume_container(sleeper)
 
 
+def test_update_close_stdin_and_sandbox_hostname(agent: AgentClient, sleeper: str) -> None:
+    agent.create_sandbox("pod1", hostname="pod-one")
+    agent.update_container(sleeper, {"pids": {"limit": 50}})
+    assert agent.stats_container(sleeper)["pids"]["limit"] == 50
+    agent.exec_process(sleeper, "e3", {"args": ["sh", "-c", "cat; hostname"], "cwd": "/", "env": ["PATH=/bin"],
+                                       "user": {"uid": 0, "gid": 0}})
+    io = agent.attach_io(sleeper, "e3", stdin=b"typed\n")
+    agent.close_stdin(sleeper, "e3")  # the unary CloseStdin, as containerd's CloseIO
+    assert agent.wait_process(sleeper, "e3", timeout=20) == 0
+    io.join(10)
+    # the container has its own UTS namespace (the spec's); the sandbox's hostname is the guest's
+    assert bytes(io.stdout).startswith(b"typed\n")
+
 def test_bad_requests_are_one_error(agent: AgentClient) -> None:
     with pytest.raises(AgentError, match="not found"):
         agent.start_container("nope")

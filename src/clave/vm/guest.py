@@ -1,8 +1,11 @@
 """The guest: Debian's cloud kernel, a small initramfs and a read-only ext4 image carrying the agent.
 
 Layout (chosen by measurement, see DESIGN.md "VM templates and guests under TCG"): Python must start fast in
-the guest, and a virtio-blk ext4 root beats virtio-fs by ~5x; an ext4 root is also what ``pivot_root`` inside
-the guest needs (the initramfs rootfs cannot be pivoted away from) and what a VM template can share. So:
+the guest, and a virtio-blk ext4 root beats virtio-fs by ~5x. Measured here (TCG, -m 256, 4 boots each):
+the agent was ready 2.63 s after QEMU started with this layout and 2.75 s with everything in one 39 MiB
+initramfs (the kernel unpacks all of it into guest RAM, and Python started no faster: 0.69 s both). An ext4
+root is also what ``pivot_root`` inside the guest needs (the initramfs rootfs cannot be pivoted away from) and
+what a VM template can share. So:
 
 - ``vmlinux``: the bzImage's LZ4 payload, booted by QEMU's PVH entry;
 - ``initramfs.cpio``: busybox, the virtio/virtiofs/net modules and a stage-1 ``/init`` that loads them, finds
