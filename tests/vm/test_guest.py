@@ -72,3 +72,16 @@ def test_build_fails_with_one_line_without_tools(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(BuildError, match="not found: install Debian's"):
         build_guest()
+
+
+def test_out_that_is_not_a_guest_build_is_refused_untouched(guest: Guest, tmp_path: object) -> None:
+    from clave.vm.errors import BuildError
+
+    out = os.path.join(str(tmp_path), "precious")
+    os.makedirs(out)
+    with open(os.path.join(out, "notes.txt"), "w") as f:
+        f.write("mine")
+    with pytest.raises(BuildError, match="not a guest build"):
+        build_guest(out)
+    assert os.listdir(out) == ["notes.txt"]
+    assert sorted(os.listdir(str(tmp_path))) == ["precious"]  # no build directory left beside it

@@ -21,6 +21,7 @@ time. ``manifest.json`` records the digests that a measured boot pins.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -247,10 +248,40 @@ def build_guest(out: str | None = None, force: bool = False, progress: Callable[
                 return guest
         except BuildError:
             pass
-    debs = _download(packages, say)
+    if os.path.lexists(target) and not _replaceable(target):
+        raise BuildError(f"{target} exists and is not a guest build: refusing to replace it")
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=".build-", dir=parent)
+    os.makedirs(paths.VM_ROOT, exist_ok=True)
+    lock = os.open(os.path.join(paths.VM_ROOT, "build.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent builds: one builds, the next finds it built
+        if not force:
+            try:
+                guest = Guest(target)
+                if guest.key == key:
+                    say(f"up to date: {target}")
+                    if default_out:
+                        _point_current(target)
+                    return guest
+            except BuildError:
+                pass
+        return _build_locked(target, key, packages, sources, agent, default_out, say)
+    finally:
+        os.close(lock)
+
+
+def _replaceable(target: str) -> bool:
+    """An earlier guest build (its manifest is there) or an empty directory: never anything else."""
+    if os.path.islink(target) or not os.path.isdir(target):
+        return False
+    return os.path.exists(os.path.join(target, "manifest.json")) or not os.listdir(target)
+
+
+def _build_locked(target: str, key: str, packages: list[Package], sources: list[tuple[str, str]], agent: str,
+                  default_out: bool, say: Callable[[str], None]) -> Guest:
+    debs = _download(packages, say)
+    work = tempfile.mkdtemp(prefix=".build-", dir=os.path.dirname(target))
     try:
         manifest = _build(work, key, packages, debs, sources, agent, say)
         result = os.path.join(work, "out")
@@ -258,7 +289,7 @@ def build_guest(out: str | None = None, force: bool = False, progress: Callable[
             json.dump(manifest, f, indent=2, sort_keys=True)
             f.write("\n")
         if os.path.lexists(target):
-            shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.unlink(target)
+            shutil.rmtree(target)
         os.rename(result, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)

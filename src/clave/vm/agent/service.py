@@ -436,6 +436,8 @@ class AgentService:
         try:
             self._pump_output(process, stream)
         finally:
+            with process.lock:
+                process.attached = False  # a later connection may attach again (output resumes from there)
             process.io_done.set()
         return b""
 
