@@ -49,14 +49,11 @@ def _since_boot() -> str:
 
 
 def main() -> int:
-    import ctypes
-
     from clave.proto.generated import clave_agent_v1 as pb
     from clave.ttrpc import Server
     from clave.vm.agent.service import AgentService, HealthService
 
-    # Orphans of containers come to the agent, not to the init shell, so the reaper sees every exit.
-    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    # The reaper makes the agent a subreaper: orphans of containers come to it, not to the init shell.
     service = AgentService()
     service.start()
     server = Server()

@@ -13,11 +13,13 @@ import threading
 import time
 
 from clave import __version__
-from clave.engine.container import CreateOptions, Engine, ExecOptions
-from clave.errors import ClaveError
+from clave.engine.container import Engine
+from clave.errors import AlreadyExists, ClaveError, InvalidArgument, NotFound, Unsupported, WrongState
+from clave.handlers import HANDLER_ANNOTATION
+from clave.handlers.base import CreateOptions, ExecOptions, Exit
+from clave.handlers.linux import ReaperSandbox
 from clave.proto.generated import clave_agent_v1 as pb
 from clave.proto.generated.google_protobuf import Empty
-from clave.shim.reaper import Exit, Reaper
 from clave.ttrpc import Code, TtrpcError
 
 TYPE_CHECKING = False
@@ -102,32 +104,31 @@ class Container:
             raise TtrpcError(Code.NOT_FOUND, f"process {exec_id} not found in container {self.id}") from None
 
 
+_CODES = ((NotFound, Code.NOT_FOUND), (AlreadyExists, Code.ALREADY_EXISTS), (WrongState, Code.FAILED_PRECONDITION),
+          (InvalidArgument, Code.INVALID_ARGUMENT), (Unsupported, Code.UNIMPLEMENTED))
+
+
 def _engine_error(exc: ClaveError) -> TtrpcError:
-    text = str(exc)
-    if "does not exist" in text:
-        return TtrpcError(Code.NOT_FOUND, text)
-    if "already exists" in text:
-        return TtrpcError(Code.ALREADY_EXISTS, text)
-    if "cannot" in text or "not running" in text or "not paused" in text:
-        return TtrpcError(Code.FAILED_PRECONDITION, text)
-    return TtrpcError(Code.UNKNOWN, text)
+    """The engine's error classes as gRPC codes, as the shim maps them."""
+    code: int = next((code for cls, code in _CODES if isinstance(exc, cls)), Code.UNKNOWN)
+    return TtrpcError(code, str(exc))
 
 
 class AgentService:
     def __init__(self) -> None:
-        self.engine = Engine(STATE_ROOT)
+        self.engine = Engine(STATE_ROOT, handler="native")  # the Linux handler, whatever the host chose
         self.containers: dict[str, Container] = {}
         self.by_pid: dict[int, Process] = {}
         self.early_exits: dict[int, Exit] = {}
         self.lock = threading.RLock()
-        self.reaper = Reaper(self._on_exit)
+        self.reaper = ReaperSandbox()  # the agent is the subreaper of every container process
         self.oom_events: list[str] = []
         self.oom_cond = threading.Condition(self.lock)
         self.sandbox_id = ""
         os.makedirs(MOUNT_ROOT, exist_ok=True)
 
     def start(self) -> None:
-        self.reaper.start()
+        self.reaper.start(self._on_exit)
 
     # -- exits -------------------------------------------------------------------------------------------------
     def _on_exit(self, exit: Exit) -> None:
@@ -252,7 +253,7 @@ class AgentService:
                 opts: dict[str, Any] = {"console_socket": console.socket_path}
             else:
                 opts = {"stdio": process.make_pipes()}
-            with self.reaper.exclusive:
+            with self.reaper.quiet:
                 pid: int = run(opts)
             if console is not None:
                 console.accept()
@@ -266,7 +267,7 @@ class AgentService:
 
     def start_container(self, ctx: Context, req: pb.StartContainerRequest) -> Empty:
         self._container(req.container_id)
-        with self.reaper.exclusive:
+        with self.reaper.quiet:
             try:
                 self.engine.start(req.container_id)
             except ClaveError as exc:
@@ -322,7 +323,7 @@ class AgentService:
     def remove_container(self, ctx: Context, req: pb.RemoveContainerRequest) -> Empty:
         container = self._container(req.container_id)
         try:
-            with self.reaper.exclusive:
+            with self.reaper.quiet:
                 self.engine.delete(req.container_id, force=True)
         except ClaveError as exc:
             if "does not exist" not in str(exc):
@@ -499,6 +500,8 @@ def _guest_config(config: dict[str, Any], container_id: str) -> dict[str, Any]:
     linux["cgroupsPath"] = f"/clave/{container_id}"
     config["linux"] = linux
     config.pop("hooks", None)
+    # the host's handler choice (io.clave.handler=vm) is not the guest's: in here the Linux handler runs
+    config["annotations"] = {k: v for k, v in config.get("annotations", {}).items() if k != HANDLER_ANNOTATION}
     root = config.get("root", {})
     if not os.path.isabs(root.get("path", "")):
         raise TtrpcError(Code.INVALID_ARGUMENT, "oci_json: root.path must be an absolute guest path (a storage's "
