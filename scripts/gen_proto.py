@@ -506,7 +506,9 @@ class ModuleWriter:
                 "        _q = _w.skip_field(buf, _q, _pos, _t)",
                 "if _q != _pos:",
                 '    raise _w.DecodeError("map entry overruns its length")',
-                f"{local}[_mk] = _mv",
+                # a map entry without its value holds the default: an empty message, not None
+                f"{local}[_mk] = {self.ref(field.type_name)}() if _mv is None else _mv"
+                if field.kind == "message" else f"{local}[_mk] = _mv",
             ]
             return [(tag_int(field.number, 2), body)]
         if field.label == "repeated":

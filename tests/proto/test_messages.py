@@ -231,7 +231,13 @@ def official(tmp_path_factory: pytest.TempPathFactory) -> Iterator[types.SimpleN
     subprocess.run(cmd, check=True, capture_output=True)
     sys.path.insert(0, str(out))
     for py in sorted(out.rglob("*_pb2.py")):
-        importlib.import_module(py.relative_to(out).with_suffix("").as_posix().replace("/", "."))
+        name = py.relative_to(out).with_suffix("").as_posix().replace("/", ".")
+        if name.startswith("clave."):  # protos/clave/ would import as the clave package itself: load it aside
+            spec = importlib.util.spec_from_file_location(f"_pb_{name.replace('.', '_')}", py)
+            assert spec is not None and spec.loader is not None
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        else:
+            importlib.import_module(name)
     from google.protobuf import symbol_database
 
     db = symbol_database.Default()

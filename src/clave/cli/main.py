@@ -37,6 +37,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("attest", "TEE evidence or an RA-TLS certificate from the best attester here"),
     ("node", "install / uninstall Clave on a Kubernetes node (containerd's runtimes)"),
     ("device-plugin", "advertise enclave resources (WASM enclave slots, SGX EPC) to kubelet"),
+    ("vm", "build the VM guest; which acceleration VMs use here"),
 )
 VERBS = tuple(name for name, _ in COMMANDS)
 # flag name -> (kind, aliases); kind is "str", "int" or "bool".

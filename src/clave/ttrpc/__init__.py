@@ -1,7 +1,8 @@
 """ttrpc, containerd's lightweight RPC over unix sockets: framing, client, server, streams and status codes.
 
-One implementation shared by the containerd shim and the VM agent. Payloads are protobuf bytes; the message
-classes are in ``clave.proto.generated``.
+One implementation shared by the containerd shim and the VM agent (which serves a virtio-serial port with
+``Server.serve_fd``; the host reaches it through QEMU's chardev socket with ``Client.connect``). Payloads
+are protobuf bytes; the message classes are in ``clave.proto.generated``.
 
     server = Server()
     server.register("example.Echo", {"Say": lambda ctx, data: data})
@@ -12,7 +13,7 @@ classes are in ``clave.proto.generated``.
 
 from __future__ import annotations
 
-from clave.ttrpc._frame import MAX_MESSAGE, unix_address
+from clave.ttrpc._frame import MAX_MESSAGE, FdChannel, unix_address
 from clave.ttrpc.client import Client, ClientStream
 from clave.ttrpc.errors import Code, TtrpcError
 from clave.ttrpc.server import Context, Server, ServerStream, typed
@@ -23,6 +24,7 @@ __all__ = [
     "ClientStream",
     "Code",
     "Context",
+    "FdChannel",
     "Server",
     "ServerStream",
     "TtrpcError",

@@ -30,6 +30,7 @@ from clave.ttrpc._frame import (
     TYPE_REQUEST,
     TYPE_RESPONSE,
     ConnectionClosed,
+    FdChannel,
     discard,
     pack_header,
     recv_exact,
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from typing import Any, TypeVar
 
     from clave.proto import Message
+    from clave.ttrpc._frame import Channel
 
     Handler = Callable[["Context", bytes], bytes]
     StreamHandler = Callable[["Context", "ServerStream"], bytes | None]
@@ -169,14 +171,24 @@ class _Workers:
                 sys.stderr.write(f"ttrpc: worker: {type(e).__name__}: {e}\n")
 
 
+class _NewPeer(Exception):
+    """The first request of a new client arrived on a device channel still serving the previous one."""
+
+    def __init__(self, flags: int, payload: bytes) -> None:
+        super().__init__()
+        self.flags = flags
+        self.payload = payload
+
+
 class _Connection:
-    def __init__(self, server: Server, sock: _socket.socket) -> None:
+    def __init__(self, server: Server, sock: Channel) -> None:
         self.server = server
         self.sock = sock
         self.send_lock = threading.Lock()
         self.streams: dict[int, ServerStream] = {}
         self.last_stream_id = 0
         self.closed = False
+        self.reusable = isinstance(sock, FdChannel)  # a device that later peers reuse (see _NewPeer)
 
     def send(self, stream_id: int, msg_type: int, flags: int, payload: bytes) -> bool:
         with self.send_lock:
@@ -249,6 +261,10 @@ class _Connection:
             self.fail(stream_id, Code.INVALID_ARGUMENT, f"stream id {stream_id} must be odd for client streams")
             return
         if stream_id <= self.last_stream_id:
+            if stream_id == 1 and self.reusable:
+                # A device channel cannot see its peer leave and come back quickly; a client's first stream
+                # id again means a new client: this connection ends and the next one takes the request.
+                raise _NewPeer(flags, payload)
             self.fail(stream_id, Code.INVALID_ARGUMENT, f"stream id {stream_id} was already used")
             return
         self.last_stream_id = stream_id
@@ -403,6 +419,32 @@ class Server:
                     return
                 self._connections.add(conn)
             threading.Thread(target=conn.serve, name="ttrpc-conn", daemon=True).start()
+
+    def serve_fd(self, fd: int) -> None:
+        """Serve one connection on an already-open fd that is not a socket (a virtio-serial port, a pipe),
+        in this thread, until the peer closes its side (end of file). The fd stays open: the caller may serve
+        the next connection on it (a virtio-serial port outlives the host's connections)."""
+        self.serve_channel(FdChannel(fd))
+
+    def serve_channel(self, channel: FdChannel) -> None:
+        """serve_fd() on a channel the caller keeps (to shut it down from a signal handler, say). A request
+        with stream id 1 after others is a new client: the old connection ends (its handlers can no longer
+        send) and a new one, on the same channel, serves the new client from that request on."""
+        first: _NewPeer | None = None
+        while True:
+            conn = _Connection(self, channel)
+            with self._lock:
+                if self._closed:
+                    raise TtrpcError(Code.UNAVAILABLE, "ttrpc: server closed")
+                self._connections.add(conn)
+            try:
+                if first is not None:
+                    conn._on_request(1, first.flags, first.payload)
+                conn.serve()
+                return
+            except _NewPeer as peer:
+                first = peer
+                channel = FdChannel(channel.fd)  # the old connection's channel is shut by its close()
 
     def start(self, listener: _socket.socket) -> threading.Thread:
         """serve() in a background thread."""
