@@ -84,7 +84,7 @@ class EnclaveHandler(LinuxHandler):
         if process.get("terminal"):
             raise Unsupported("exec with a terminal into an enclave container is not supported")
         env = [f"{k}={v}" for k, v in proc.environment(process).items()]
-        return exec_in_enclave(sd.path, process, env)
+        return exec_in_enclave(sd.path, process, env, opts.stdio)
 
     def request(self, state: State, sd: StateDir, request: dict[str, Any], timeout: float) -> dict[str, Any]:
         return agent_request(sd.path, request, timeout)
@@ -314,13 +314,19 @@ def _recv_with_fds(conn: socket.socket) -> tuple[bytes, list[int]]:
 # The `clave exec` side: a proxy process stands for the enclave process on the host, so callers (containerd's
 # shim, podman) can wait for it, signal it and read its exit status as for any exec'd process.
 
-def exec_in_enclave(state_dir: str, process: dict[str, Any], env: list[str]) -> int:
+def exec_in_enclave(state_dir: str, process: dict[str, Any], env: list[str],
+                    stdio: tuple[int, int, int] | None = None) -> int:
     """Fork the proxy; returns its pid once the enclave process exists. The proxy exits with the enclave
-    process's status and forwards signals to it as pal_kill(pid, sig)."""
+    process's status and forwards signals to it as pal_kill(pid, sig). ``stdio`` (an in-process caller's
+    choice, as the shim's) becomes the enclave process's; by default the caller's own."""
     read_fd, write_fd = os.pipe()
     proxy = os.fork()
     if proxy == 0:
         os.close(read_fd)
+        if stdio is not None:
+            moved = [os.dup(fd) for fd in stdio]  # dup first: a chosen fd may itself be 0, 1 or 2
+            for target, fd in enumerate(moved):
+                os.dup2(fd, target)
         _run_proxy(os.path.join(state_dir, AGENT_SOCKET), process, env, write_fd)
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
