@@ -199,9 +199,13 @@ def test_failing_poststart_and_poststop_hooks_warn_and_continue(
         script = (f'umount /sys/fs/cgroup/unified 2>/dev/null; set -e; crun --root {crun.root} create --bundle '
                   f'{crun.bundle} {cid} >{crun.base}/create.out 2>&1; crun --root {crun.root} start {cid}; '
                   f'crun --root {crun.root} kill {cid} KILL; sleep 0.3; crun --root {crun.root} delete {cid}')
-        result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                                capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
-        crun.cleanup(cid)
+        for _attempt in range(2):  # the reference itself now and then dies of SIGPIPE (141) on a loaded machine
+            result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                                    capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+            crun.cleanup(cid)
+            if result.returncode < 128:
+                break
+            (bundle.out / "order").unlink(missing_ok=True)
         assert result.returncode == 0, result.stderr
         assert (bundle.out / "order").read_text().split() == ["poststart", "poststop"]
     runc = references["runc"]
