@@ -78,26 +78,26 @@ def attesters() -> dict[str, str]:
 
 
 def vm_acceleration() -> str:
-    """KVM when /dev/kvm answers the KVM API, else QEMU's software emulation (TCG) if QEMU is installed."""
-    import fcntl
+    """The hypervisor driver's verdict: KVM only when a probe booted the real guest under it, else TCG, and why."""
+    if shutil.which("qemu-system-x86_64") is None:
+        return "none: qemu-system-x86_64 is not installed"
+    from clave.vm import acceleration
 
-    qemu = shutil.which("qemu-system-x86_64")
+    verdict = acceleration()
+    return f"{verdict.accel}: {verdict.reason}" if verdict.reason else verdict.accel
+
+
+def vm_guest() -> str:
+    """Whether `clave vm build-guest` has built the guest, and its digests."""
+    from clave.vm import current_guest
+    from clave.vm.errors import BuildError
+
     try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-        try:
-            version = fcntl.ioctl(fd, 0xAE00)  # KVM_GET_API_VERSION
-        finally:
-            os.close(fd)
-        kvm = f"kvm (API {version})"
-    except OSError:
-        kvm = ""
-    pvm_host = os.path.exists("/sys/module/kvm_pvm") or os.path.exists("/sys/module/pvm")
-    if kvm and pvm_host:
-        kvm += " [PVM host: standard guest kernels do not run under it; TCG is used]"
-        return f"{kvm}; qemu: {'tcg' if qemu else 'not installed'}"
-    if kvm:
-        return kvm
-    return "tcg (software emulation)" if qemu else "none: qemu-system-x86_64 is not installed"
+        guest = current_guest()
+        digests = guest.digests()
+    except (BuildError, OSError) as exc:
+        return f"not built ({exc}): run `clave vm build-guest`"
+    return "built: " + ", ".join(f"{name} {value[:16]}" for name, value in sorted(digests.items()))
 
 
 def report() -> dict[str, Any]:
@@ -110,11 +110,13 @@ def report() -> dict[str, Any]:
             "apparmor": os.path.isdir("/sys/kernel/security/apparmor"),
             "selinux": os.path.isdir("/sys/fs/selinux"),
         },
-        "handlers": {"native": "supported", "enclave": "supported", "vm": "not available in this version"},
+        "handlers": {"native": "supported", "enclave": "supported",
+                     "vm": "guest, hypervisor driver and agent built; the handler is not wired in this version"},
         "enclave_types": enclave_types(),
         "language_runtimes": language_runtimes(),
         "attesters": attesters(),
         "vm_acceleration": vm_acceleration(),
+        "vm_guest": vm_guest(),
     }
 
 
