@@ -56,6 +56,15 @@ def _assert_gone(containerd: Containerd, container_id: str) -> None:
     assert leftovers() == []
 
 
+def _remove(containerd: Containerd, cid: str) -> None:
+    """Kill, delete and forget a task, then check nothing of it is left."""
+    containerd.ctr("task", "kill", "-s", "SIGKILL", cid)
+    wait_for(lambda: _status(containerd, cid) in ("STOPPED", ""), "the task to stop")
+    containerd.ctr("task", "delete", "--force", cid)
+    containerd.ctr("container", "delete", cid)
+    _assert_gone(containerd, cid)
+
+
 def test_run_rm_output_and_exit_code(containerd: Containerd, busybox_rootfs: Path) -> None:
     cid = _id("rm")
     result = _run(containerd, busybox_rootfs, ["--rm"], cid, "sh", "-c", "echo out; echo err >&2; exit 7")
@@ -271,11 +280,7 @@ def test_exec_user_ids_validated(containerd: Containerd, busybox_rootfs: Path, v
         ps = containerd.ctr("task", "ps", cid, check=True).stdout.split()
         assert len([p for p in ps if p.isdigit()]) == 1  # only the sleep
     finally:
-        containerd.ctr("task", "kill", "-s", "SIGKILL", cid)
-        wait_for(lambda: _status(containerd, cid) in ("STOPPED", ""), "the task to stop")
-        containerd.ctr("task", "delete", "--force", cid)
-        containerd.ctr("container", "delete", cid)
-    _assert_gone(containerd, cid)
+        _remove(containerd, cid)
 
 
 @pytest.mark.parametrize("fd", [3, 4, 5, 6, 7])
@@ -297,11 +302,7 @@ def test_cwd_through_a_leaked_fd_is_refused(containerd: Containerd, busybox_root
         ps = containerd.ctr("task", "ps", cid, check=True).stdout.split()
         assert len([p for p in ps if p.isdigit()]) == 1
     finally:
-        containerd.ctr("task", "kill", "-s", "SIGKILL", cid)
-        wait_for(lambda: _status(containerd, cid) in ("STOPPED", ""), "the task to stop")
-        containerd.ctr("task", "delete", "--force", cid)
-        containerd.ctr("container", "delete", cid)
-    _assert_gone(containerd, cid)
+        _remove(containerd, cid)
 
 
 def test_engine_warnings_reach_containerds_log(containerd: Containerd, busybox_rootfs: Path,

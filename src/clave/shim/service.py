@@ -14,7 +14,7 @@ import threading
 from clave import fastjson
 from clave.config import spec as oci
 from clave.engine.container import CreateOptions, Engine, ExecOptions
-from clave.errors import AlreadyExists, ClaveError, InvalidArgument, NotFound, Unsupported, WrongState
+from clave.errors import ClaveError, NotFound, Unsupported, WrongState
 from clave.handlers.base import Exit, Sandbox
 from clave.proto.generated import containerd_events as ev
 from clave.proto.generated import containerd_task_v2 as task
@@ -23,7 +23,7 @@ from clave.proto.generated.google_protobuf import Any as AnyMessage
 from clave.proto.generated.google_protobuf import Empty, Timestamp
 from clave.shim.io import ProcessIO
 from clave.shim.main import STATE_ROOT
-from clave.ttrpc import Code, TtrpcError
+from clave.ttrpc import Code, TtrpcError, from_clave_error
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -72,18 +72,6 @@ class Container:
             return self.execs[exec_id]
         except KeyError:
             raise TtrpcError(Code.NOT_FOUND, f"process {exec_id} not found in container {self.id}") from None
-
-
-_CODES: tuple[tuple[type[ClaveError], int], ...] = (
-    (NotFound, Code.NOT_FOUND), (AlreadyExists, Code.ALREADY_EXISTS), (WrongState, Code.FAILED_PRECONDITION),
-    (InvalidArgument, Code.INVALID_ARGUMENT), (Unsupported, Code.UNIMPLEMENTED),
-)
-
-
-def _status_error(exc: ClaveError) -> TtrpcError:
-    """containerd's errdefs travel as gRPC codes: map by the error's class."""
-    code: int = next((code for cls, code in _CODES if isinstance(exc, cls)), Code.UNKNOWN)
-    return TtrpcError(code, str(exc))
 
 
 class TaskService:
@@ -197,7 +185,7 @@ class TaskService:
             attached = handler.attach_rootfs(req.bundle, [{"type": m.type, "source": m.source,
                                                            "options": list(m.options)} for m in req.rootfs])
         except ClaveError as exc:
-            raise _status_error(exc) from None
+            raise from_clave_error(exc) from None
         io = ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal, {"CONTAINER_ID": req.id,
                                                                         "CONTAINER_NAMESPACE": self.namespace})
         init = Process(req.id, "", io)
@@ -220,7 +208,7 @@ class TaskService:
         except ClaveError as exc:
             io.close()
             handler.detach_rootfs(attached)
-            raise _status_error(exc) from None
+            raise from_clave_error(exc) from None
         finally:
             if console is not None:
                 console.close_listener()
@@ -242,7 +230,7 @@ class TaskService:
                 try:
                     self.engine.start(req.id)
                 except ClaveError as exc:
-                    raise _status_error(exc) from None
+                    raise from_clave_error(exc) from None
                 self._publish(ev.TaskStart(container_id=req.id, pid=container.init.pid))
             return task.StartResponse(pid=container.init.pid)
         process = container.process(req.exec_id)
@@ -265,7 +253,7 @@ class TaskService:
             process.io.after_start()
         except ClaveError as exc:
             process.io.close()
-            raise _status_error(exc) from None
+            raise from_clave_error(exc) from None
         finally:
             if console is not None:
                 console.close_listener()
@@ -288,7 +276,7 @@ class TaskService:
             except NotFound:
                 pass
             except ClaveError as exc:
-                raise _status_error(exc) from None
+                raise from_clave_error(exc) from None
             process.io.close()
             container.handler.detach_rootfs(container.attached)
             with self.lock:
@@ -306,7 +294,7 @@ class TaskService:
         try:
             pids = self.engine.pids(req.id)
         except ClaveError as exc:
-            raise _status_error(exc) from None
+            raise from_clave_error(exc) from None
         container = self.containers[req.id]
         execs = {p.pid: p.exec_id for p in container.execs.values() if p.pid}
         processes = []
@@ -343,7 +331,7 @@ class TaskService:
         except (NotFound, WrongState):
             raise TtrpcError(Code.NOT_FOUND, "process already finished") from None
         except ClaveError as exc:
-            raise _status_error(exc) from None
+            raise from_clave_error(exc) from None
         return Empty()
 
     def exec(self, ctx: Context, req: task.ExecProcessRequest) -> Empty:
@@ -420,4 +408,4 @@ class TaskService:
         try:
             return fn(*args)
         except ClaveError as exc:
-            raise _status_error(exc) from None
+            raise from_clave_error(exc) from None

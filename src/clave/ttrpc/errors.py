@@ -64,3 +64,14 @@ class TtrpcError(Exception):
     @classmethod
     def from_status(cls, status: Status) -> TtrpcError:
         return cls(status.code, status.message)
+
+
+def from_clave_error(exc: Exception) -> TtrpcError:
+    """Clave's error classes as gRPC status codes, as containerd's errdefs expect them (the shim and the guest
+    agent answer the same way)."""
+    from clave.errors import AlreadyExists, InvalidArgument, NotFound, Unsupported, WrongState
+
+    codes = ((NotFound, Code.NOT_FOUND), (AlreadyExists, Code.ALREADY_EXISTS), (WrongState, Code.FAILED_PRECONDITION),
+             (InvalidArgument, Code.INVALID_ARGUMENT), (Unsupported, Code.UNIMPLEMENTED))
+    code: int = next((code for cls, code in codes if isinstance(exc, cls)), Code.UNKNOWN)
+    return TtrpcError(code, str(exc))

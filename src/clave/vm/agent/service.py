@@ -14,13 +14,13 @@ import time
 
 from clave import __version__
 from clave.engine.container import Engine
-from clave.errors import AlreadyExists, ClaveError, InvalidArgument, NotFound, Unsupported, WrongState
+from clave.errors import ClaveError
 from clave.handlers import HANDLER_ANNOTATION
 from clave.handlers.base import CreateOptions, ExecOptions, Exit
 from clave.handlers.linux import ReaperSandbox
 from clave.proto.generated import clave_agent_v1 as pb
 from clave.proto.generated.google_protobuf import Empty
-from clave.ttrpc import Code, TtrpcError
+from clave.ttrpc import Code, TtrpcError, from_clave_error
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -102,16 +102,6 @@ class Container:
             return self.execs[exec_id]
         except KeyError:
             raise TtrpcError(Code.NOT_FOUND, f"process {exec_id} not found in container {self.id}") from None
-
-
-_CODES = ((NotFound, Code.NOT_FOUND), (AlreadyExists, Code.ALREADY_EXISTS), (WrongState, Code.FAILED_PRECONDITION),
-          (InvalidArgument, Code.INVALID_ARGUMENT), (Unsupported, Code.UNIMPLEMENTED))
-
-
-def _engine_error(exc: ClaveError) -> TtrpcError:
-    """The engine's error classes as gRPC codes, as the shim maps them."""
-    code: int = next((code for cls, code in _CODES if isinstance(exc, cls)), Code.UNKNOWN)
-    return TtrpcError(code, str(exc))
 
 
 class AgentService:
@@ -232,7 +222,7 @@ class AgentService:
                 _unmount(target)
             shutil.rmtree(bundle, ignore_errors=True)
             if isinstance(exc, ClaveError):
-                raise _engine_error(exc) from None
+                raise from_clave_error(exc) from None
             if isinstance(exc, FileExistsError):
                 raise TtrpcError(Code.ALREADY_EXISTS, f"container {cid} already exists") from None
             raise
@@ -271,7 +261,7 @@ class AgentService:
             try:
                 self.engine.start(req.container_id)
             except ClaveError as exc:
-                raise _engine_error(exc) from None
+                raise from_clave_error(exc) from None
         return Empty()
 
     def exec_process(self, ctx: Context, req: pb.ExecProcessRequest) -> Empty:
@@ -290,7 +280,7 @@ class AgentService:
             pid = self._spawn(process, lambda opts: self.engine.exec(req.container_id, spec, ExecOptions(**opts)))
         except ClaveError as exc:
             process.close_all()
-            raise _engine_error(exc) from None
+            raise from_clave_error(exc) from None
         with self.lock:
             container.execs[req.exec_id] = process
             self._track(process, pid)
@@ -302,7 +292,7 @@ class AgentService:
             try:
                 self.engine.kill(req.container_id, req.signal)
             except ClaveError as exc:
-                raise _engine_error(exc) from None
+                raise from_clave_error(exc) from None
             return Empty()
         process = container.process(req.exec_id)
         if process.exit is None and process.pid:
@@ -327,7 +317,7 @@ class AgentService:
                 self.engine.delete(req.container_id, force=True)
         except ClaveError as exc:
             if "does not exist" not in str(exc):
-                raise _engine_error(exc) from None
+                raise from_clave_error(exc) from None
         deadline = time.monotonic() + (req.timeout or 10)
         for process in [container.init, *container.execs.values()]:
             if process.pid and not process.exited.wait(max(0.0, deadline - time.monotonic())):
@@ -349,7 +339,7 @@ class AgentService:
         except ValueError as exc:
             raise TtrpcError(Code.INVALID_ARGUMENT, f"resources_json: {exc}") from None
         except ClaveError as exc:
-            raise _engine_error(exc) from None
+            raise from_clave_error(exc) from None
         return Empty()
 
     def stats_container(self, ctx: Context, req: pb.StatsContainerRequest) -> pb.StatsContainerResponse:
@@ -357,7 +347,7 @@ class AgentService:
         try:
             stats = self.engine.stats(req.container_id)
         except ClaveError as exc:
-            raise _engine_error(exc) from None
+            raise from_clave_error(exc) from None
         return _stats_message(stats)
 
     def pause_container(self, ctx: Context, req: pb.PauseContainerRequest) -> Empty:
@@ -365,7 +355,7 @@ class AgentService:
         try:
             self.engine.pause(req.container_id)
         except ClaveError as exc:
-            raise _engine_error(exc) from None
+            raise from_clave_error(exc) from None
         return Empty()
 
     def resume_container(self, ctx: Context, req: pb.ResumeContainerRequest) -> Empty:
@@ -373,7 +363,7 @@ class AgentService:
         try:
             self.engine.resume(req.container_id)
         except ClaveError as exc:
-            raise _engine_error(exc) from None
+            raise from_clave_error(exc) from None
         return Empty()
 
     def close_stdin(self, ctx: Context, req: pb.CloseStdinRequest) -> Empty:
