@@ -316,3 +316,24 @@ def test_engine_warnings_reach_containerds_log(containerd: Containerd, busybox_r
     wait_for(lambda: f"container {cid}: enclave type software is INSECURE" in containerd.log_path.read_text(),
              "the warning in containerd's log")
     _assert_gone(containerd, cid)
+
+
+@pytest.mark.parametrize("handler", ["native", "enclave"])
+def test_runtime_options_choose_the_handler(containerd: Containerd, busybox_rootfs: Path, tmp_path: Path,
+                                            handler: str) -> None:
+    """containerd passes the runtime's options (runtimeoptions.v1 ConfigPath, what `clave node install` writes
+    for clave-enclave and clave-vm) and the shim creates the container with that handler: here `enclave` for
+    a config with no enclave settings is refused by the enclave handler, `native` runs."""
+    from clave.k8s.runtimeconfig import RuntimeConfig, render
+
+    config = tmp_path / f"runtime-{handler}.toml"
+    config.write_text(render(RuntimeConfig(f"clave-{handler}", handler)))
+    cid = _id("opt")
+    result = _run(containerd, busybox_rootfs, ["--rm", "--runtime-config-path", str(config)], cid, "true")
+    if handler == "native":
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode != 0 and "enclave" in result.stderr, result.stderr
+    containerd.ctr("task", "delete", "--force", cid)
+    containerd.ctr("container", "delete", cid)
+    _assert_gone(containerd, cid)

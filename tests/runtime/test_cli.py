@@ -131,3 +131,13 @@ def test_debug_flag_and_run_detach_terminal(clave: Clave, bundle: Bundle, tmp_pa
     bundle.process["terminal"] = True
     bundle.write()
     assert "console socket" in clave.fail("run", "--detach", "--bundle", str(bundle.path), clave.id())
+
+
+def test_global_handler_flag(clave: Clave, bundle: Bundle) -> None:
+    """--handler (Docker's runtimeArgs, podman's runtime options) picks the handler of new containers."""
+    bundle.args("true")
+    bundle.write()
+    result = clave("--handler", "native", "run", "--bundle", str(bundle.path), clave.id("h1"), check=False)
+    assert result.returncode == 0, result.stderr
+    line = clave.fail("--handler", "nosuch", "run", "--bundle", str(bundle.path), clave.id("h2"))
+    assert "unknown container handler 'nosuch'" in line

@@ -19,5 +19,5 @@ def run(parsed: Parsed, ctx: Any) -> int:
     (container_id, *_) = need_args(parsed, 1, "create [options] ID", exact=True)
     from clave.engine.container import Engine
 
-    Engine(ctx.root, ctx.log).create(container_id, create_options(parsed))
+    Engine(ctx.root, ctx.log, ctx.handler).create(container_id, create_options(parsed))
     return 0

@@ -47,6 +47,7 @@ GLOBAL_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "log-format": ("str", ()),
     "debug": ("bool", ()),
     "systemd-cgroup": ("bool", ()),
+    "handler": ("str", ()),
     "criu": ("str", ()),
     "rootless": ("str", ()),
     "help": ("bool", ("h",)),
@@ -58,6 +59,7 @@ GLOBAL_HELP: tuple[tuple[str, str], ...] = (
     ("--log FILE", "log file (default stderr)"),
     ("--log-format FMT", "text or json"),
     ("--debug", "debug logging"),
+    ("--handler NAME", "the handler of new containers: native (default), enclave, vm; annotations still choose"),
     ("--systemd-cgroup", "accepted for runc compatibility (slice:prefix:name cgroupsPath is recognised by its form)"),
     ("--version", "print the version"),
     ("--help", "show this help"),
@@ -137,11 +139,12 @@ def parse_flags(argv: Sequence[str], spec: dict[str, tuple[str, tuple[str, ...]]
 
 
 class Globals:
-    def __init__(self, root: str, log: Any, debug: bool, systemd_cgroup: bool) -> None:
+    def __init__(self, root: str, log: Any, debug: bool, systemd_cgroup: bool, handler: str | None = None) -> None:
         self.root = root
         self.log = log
         self.debug = debug
         self.systemd_cgroup = systemd_cgroup
+        self.handler = handler  # --handler: Docker's runtimeArgs and podman's runtime options pass it
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -184,6 +187,7 @@ def run(argv: Sequence[str]) -> int:
             log=log,
             debug=parsed.flags.get("debug", False),
             systemd_cgroup=parsed.flags.get("systemd-cgroup", False),
+            handler=parsed.flags.get("handler") or None,
         )
         code: int = module.run(verb_parsed, ctx)
         return code

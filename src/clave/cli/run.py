@@ -37,7 +37,7 @@ def run(parsed: Parsed, ctx: Any) -> int:
 
     detach = parsed.flags.get("detach", False)
     opts = create_options(parsed, detach_check=detach)
-    engine = Engine(ctx.root, ctx.log)
+    engine = Engine(ctx.root, ctx.log, ctx.handler)
     if not detach:
         lsys.set_child_subreaper()  # the init is re-parented to us when the intermediate exits
     config = engine.load_config(opts.bundle)  # parsed once: create takes it too

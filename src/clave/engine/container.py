@@ -56,11 +56,13 @@ class Engine:
         except oci.ConfigError as exc:
             raise InvalidArgument(str(exc)) from None
 
-    def handler_for_config(self, config: dict[str, Any]) -> Handler:
+    def handler_for_config(self, config: dict[str, Any], default: str | None = None) -> Handler:
         """The handler a container of this config gets (the shim attaches its rootfs before create)."""
-        return handler_for(config, default=self.default_handler)
+        return handler_for(config, default=default or self.default_handler)
 
-    def create(self, container_id: str, opts: CreateOptions, config: dict[str, Any] | None = None) -> st.State:
+    def create(self, container_id: str, opts: CreateOptions, config: dict[str, Any] | None = None,
+               handler_name: str | None = None) -> st.State:
+        """``handler_name``: this container's default handler when its config names none (a runtime's options)."""
         bundle = os.path.abspath(opts.bundle)
         sd = st.StateDir(self.root, container_id)  # validates the id
         if sd.present():
@@ -68,7 +70,7 @@ class Engine:
         config = config if config is not None else self.load_config(bundle)
         if "process" not in config:
             raise InvalidArgument("config.json: process: required to create a container")
-        handler = handler_for(config, default=self.default_handler)
+        handler = self.handler_for_config(config, handler_name)
         terminal = bool(config["process"].get("terminal"))
         if terminal and not opts.console_socket and opts.detach_check:
             raise InvalidArgument("cannot allocate tty if clave will detach without setting console socket")

@@ -16,13 +16,13 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 
-from clave.errors import ClaveError
+from clave.errors import InvalidArgument
 
 VERSION = 1
 HANDLERS = ("native", "enclave", "vm")
 
 
-class RuntimeConfigError(ClaveError):
+class RuntimeConfigError(InvalidArgument):
     pass
 
 

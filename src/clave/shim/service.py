@@ -14,7 +14,7 @@ import threading
 from clave import fastjson
 from clave.config import spec as oci
 from clave.engine.container import CreateOptions, Engine, ExecOptions
-from clave.errors import ClaveError, NotFound, Unsupported, WrongState
+from clave.errors import ClaveError, InvalidArgument, NotFound, Unsupported, WrongState
 from clave.handlers.base import Exit, Sandbox
 from clave.proto.generated import containerd_events as ev
 from clave.proto.generated import containerd_task_v2 as task
@@ -180,7 +180,8 @@ class TaskService:
                 raise TtrpcError(Code.ALREADY_EXISTS, f"container {req.id} already exists")
         try:
             config = self.engine.load_config(req.bundle)
-            handler = self.engine.handler_for_config(config)
+            handler_name = _runtime_handler(req.options)
+            handler = self.engine.handler_for_config(config, handler_name)
             self._sandbox_for(handler, req.id)
             attached = handler.attach_rootfs(req.bundle, [{"type": m.type, "source": m.source,
                                                            "options": list(m.options)} for m in req.rootfs])
@@ -200,7 +201,7 @@ class TaskService:
             else:
                 opts.stdio = io.open()
             with self._quiet():
-                state = self.engine.create(req.id, opts, config)
+                state = self.engine.create(req.id, opts, config, handler_name)
             if console is not None:
                 console.accept()
                 io.attach_master(console.master)
@@ -409,3 +410,27 @@ class TaskService:
             return fn(*args)
         except ClaveError as exc:
             raise from_clave_error(exc) from None
+
+
+def _runtime_handler(options: AnyMessage | None) -> str | None:
+    """The handler a containerd runtime stands for: containerd passes a non-runc shim its runtime's options
+    (runtimeoptions.v1.Options), whose ConfigPath names the file `clave node install` wrote (``handler = ...``)."""
+    if options is None or not options.type_url.endswith("runtimeoptions.v1.Options"):
+        return None
+    from clave.k8s import runtimeconfig
+    from clave.proto.generated.runtimeoptions_v1 import Options
+
+    try:
+        decoded = Options.decode(options.value)
+    except ValueError as exc:
+        raise InvalidArgument(f"runtime options: {exc}") from None
+    if decoded.config_body:
+        return runtimeconfig.parse(decoded.config_body, "runtime options").handler
+    if not decoded.config_path:
+        return None
+    try:
+        with open(decoded.config_path) as f:
+            text = f.read()
+    except OSError as exc:
+        raise InvalidArgument(f"runtime options: {decoded.config_path}: {exc.strerror}") from None
+    return runtimeconfig.parse(text, decoded.config_path).handler

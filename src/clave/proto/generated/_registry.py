@@ -115,6 +115,7 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "io.containerd.cgroups.v2.PidsStat": ("clave.proto.generated.io_containerd_cgroups_v2", "PidsStat"),
     "io.containerd.cgroups.v2.RdmaEntry": ("clave.proto.generated.io_containerd_cgroups_v2", "RdmaEntry"),
     "io.containerd.cgroups.v2.RdmaStat": ("clave.proto.generated.io_containerd_cgroups_v2", "RdmaStat"),
+    "runtimeoptions.v1.Options": ("clave.proto.generated.runtimeoptions_v1", "Options"),
     "ttrpc.KeyValue": ("clave.proto.generated.ttrpc", "KeyValue"),
     "ttrpc.Request": ("clave.proto.generated.ttrpc", "Request"),
     "ttrpc.Response": ("clave.proto.generated.ttrpc", "Response"),
