@@ -318,22 +318,29 @@ def test_engine_warnings_reach_containerds_log(containerd: Containerd, busybox_r
     _assert_gone(containerd, cid)
 
 
-@pytest.mark.parametrize("handler", ["native", "enclave"])
 def test_runtime_options_choose_the_handler(containerd: Containerd, busybox_rootfs: Path, tmp_path: Path,
-                                            handler: str) -> None:
-    """containerd passes the runtime's options (runtimeoptions.v1 ConfigPath, what `clave node install` writes
-    for clave-enclave and clave-vm) and the shim creates the container with that handler: here `enclave` for
-    a config with no enclave settings is refused by the enclave handler, `native` runs."""
+                                            skeleton_pal: Path) -> None:
+    """containerd passes the runtime's options (runtimeoptions.v1 ConfigPath: the files `clave node install`
+    writes) and the shim takes the handler from them. `enclave` cannot be imposed on a container without enclave
+    settings (it runs natively, as a pod's sandbox container must), and runs one with them through its PAL; a
+    handler this build does not have is refused in one line."""
     from clave.k8s.runtimeconfig import RuntimeConfig, render
 
-    config = tmp_path / f"runtime-{handler}.toml"
-    config.write_text(render(RuntimeConfig(f"clave-{handler}", handler)))
-    cid = _id("opt")
-    result = _run(containerd, busybox_rootfs, ["--rm", "--runtime-config-path", str(config)], cid, "true")
-    if handler == "native":
-        assert result.returncode == 0, result.stderr
-    else:
-        assert result.returncode != 0 and "enclave" in result.stderr, result.stderr
-    containerd.ctr("task", "delete", "--force", cid)
-    containerd.ctr("container", "delete", cid)
-    _assert_gone(containerd, cid)
+    def run(handler: str, *flags: str) -> subprocess.CompletedProcess[str]:
+        config = tmp_path / f"runtime-{handler}.toml"
+        config.write_text(render(RuntimeConfig(f"clave-{handler}", handler)))
+        cid = _id("opt")
+        result = _run(containerd, busybox_rootfs, ["--rm", "--runtime-config-path", str(config), *flags], cid,
+                      "/bin/sh", "-c", "echo ran")
+        containerd.ctr("task", "delete", "--force", cid)
+        containerd.ctr("container", "delete", cid)
+        _assert_gone(containerd, cid)
+        return result
+
+    assert run("native").stdout == "ran\n"
+    assert run("enclave").stdout == "ran\n"
+    enclave = run("enclave", "--annotation", "enclave.type=software", "--annotation",
+                  f"enclave.runtime.path={skeleton_pal}")
+    assert enclave.returncode == 0 and enclave.stdout == "ran\n", enclave.stderr
+    refused = run("vm")
+    assert refused.returncode != 0 and "unknown container handler 'vm'" in refused.stderr

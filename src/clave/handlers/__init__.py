@@ -31,7 +31,10 @@ def select_handler_name(config: dict[str, Any], default: str | None = None) -> s
 
     if is_enclave(config):
         return "enclave"
-    return config.get("annotations", {}).get(HANDLER_ANNOTATION) or default or "native"
+    chosen = config.get("annotations", {}).get(HANDLER_ANNOTATION) or default or "native"
+    # "enclave" cannot be imposed from outside: a container is one by its own settings, as rune decides (a pod
+    # of the clave-enclave runtime still runs its sandbox container natively).
+    return "native" if chosen == "enclave" else chosen
 
 
 def handler_for(config: dict[str, Any], name: str | None = None, default: str | None = None) -> Handler:
