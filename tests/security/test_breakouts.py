@@ -48,11 +48,8 @@ def _one_line(stderr: str) -> str:
 def _wait_state(pid: int, letter: str, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == letter:
-                return
-        except (OSError, IndexError):
-            pass
+        if _state_letter(pid) == letter:
+            return
         time.sleep(0.01)
     raise AssertionError(f"process {pid} did not reach state {letter}")
 
@@ -297,15 +294,23 @@ def test_paused_exec_is_out_of_the_containers_reach(runner: Runner, tmp_path: Pa
             exec_proc.kill()
             exec_proc.wait()
             for pid in processes_in_cgroup(f"/{runner.group}/dump"):
-                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T":
+                if _state_letter(pid) == "T":
                     os.kill(pid, signal.SIGKILL)
+
+
+def _state_letter(pid: int) -> str:
+    """A process's state letter, or "" once it is gone (the watcher's own short-lived children come and go)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 def _paused_member(runner: Runner, name: str) -> int:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         for pid in processes_in_cgroup(f"/{runner.group}/{name}"):
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T":
+            if _state_letter(pid) == "T":
                 return pid
         time.sleep(0.01)
     raise AssertionError("the exec'd process did not pause")
