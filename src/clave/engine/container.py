@@ -43,9 +43,6 @@ class Engine:
         if self.log is not None:
             self.log.warning(message)
 
-    def _status(self, handler: Handler, state: st.State, sd: st.StateDir) -> str:
-        return handler.status(state, sd)
-
     # ---------------------------------------------------------------- create
     def load_config(self, bundle: str) -> dict[str, Any]:
         """The bundle's validated config.json (a caller that needs its handler first passes it to create)."""
@@ -129,7 +126,7 @@ class Engine:
     def start(self, container_id: str) -> None:
         sd, state, handler = self._open(container_id)
         try:
-            status = self._status(handler, state, sd)
+            status = handler.status(state, sd)
             if status != "created":
                 raise WrongState(f"cannot start a container in the {status} state (it must be created)")
             handler.start(state, sd)
@@ -163,7 +160,7 @@ class Engine:
     def kill(self, container_id: str, sig: int, all_processes: bool = False) -> None:
         sd, state, handler = self._open(container_id)
         try:
-            status = self._status(handler, state, sd)
+            status = handler.status(state, sd)
             if status not in ("created", "running", "paused"):
                 # containerd matches "container not running" to treat the kill as already done.
                 raise WrongState(f"container not running: {container_id} is {status}")
@@ -200,7 +197,7 @@ class Engine:
                 sd.remove()  # half-written by a crashed create: nothing else is known
                 return
             handler = handler_for(state.config, name=state.handler)
-            status = self._status(handler, state, sd)
+            status = handler.status(state, sd)
             if status in ("running", "paused", "creating") and not force:
                 raise WrongState(f"cannot delete container {container_id} that is not stopped: {status}")
             self._destroy(handler, state, sd)
@@ -223,7 +220,7 @@ class Engine:
             raise InvalidArgument(str(exc)) from None
         sd, state, handler = self._open(container_id)
         try:
-            status = self._status(handler, state, sd)
+            status = handler.status(state, sd)
             if status == "paused" and not opts.ignore_paused:
                 raise WrongState(f"container {container_id} is paused; resume it first (or --ignore-paused)")
             if status not in ("created", "running", "paused"):
@@ -248,7 +245,7 @@ class Engine:
     def _request(self, container_id: str, request: dict[str, Any], timeout: float = 10) -> dict[str, Any]:
         sd, state, handler = self._open(container_id)
         try:
-            if self._status(handler, state, sd) not in ("running", "paused"):
+            if handler.status(state, sd) not in ("running", "paused"):
                 raise WrongState(f"container {container_id} is not running")
             return handler.request(state, sd, request, timeout)
         finally:
@@ -258,7 +255,7 @@ class Engine:
     def pids(self, container_id: str) -> list[int]:
         sd, state, handler = self._open(container_id)
         try:
-            if self._status(handler, state, sd) == "stopped":
+            if handler.status(state, sd) == "stopped":
                 return []
             return handler.pids(state)
         finally:
@@ -267,7 +264,7 @@ class Engine:
     def pause(self, container_id: str) -> None:
         sd, state, handler = self._open(container_id)
         try:
-            status = self._status(handler, state, sd)
+            status = handler.status(state, sd)
             if status not in ("running", "created"):  # runc freezes a created container too
                 raise WrongState(f"container {container_id} is not running (status {status})")
             handler.pause(state)
@@ -277,7 +274,7 @@ class Engine:
     def resume(self, container_id: str) -> None:
         sd, state, handler = self._open(container_id)
         try:
-            status = self._status(handler, state, sd)
+            status = handler.status(state, sd)
             if status != "paused":
                 raise WrongState(f"container {container_id} is not paused (status {status})")
             handler.resume(state)
@@ -294,7 +291,7 @@ class Engine:
             raise InvalidArgument(str(exc)) from None
         sd, state, handler = self._open(container_id)
         try:
-            if self._status(handler, state, sd) == "stopped":
+            if handler.status(state, sd) == "stopped":
                 raise WrongState(f"cannot update a stopped container {container_id}")
             handler.update(state, resources, self._warn)
             merged = state.config.setdefault("linux", {}).setdefault("resources", {})
@@ -308,7 +305,7 @@ class Engine:
         """runc's ``events --stats`` data, as the handler measures it."""
         sd, state, handler = self._open(container_id)
         try:
-            if self._status(handler, state, sd) == "stopped":
+            if handler.status(state, sd) == "stopped":
                 raise WrongState(f"container {container_id} is not running")
             return handler.stats(state)
         finally:

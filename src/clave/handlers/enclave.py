@@ -324,9 +324,7 @@ def exec_in_enclave(state_dir: str, process: dict[str, Any], env: list[str],
     if proxy == 0:
         os.close(read_fd)
         if stdio is not None:
-            moved = [os.dup(fd) for fd in stdio]  # dup first: a chosen fd may itself be 0, 1 or 2
-            for target, fd in enumerate(moved):
-                os.dup2(fd, target)
+            spawn.adopt_stdio(stdio)
         _run_proxy(os.path.join(state_dir, AGENT_SOCKET), process, env, write_fd)
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:

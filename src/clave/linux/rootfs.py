@@ -283,11 +283,8 @@ def mount_one(root_fd: int, m: dict[str, Any], cgroup_paths: dict[str, str], in_
             source_stat = os.stat(source)
         except OSError as exc:
             raise RootfsError(f"bind mount source {source}: {exc.strerror}") from None
-        target = resolve(root_fd, dest, "dir" if stat.S_ISDIR(source_stat.st_mode) else "file")
-        try:
-            lsys.mount(source, fd_path(target), None, lsys.MS_BIND | (flags & lsys.MS_REC))
-        finally:
-            os.close(target)
+        _mount_at(root_fd, dest, source, None, lsys.MS_BIND | (flags & lsys.MS_REC),
+                  create="dir" if stat.S_ISDIR(source_stat.st_mode) else "file")
         mounted = _check_mounted(root_fd, dest, source_stat)
         try:
             # A bind mount ignores other flags until remounted.
@@ -303,22 +300,23 @@ def mount_one(root_fd: int, m: dict[str, Any], cgroup_paths: dict[str, str], in_
         return
     if mtype == "cgroup":
         _mount_cgroup(root_fd, dest, flags, cgroup_paths)
+    elif mtype == "sysfs" and in_userns:
+        # sysfs cannot be mounted from a user namespace that does not own the net ns: bind it.
+        _mount_at(root_fd, dest, "/sys", None, lsys.MS_BIND | lsys.MS_REC, create="dir")
     else:
-        target = resolve(root_fd, dest, "dir")
-        try:
-            if mtype == "sysfs" and in_userns:
-                # sysfs cannot be mounted from a user namespace that does not own the net ns: bind it.
-                lsys.mount("/sys", fd_path(target), None, lsys.MS_BIND | lsys.MS_REC)
-            else:
-                lsys.mount(source or mtype, fd_path(target), mtype, flags, data or None)
-        finally:
-            os.close(target)
+        _mount_at(root_fd, dest, source or mtype, mtype, flags, data or None, create="dir")
     if propagation:
-        mounted = resolve(root_fd, dest)
-        try:
-            lsys.mount(None, fd_path(mounted), None, propagation)
-        finally:
-            os.close(mounted)
+        _mount_at(root_fd, dest, None, None, propagation)
+
+
+def _mount_at(root_fd: int, path: str, source: str | None, fstype: str | None, flags: int,
+              data: str | None = None, create: str = "") -> None:
+    """mount(2) onto ``path`` as resolved inside the root (see ``resolve``) right now, through its fd."""
+    target = resolve(root_fd, path, create)
+    try:
+        lsys.mount(source, fd_path(target), fstype, flags, data)
+    finally:
+        os.close(target)
 
 
 def _check_mounted(root_fd: int, dest: str, source_stat: os.stat_result) -> int:
@@ -347,35 +345,20 @@ def _locked_flags(path: str | int) -> int:
 def _mount_cgroup(root_fd: int, dest: str, flags: int, cgroup_paths: dict[str, str]) -> None:
     """Show the container its own cgroups: cgroup2 directly, or for v1 a tmpfs of read-only binds."""
     v1 = {name: path for name, path in cgroup_paths.items() if name not in ("unified", "")}
-    target = resolve(root_fd, dest, "dir")
-    try:
-        if not v1:
-            lsys.mount("cgroup2", fd_path(target), "cgroup2", flags)
-            return
-        lsys.mount("tmpfs", fd_path(target), "tmpfs", lsys.MS_NOSUID | lsys.MS_NODEV | lsys.MS_NOEXEC, "mode=755")
-    finally:
-        os.close(target)
+    if not v1:
+        _mount_at(root_fd, dest, "cgroup2", "cgroup2", flags, create="dir")
+        return
+    _mount_at(root_fd, dest, "tmpfs", "tmpfs", lsys.MS_NOSUID | lsys.MS_NODEV | lsys.MS_NOEXEC, "mode=755",
+              create="dir")
     bind_flags = lsys.MS_BIND | lsys.MS_REMOUNT | lsys.MS_NOSUID | lsys.MS_NODEV | lsys.MS_NOEXEC
     binds = sorted(v1.items()) + ([("unified", cgroup_paths["unified"])] if cgroup_paths.get("unified") else [])
     for name, path in binds:
-        sub = resolve(root_fd, f"{dest}/{name}", "dir")
-        try:
-            lsys.mount(path, fd_path(sub), None, lsys.MS_BIND)
-        finally:
-            os.close(sub)
+        _mount_at(root_fd, f"{dest}/{name}", path, None, lsys.MS_BIND, create="dir")
         if name != "unified":
-            sub = resolve(root_fd, f"{dest}/{name}")
-            try:
-                lsys.mount(None, fd_path(sub), None, bind_flags | (flags & lsys.MS_RDONLY))
-            finally:
-                os.close(sub)
+            _mount_at(root_fd, f"{dest}/{name}", None, None, bind_flags | (flags & lsys.MS_RDONLY))
     if flags & lsys.MS_RDONLY:
-        top = resolve(root_fd, dest)
-        try:
-            lsys.mount(None, fd_path(top), None, lsys.MS_REMOUNT | lsys.MS_RDONLY | lsys.MS_NOSUID | lsys.MS_NODEV
-                       | lsys.MS_NOEXEC, "mode=755")
-        finally:
-            os.close(top)
+        _mount_at(root_fd, dest, None, None, lsys.MS_REMOUNT | lsys.MS_RDONLY | lsys.MS_NOSUID | lsys.MS_NODEV
+                  | lsys.MS_NOEXEC, "mode=755")
 
 
 def create_devices(rootfs: str, devices: list[dict[str, Any]], in_userns: bool) -> None:
@@ -546,14 +529,17 @@ def readonly_paths(rootfs: str, paths: list[str]) -> None:
             except FileNotFoundError:
                 continue
             try:
-                lsys.mount(fd_path(target), fd_path(target), None, lsys.MS_BIND | lsys.MS_REC)
-                os.close(target)
-                target = resolve(root_fd, path)  # now the new bind mount
-                lsys.mount(None, fd_path(target), None,
-                           lsys.MS_BIND | lsys.MS_REMOUNT | lsys.MS_RDONLY | _locked_flags(target))
+                try:
+                    lsys.mount(fd_path(target), fd_path(target), None, lsys.MS_BIND | lsys.MS_REC)
+                finally:
+                    os.close(target)
+                mounted = resolve(root_fd, path)  # now the new bind mount
+                try:
+                    lsys.mount(None, fd_path(mounted), None,
+                               lsys.MS_BIND | lsys.MS_REMOUNT | lsys.MS_RDONLY | _locked_flags(mounted))
+                finally:
+                    os.close(mounted)
             except OSError as exc:
                 raise RootfsError(f"make {path} read-only: {os.strerror(exc.errno or 0)}") from None
-            finally:
-                os.close(target)
     finally:
         os.close(root_fd)

@@ -278,9 +278,7 @@ def close_fds_except(keep_upto: int, needed: set[int], stdio: tuple[int, int, in
     """Close every fd above ``keep_upto`` that is not ``needed`` (close_range over the gaps: no /proc needed);
     first make ``stdio`` (fds an in-process caller such as the shim chose for the container) our 0, 1 and 2."""
     if stdio is not None:
-        moved = [os.dup(fd) for fd in stdio]  # dup first: a chosen fd may itself be 0, 1 or 2
-        for target, fd in enumerate(moved):
-            os.dup2(fd, target)
+        adopt_stdio(stdio)
     low = keep_upto + 1
     for fd in sorted(n for n in needed if n >= low):
         os.closerange(low, fd)
@@ -289,6 +287,13 @@ def close_fds_except(keep_upto: int, needed: set[int], stdio: tuple[int, int, in
 
 
 _MAX_FD = 0x7FFFFFFF
+
+
+def adopt_stdio(stdio: tuple[int, int, int]) -> None:
+    """Make ``stdio`` (fds an in-process caller such as the shim chose) this process's 0, 1 and 2."""
+    moved = [os.dup(fd) for fd in stdio]  # dup first: a chosen fd may itself be 0, 1 or 2
+    for target, fd in enumerate(moved):
+        os.dup2(fd, target)
 
 
 def set_dumpable(plan_namespaces: dict[str, str | None]) -> None:
