@@ -34,7 +34,9 @@ class Engine:
         sd.lock()
         try:
             state = sd.load()
-            return sd, state, handler_for(state.config, name=state.handler)
+            handler = handler_for(state.config, name=state.handler)
+            handler.log = self.log
+            return sd, state, handler
         except BaseException:
             sd.unlock()
             raise
@@ -68,6 +70,7 @@ class Engine:
         if "process" not in config:
             raise InvalidArgument("config.json: process: required to create a container")
         handler = self.handler_for_config(config, handler_name)
+        handler.log = self.log
         terminal = bool(config["process"].get("terminal"))
         if terminal and not opts.console_socket and opts.detach_check:
             raise InvalidArgument("cannot allocate tty if clave will detach without setting console socket")
@@ -268,6 +271,7 @@ class Engine:
             if status not in ("running", "created"):  # runc freezes a created container too
                 raise WrongState(f"container {container_id} is not running (status {status})")
             handler.pause(state)
+            sd.save(state)  # what the handler recorded (a vm container's paused mark)
         finally:
             sd.unlock()
 
@@ -278,6 +282,7 @@ class Engine:
             if status != "paused":
                 raise WrongState(f"container {container_id} is not paused (status {status})")
             handler.resume(state)
+            sd.save(state)
         finally:
             sd.unlock()
 

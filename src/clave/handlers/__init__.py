@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 HANDLERS: dict[str, str] = {
     "native": "clave.handlers.native:NativeHandler",
     "enclave": "clave.handlers.enclave:EnclaveHandler",
+    "vm": "clave.handlers.vm:VmHandler",
 }
 # The annotation that names a handler (ctr --annotation, podman, CRI pod annotations).
 HANDLER_ANNOTATION = "io.clave.handler"

@@ -86,6 +86,12 @@ class Handler(ABC):
     call that changes something."""
 
     name = "base"
+    log: Any = None  # the caller's logger (clave.logs.Logger), set by the engine
+
+    def debug(self, message: str) -> None:
+        """Progress and timings for the debug log (`--debug`), never shown otherwise."""
+        if self.log is not None:
+            self.log.debug(message)
 
     # -- create and its undoing
     def prepare(self, state: State, notice: Callable[[str], None]) -> None:

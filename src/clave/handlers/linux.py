@@ -162,14 +162,7 @@ class LinuxHandler(Handler):
             raise WrongState(f"container not running: {state.id}") from None
 
     def wait(self, state: State, pid: int) -> int:
-        """Reap children until ``pid`` exits (the caller is the subreaper the init was re-parented to)."""
-        while True:
-            try:
-                reaped, status = os.waitpid(-1, 0)
-            except ChildProcessError:
-                return 255
-            if reaped == pid:
-                return _shell_status(status)
+        return reap_until(pid)
 
     # -- processes
     def exec(self, state: State, sd: StateDir, process: dict[str, Any], opts: ExecOptions) -> int:
@@ -369,6 +362,17 @@ def make_plan(state: State, sd: StateDir, opts: CreateOptions) -> InitPlan:
         # The container's mounts will be the runtime's own: remember what was there, destroy removes the rest.
         state.handler_state["inherited_mounts"] = {"rootfs_mount": rootfs.top_mount_id(state.rootfs)}
     return plan
+
+
+def reap_until(pid: int) -> int:
+    """Reap children until ``pid`` exits; its status (the caller is the subreaper it was re-parented to)."""
+    while True:
+        try:
+            reaped, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            return 255
+        if reaped == pid:
+            return _shell_status(status)
 
 
 def _shell_status(status: int) -> int:

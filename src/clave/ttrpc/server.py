@@ -134,6 +134,12 @@ class ServerStream:
         if not self._conn.send(self.stream_id, TYPE_DATA, 0, payload):
             raise TtrpcError(Code.UNAVAILABLE, "ttrpc: client connection closed")
 
+    @property
+    def peer_lost(self) -> bool:
+        """Whether recv()'s end came from the connection dropping (the client died) rather than the client
+        closing its side."""
+        return self._conn.lost
+
     def _deliver(self, payload: bytes | None) -> None:
         self._queue.put(payload)
 
@@ -188,6 +194,7 @@ class _Connection:
         self.streams: dict[int, ServerStream] = {}
         self.last_stream_id = 0
         self.closed = False
+        self.lost = False  # the peer went away (set before its streams see their end)
         self.reusable = isinstance(sock, FdChannel)  # a device that later peers reuse (see _NewPeer)
 
     def send(self, stream_id: int, msg_type: int, flags: int, payload: bytes) -> bool:
@@ -225,6 +232,7 @@ class _Connection:
         except (ConnectionClosed, OSError):
             pass
         finally:
+            self.lost = True
             for stream in list(self.streams.values()):
                 stream._deliver(None)
             self.streams.clear()

@@ -116,6 +116,14 @@ class AgentClient:
         except TtrpcError as exc:
             raise AgentError(f"agent {method}: {exc.message}", exc.code) from None
 
+    # -- forwarding (clave.vm.host's proxy) ---------------------------------------------------------------------
+    def forward(self, service: str, method: str, payload: bytes, timeout: float | None) -> bytes:
+        """A call passed through unchanged (the agent's status, code and message included)."""
+        return self._client.call(service, method, payload, timeout)
+
+    def forward_stream(self, service: str, method: str, first: bytes) -> ClientStream:
+        return self._client.stream(service, method, first, client_streams=True)
+
     # -- health -----------------------------------------------------------------------------------------------
     def ready(self, timeout: float = 0.25) -> bool:
         """True once the agent answers Health.Check as serving."""

@@ -46,19 +46,24 @@ TCG_BOOT_TIMEOUT = 30.0
 KVM_BOOT_TIMEOUT = 10.0
 MACHINES = ("microvm", "q35")
 RECONNECT_DELAY = 0.2
-STATE_FILES = ("vm.json", "qemu.pid", "qmp.sock", "agent.sock", "console.log", "console.1.log", "qemu.log")
+# vm.sock and exit.json belong to the VM's host process (clave.vm.host, the vm handler's keeper).
+STATE_FILES = ("vm.json", "qemu.pid", "qmp.sock", "agent.sock", "console.log", "console.1.log", "qemu.log", "vm.sock",
+               "exit.json")
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
 class Disk:
     """A raw image given to the guest as virtio-blk; the agent finds it by ``serial`` (at most 20 bytes)."""
 
-    def __init__(self, path: str, serial: str, readonly: bool = False) -> None:
+    def __init__(self, path: str, serial: str, readonly: bool = False, format: str = "raw") -> None:
+        if format not in ("raw", "qcow2"):
+            raise VmError(f"disk format {format!r}: raw or qcow2")
         if not serial or len(serial.encode()) > 20 or not all(c.isalnum() or c in "-_." for c in serial):
             raise VmError(f"disk serial {serial!r}: 1-20 characters of [A-Za-z0-9._-]")
         self.path = os.path.abspath(path)
         self.serial = serial
         self.readonly = readonly
+        self.format = format  # qcow2: a container's writable layer over a shared base image
 
 
 class VmConfig:
@@ -243,7 +248,7 @@ class Vm:
         ]
         for i, disk in enumerate(c.disks):
             ro = ",readonly=on" if disk.readonly else ""
-            cmd += ["-drive", f"file={disk.path},if=none,id=disk{i},format=raw,cache=writeback{ro}",
+            cmd += ["-drive", f"file={disk.path},if=none,id=disk{i},format={disk.format},cache=writeback{ro}",
                     "-device", f"virtio-blk-{bus},drive=disk{i},serial={disk.serial}"]
         if c.network:
             cmd += ["-netdev", "user,id=net0", "-device", f"virtio-net-{bus},netdev=net0"]
@@ -403,6 +408,11 @@ class Vm:
         else:
             _kill(self.pid, self.pid_start)
         self.pid = self.pid_start = 0
+
+    def stop(self) -> None:
+        """Stop QEMU, keeping its files (the console) until destroy()."""
+        self._stop_process()
+        self._save()
 
     def destroy(self) -> None:
         """Stop QEMU and remove every file of the VM and its state directory."""

@@ -1,0 +1,540 @@
+"""The vm handler: a container runs in a lightweight VM with its own kernel (the Kata / runV model).
+
+Nothing of a vm container is a host process of the container: the guest agent (clave.vm.agent) runs Clave's
+Linux handler inside the guest, and the host keeps one process per guest process as its *stand-in*
+(clave.vm.host): its pid is the container's pid for every caller, it carries the process's stdio as byte
+streams, passes signals on and exits with the guest process's status.
+
+Two ways a VM comes to be, with the same verbs on top:
+- `clave create` (and so runc's shim with ``--runc-binary``, podman, Docker): one VM per container, owned by
+  the container's *keeper*, a process forked by create that boots the VM, creates the container in the guest,
+  serves the agent to later verbs on ``vm.sock`` and is the init's stand-in. When the init ends it stops QEMU
+  and exits with the init's status; delete removes what is left.
+- `containerd-shim-clave-v2`: one VM per pod, owned by the shim's ``VmSandbox``; the pod's containers join it
+  and each process has a forked stand-in; removing the pod stops the VM.
+
+``state.handler_state`` keeps: ``vm_dir`` (the VM's state directory), ``layer`` (the container's writable
+rootfs layer), ``serial`` (its disk in the guest), ``vcpus``/``memory_mib``, ``pid_start`` (the stand-in's start
+time), ``started``, ``paused``, and ``pod`` when a shim's VM serves the container.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+from clave.errors import ClaveError, InvalidArgument, NotFound, WrongState
+from clave.faults import pause_point
+from clave.handlers.base import Handler, Sandbox
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    from clave.engine.state import State, StateDir
+    from clave.handlers.base import CreateOptions, ExecOptions
+    from clave.vm.client import AgentClient
+    from clave.vm.qemu import Disk
+
+VM_RUN = "/run/clave-vm"  # VM state directories: short paths, the unix sockets inside must fit 108 bytes
+MOUNTS = "/run/clave-agent/mounts"  # where the agent mounts storages in the guest
+VCPUS_ANNOTATION = "io.clave.vm.vcpus"
+MEMORY_ANNOTATION = "io.clave.vm.memory"  # MiB of guest RAM beyond the container's own memory limit
+EXIT_FILE = "exit.json"
+STANDIN_PREFIX = "standin."
+SIGKILL = 9
+
+
+class VmHandler(Handler):
+    name = "vm"
+
+    # -- create and destroy
+    def prepare(self, state: State, notice: Callable[[str], None]) -> None:
+        from clave.vm import qemu
+        from clave.vm.guest import current_guest
+
+        try:
+            guest = current_guest()
+        except ClaveError:
+            raise ClaveError("no VM guest is built on this host: run 'clave vm build-guest'") from None
+        vcpus, memory = vm_size(state.config)
+        qemu.check_resources(vcpus, memory)
+        mounts = guest_mounts(state.config)  # refuses what cannot reach a guest, before anything is made
+        state.handler_state.update(guest=guest.directory, vcpus=vcpus, memory_mib=memory,
+                                   file_binds=len(mounts[1]))
+
+    def create(self, state: State, sd: StateDir, opts: CreateOptions, runtime_hooks: Callable[[int], None],
+               notice: Callable[[str], None]) -> int:
+        from clave.vm import paths
+
+        hs = state.handler_state
+        key = hashlib.sha256(f"{sd.path}\0{time.time_ns()}".encode()).hexdigest()[:16]
+        hs["vm_dir"] = os.path.join(VM_RUN, key)
+        hs["layer"] = os.path.join(paths.VM_ROOT, "layers", f"{key}.qcow2")
+        hs["binds"] = os.path.join(paths.VM_ROOT, "layers", f"{key}.binds.img")
+        hs["serial"] = f"ctr-{key[:12]}"
+        hs["state_dir"] = sd.path  # where exec's stand-ins are recorded
+        sd.save(state)  # from here on, destroy finds what to remove after a crash
+        pause_point("after-state-dir")
+        disks = self._disks(state, notice)
+        pause_point("after-rootfs-image")
+        read_fd, write_fd = os.pipe()
+        keeper = os.fork()
+        if keeper == 0:  # the keeper: never returns
+            os.close(read_fd)
+            _keeper_main(state, disks, opts, write_fd)
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            report = pipe.read().decode(errors="replace")
+        hs["pid_start"] = _start_time(keeper)
+        if not report.startswith("ok"):
+            os.waitpid(keeper, 0)
+            raise ClaveError(report.removeprefix("error: ") or "the VM keeper died before the container existed")
+        timings = json.loads(report[2:] or "{}")
+        self.debug(f"vm {state.id}: " + ", ".join(f"{k} {v:.3f} s" for k, v in timings.items()
+                                                  if isinstance(v, float)))
+        runtime_hooks(keeper)
+        return keeper
+
+    def _disks(self, state: State, notice: Callable[[str], None]) -> list[Disk]:
+        from clave.vm import rootfs
+        from clave.vm.qemu import Disk
+
+        hs = state.handler_state
+        base = rootfs.base_image(state.rootfs, notice)
+        if state.config.get("root", {}).get("readonly"):
+            disks = [Disk(base, hs["serial"], readonly=True)]
+        else:
+            os.makedirs(os.path.dirname(hs["layer"]), mode=0o700, exist_ok=True)
+            disks = [Disk(rootfs.writable_layer(base, hs["layer"]), hs["serial"], format="qcow2")]
+        _mounts, files = guest_mounts(state.config)
+        if files:
+            disks.append(Disk(_files_image(files, hs["binds"]), _binds_serial(hs["serial"]), readonly=True))
+        return disks
+
+    def destroy(self, state: State, sd: StateDir, notice: Callable[[str], None]) -> None:
+        from clave.vm.qemu import destroy_state_dir
+
+        hs = state.handler_state
+        if state.pid > 0 and self._alive(state):
+            _kill(state.pid)
+        for name in os.listdir(sd.path):
+            if name.startswith(STANDIN_PREFIX):
+                pid, start = _standin_record(sd.path, name)
+                if pid and _start_time(pid) == start:
+                    _kill(pid)
+        if hs.get("vm_dir"):
+            try:
+                destroy_state_dir(hs["vm_dir"])
+            except ClaveError as exc:
+                notice(f"vm cleanup: {exc}")
+        for key in ("layer", "binds"):
+            path = hs.get(key)
+            if path and os.path.exists(path):
+                os.unlink(path)
+
+    # -- lifecycle
+    def start(self, state: State, sd: StateDir) -> None:
+        t0 = time.monotonic()
+        self._call(state, lambda agent: agent.start_container(state.id))
+        self.debug(f"vm {state.id}: container started {time.monotonic() - t0:.3f} s after start")
+        state.handler_state["started"] = True
+        sd.save(state)
+
+    def status(self, state: State, sd: StateDir) -> str:
+        if state.pid <= 0:
+            return "creating"
+        if not self._alive(state):
+            return "stopped"
+        hs = state.handler_state
+        if hs.get("paused"):
+            return "paused"
+        return "running" if hs.get("started") else "created"
+
+    def _alive(self, state: State) -> bool:
+        return _start_time(state.pid) == state.handler_state.get("pid_start") and not _zombie(state.pid)
+
+    def kill(self, state: State, sig: int, all_processes: bool = False) -> None:
+        self._call(state, lambda agent: agent.signal_process(state.id, sig))
+
+    def wait(self, state: State, pid: int) -> int:
+        from clave.handlers.linux import reap_until
+
+        return reap_until(pid)  # the stand-in is our child (or re-parented to us, the subreaper)
+
+    # -- processes
+    def exec(self, state: State, sd: StateDir, process: dict[str, Any], opts: ExecOptions) -> int:
+        from clave.vm.client import AgentClient
+        from clave.vm.host import stand_in
+
+        console_fd = None
+        if process.get("terminal"):
+            if not opts.console_socket:
+                raise InvalidArgument("cannot allocate tty if clave will detach without setting console socket")
+            from clave.linux import console
+
+            console_fd = console.connect_socket(opts.console_socket)
+        exec_id = f"exec-{time.time_ns():x}-{os.getpid()}"
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            try:
+                if opts.stdio is not None:
+                    from clave.linux.spawn import adopt_stdio
+
+                    adopt_stdio(opts.stdio)
+                agent = AgentClient.connect(_socket(state))
+            except BaseException as exc:  # noqa: BLE001  # reported to the caller
+                os.write(write_fd, f"error: {exc}".encode())
+                os._exit(1)
+            stand_in(agent, state.id, exec_id, _guest_process(process), console_fd, write_fd)
+        os.close(write_fd)
+        if console_fd is not None:
+            os.close(console_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            report = pipe.read().decode(errors="replace")
+        if report != "ok":
+            os.waitpid(pid, 0)
+            raise ClaveError(report.removeprefix("error: ").removeprefix("agent ExecProcess: ") or "exec failed")
+        with open(os.path.join(sd.path, f"{STANDIN_PREFIX}{pid}"), "w") as f:
+            f.write(f"{_start_time(pid)} {exec_id}")
+        return pid
+
+    def signal_process(self, state: State, pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)  # the stand-in passes it on (SIGKILL: the VM host kills the guest process)
+        except ProcessLookupError:
+            raise NotFound(f"process {pid} of container {state.id} already finished") from None
+
+    def pids(self, state: State) -> list[int]:
+        """The host processes that stand for the container's processes (the guest's pids mean nothing here)."""
+        pids = [state.pid] if self._alive(state) else []
+        state_dir = state.handler_state.get("state_dir", "")
+        if state_dir and os.path.isdir(state_dir):
+            for name in os.listdir(state_dir):
+                if name.startswith(STANDIN_PREFIX):
+                    pid, start = _standin_record(state_dir, name)
+                    if pid and _start_time(pid) == start and not _zombie(pid):
+                        pids.append(pid)
+        return sorted(pids)
+
+    # -- resources
+    def pause(self, state: State) -> None:
+        self._call(state, lambda agent: agent.pause_container(state.id))
+        state.handler_state["paused"] = True
+
+    def resume(self, state: State) -> None:
+        self._call(state, lambda agent: agent.resume_container(state.id))
+        state.handler_state["paused"] = False
+
+    def update(self, state: State, resources: dict[str, Any], notice: Callable[[str], None]) -> None:
+        self._call(state, lambda agent: agent.update_container(state.id, resources))
+
+    def stats(self, state: State) -> dict[str, Any]:
+        stats: dict[str, Any] = self._call(state, lambda agent: agent.stats_container(state.id))
+        return stats
+
+    def stats_format(self) -> str:
+        return "v2"  # the guest mounts cgroup2 only
+
+    def oom_count(self, state: State) -> int:
+        try:
+            with open(os.path.join(state.handler_state.get("vm_dir", ""), EXIT_FILE)) as f:
+                return int(json.load(f).get("oom_kills", 0))
+        except (OSError, ValueError):
+            pass
+        if not self._alive(state):
+            return 0
+        try:
+            stats = self.stats(state)
+        except ClaveError:
+            return 0
+        return int(stats.get("oom_kills", 0))
+
+    def describe(self, state: State) -> dict[str, Any]:
+        vm_dir = state.handler_state.get("vm_dir", "")
+        try:
+            with open(os.path.join(vm_dir, "vm.json")) as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        rss = 0
+        try:
+            with open(f"/proc/{int(doc.get('pid') or 0)}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        rss = int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            pass
+        timings = doc.get("timings", {})
+        return {"vm": {"boot_seconds": float(timings.get("agent_ready", 0.0)), "vmm_rss_bytes": rss,
+                       "restored": bool(timings.get("restored", False)), "accel": doc.get("accel", "")}}
+
+    def _call(self, state: State, fn: Callable[[AgentClient], Any]) -> Any:
+        from clave.vm.client import AgentClient
+        from clave.vm.errors import AgentError, VmError
+
+        try:
+            agent = AgentClient.connect(_socket(state), timeout=2.0)
+        except AgentError:
+            raise WrongState(f"container not running: {state.id} (its VM does not answer)") from None
+        try:
+            return fn(agent)
+        except AgentError as exc:
+            raise _from_agent(exc) from None
+        except VmError as exc:
+            raise ClaveError(str(exc)) from None
+        finally:
+            agent.close()
+
+    def sandbox(self, sandbox_id: str) -> Sandbox:
+        from clave.handlers.linux import ReaperSandbox
+
+        return ReaperSandbox()  # stand-ins are the shim's children: it reaps them
+
+
+# -- sizing and the guest's view of the config -------------------------------------------------------------------
+
+
+def vm_size(config: dict[str, Any]) -> tuple[int, int]:
+    """(vCPUs, MiB of guest RAM): the guest's own share (DEFAULT_MEMORY_MIB, or the io.clave.vm.memory
+    annotation) plus the container's memory limit; vCPUs from its CPU quota (or io.clave.vm.vcpus)."""
+    from clave.vm.qemu import DEFAULT_MEMORY_MIB, DEFAULT_VCPUS
+
+    annotations = config.get("annotations", {})
+    resources = config.get("linux", {}).get("resources", {})
+    try:
+        base = int(annotations.get(MEMORY_ANNOTATION) or DEFAULT_MEMORY_MIB)
+        vcpus = int(annotations.get(VCPUS_ANNOTATION) or 0)
+    except ValueError:
+        raise InvalidArgument(f"annotations {MEMORY_ANNOTATION} and {VCPUS_ANNOTATION} must be integers") from None
+    limit = (resources.get("memory") or {}).get("limit") or 0
+    memory = base + (-(-limit // (1 << 20)) if limit > 0 else 0)
+    if not vcpus:
+        cpu = resources.get("cpu") or {}
+        quota, period = cpu.get("quota") or 0, cpu.get("period") or 100000
+        vcpus = max(DEFAULT_VCPUS, -(-quota // period)) if quota > 0 else DEFAULT_VCPUS
+    return vcpus, memory
+
+
+def guest_mounts(config: dict[str, Any]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """(the mounts the guest engine makes, the host files the container binds): a bind of a host file is
+    carried in a read-only disk of copies made at create (Docker's /etc/hosts, resolv.conf, hostname); a bind
+    on /dev/shm becomes the guest's own tmpfs; other host directories cannot reach this guest yet."""
+    mounts: list[dict[str, Any]] = []
+    files: list[tuple[str, str]] = []
+    for mount in config.get("mounts", []):
+        options = mount.get("options", [])
+        if mount.get("type") != "bind" and "bind" not in options and "rbind" not in options:
+            mounts.append(mount)
+            continue
+        destination = mount.get("destination", "")
+        source = mount.get("source", "")
+        if destination == "/dev/shm":
+            mounts.append({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+                           "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]})
+            continue
+        if os.path.isfile(source):
+            name = f"{len(files)}"
+            files.append((source, name))
+            mounts.append({**mount, "source": name})  # resolved against the binds disk in _guest_config
+            continue
+        raise InvalidArgument(f"mount {destination}: bind-mounting host directory {source!r} into a vm container "
+                              "is not supported (only files are carried into the guest)")
+    return mounts, files
+
+
+def guest_config(state: State) -> dict[str, Any]:
+    """The container's config as the guest engine runs it: the rootfs is the disk the agent mounts, host file
+    binds come from the binds disk."""
+    hs = state.handler_state
+    config = dict(state.config)
+    config["root"] = {**config.get("root", {}), "path": f"{MOUNTS}/{hs['serial']}"}
+    mounts, _files = guest_mounts(state.config)
+    binds = f"{MOUNTS}/{_binds_serial(hs['serial'])}"
+    config["mounts"] = [{**m, "source": f"{binds}/{m['source']}"} if m.get("type") == "bind" or
+                        "bind" in m.get("options", []) or "rbind" in m.get("options", []) else m for m in mounts]
+    return config
+
+
+def _guest_process(process: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in process.items() if not k.startswith("_")}
+
+
+def _binds_serial(serial: str) -> str:
+    return f"b{serial}"[:20]
+
+
+def _files_image(files: list[tuple[str, str]], path: str) -> str:
+    import shutil
+    import subprocess
+    import tempfile
+
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix="clave-binds-")
+    try:
+        for source, name in files:
+            shutil.copy2(source, os.path.join(staging, name))
+        done = subprocess.run(["mkfs.ext4", "-q", "-F", "-d", staging, "-O", "^has_journal", path, "8M"],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ClaveError(f"mkfs.ext4 for the bound files: {done.stderr.strip() or 'failed'}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+# -- the keeper ---------------------------------------------------------------------------------------------------
+
+
+def _keeper_main(state: State, disks: list[Disk], opts: CreateOptions, report_fd: int) -> None:
+    """The VM's owner for `clave create` and the init's stand-in: boot, create the container in the guest, serve
+    vm.sock, copy the init's stdio, and exit with its status once it ended (QEMU stopped, files left for delete)."""
+    status = 255
+    try:
+        os.setsid()  # out of the caller's process group: its terminal's signals reach us through `kill`
+        status = _keep(state, disks, opts, report_fd)
+    except BaseException as exc:  # noqa: BLE001  # reported to the caller as one line
+        try:
+            os.write(report_fd, f"error: {exc}".encode(errors="replace"))
+        except OSError:
+            pass
+    finally:
+        os._exit(status)
+
+
+def _keep(state: State, disks: list[Disk], opts: CreateOptions, report_fd: int) -> int:
+    from clave.linux.spawn import adopt_stdio
+    from clave.vm.client import blk_storage
+    from clave.vm.errors import VmError
+    from clave.vm.guest import Guest
+    from clave.vm.host import VmHost, attach
+    from clave.vm.qemu import Vm, VmConfig
+
+    hs = state.handler_state
+    if opts.stdio is not None:
+        adopt_stdio(opts.stdio)
+    console_fd = None
+    if opts.console_socket:
+        from clave.linux import console
+
+        console_fd = console.connect_socket(opts.console_socket)
+    keep = {0, 1, 2, report_fd} | ({console_fd} if console_fd is not None else set())
+    for fd in _open_fds():
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    vm = Vm.create(VmConfig(hs["vm_dir"], Guest(hs["guest"]), vcpus=hs["vcpus"], memory_mib=hs["memory_mib"],
+                            disks=disks))
+    try:
+        timings = vm.start()
+        agent = vm.agent()
+        t0 = time.monotonic()
+        agent.create_sandbox(state.id, hostname=state.config.get("hostname", ""))
+        storages = [blk_storage(d.serial, f"{MOUNTS}/{d.serial}", options=["ro"] if d.readonly else [])
+                    for d in disks]
+        agent.create_container(state.id, guest_config(state), storages)
+        tty = -1
+        if console_fd is not None:
+            from clave.vm.host import _host_tty
+
+            tty = _host_tty(console_fd)
+        io = attach(agent, state.id, "", tty)
+        host = VmHost(vm)
+        host.serve()
+        report = {**timings.as_dict(), "container_created": time.monotonic() - t0}
+        os.write(report_fd, b"ok" + json.dumps(report).encode())
+        os.close(report_fd)
+        report_fd = -1
+    except BaseException:
+        vm.destroy()
+        raise
+    try:
+        status = io.wait()
+    except VmError:
+        status = 128 + SIGKILL
+    if not vm.running():
+        status = 128 + SIGKILL  # QEMU was killed: the container went with it
+    oom = _oom_kills(agent, state.id) if vm.running() else 0
+    with open(os.path.join(hs["vm_dir"], EXIT_FILE), "w") as f:
+        json.dump({"status": status, "oom_kills": oom}, f)
+    host.close()
+    vm.stop()
+    return status
+
+
+def _oom_kills(agent: AgentClient, container_id: str) -> int:
+    from clave.vm.errors import AgentError
+
+    count = 0
+    while True:
+        try:
+            if agent.oom_event(timeout=0.2) == container_id:
+                count += 1
+        except AgentError:
+            return count
+
+
+def _open_fds() -> list[int]:
+    return [int(name) for name in os.listdir("/proc/self/fd")]
+
+
+# -- small helpers ------------------------------------------------------------------------------------------------
+
+
+def _socket(state: State) -> str:
+    from clave.vm.host import SOCKET
+
+    return os.path.join(state.handler_state.get("vm_dir", ""), SOCKET)
+
+
+def _from_agent(exc: Exception) -> ClaveError:
+    from clave.ttrpc import Code
+
+    code = getattr(exc, "code", None)
+    message = str(exc)
+    if code == Code.NOT_FOUND:
+        return NotFound(message)
+    if code in (Code.FAILED_PRECONDITION,):
+        return WrongState(message)
+    if code == Code.INVALID_ARGUMENT:
+        return InvalidArgument(message)
+    return ClaveError(message)
+
+
+def _start_time(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _standin_record(state_dir: str, name: str) -> tuple[int, int]:
+    try:
+        with open(os.path.join(state_dir, name)) as f:
+            start = int(f.read().split()[0])
+        return int(name[len(STANDIN_PREFIX):]), start
+    except (OSError, ValueError, IndexError):
+        return 0, 0
