@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from clave.engine import state as st
-from clave.errors import AlreadyExists, ClaveError, InvalidArgument, NotFound, WrongState, os_error_message
+from clave.errors import AlreadyExists, ClaveError, InvalidArgument, NotFound, Unsupported, WrongState, os_error_message
 from clave.faults import pause_point
 from clave.handlers import Handler, handler_for
 from clave.handlers.base import CreateOptions, ExecOptions
@@ -250,7 +250,17 @@ class Engine:
         try:
             if handler.status(state, sd) not in ("running", "paused"):
                 raise WrongState(f"container {container_id} is not running")
-            return handler.request(state, sd, request, timeout)
+            from clave.engine import counters  # counted where it happens, for the shim's metrics
+
+            try:
+                reply = handler.request(state, sd, request, timeout)
+            except Unsupported:
+                raise  # no runtime to ask: nothing was requested
+            except ClaveError as exc:
+                counters.record(sd.path, counters.outcome(request["op"], exc))
+                raise
+            counters.record(sd.path, counters.outcome(request["op"], None))
+            return reply
         finally:
             sd.unlock()
 

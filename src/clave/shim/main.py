@@ -163,7 +163,11 @@ def serve(flags: Flags, listener: _socket.socket | None = None) -> int:
     server = Server()
     server.register_service(TaskDescriptor, service)
     server.start(listener)
+    metrics: list[Any] = []  # the metrics server, once its thread has bound it
+    threading.Thread(target=_serve_metrics, args=(flags, service, metrics), name="metrics", daemon=True).start()
     done.wait()
+    for m in metrics:
+        m.close()
     if publisher is not None:
         publisher.close()
     server.close()
@@ -173,6 +177,15 @@ def serve(flags: Flags, listener: _socket.socket | None = None) -> int:
         except OSError:
             pass
     return 0
+
+
+def _serve_metrics(flags: Flags, service: Any, started: list[Any]) -> None:
+    """Prometheus text on a socket in the shim's state directory, for clave-monitor. A thread of its own,
+    started after the ttrpc server: the pod's first Create does not wait for these imports."""
+    from clave.shim.prometheus import serve
+
+    serve(flags.namespace, _group_id(flags.bundle or os.getcwd(), flags.id) or f"shim-{os.getpid()}", service,
+          started)
 
 
 def _shim_log(flags: Flags) -> Any:
@@ -220,21 +233,24 @@ def delete(flags: Flags) -> int:
         from clave.handlers import handler_for
 
         (handler or handler_for({})).detach_rootfs(rootfs)
-    _remove_dead_socket(bundle)
+    if _remove_dead_socket(bundle):  # the shim died: its metrics socket is dead too
+        from clave.shim.prometheus import remove_if_dead
+
+        remove_if_dead(flags.namespace, _group_id(bundle, flags.id))
     sys.stdout.buffer.write(DeleteResponse(pid=pid, exit_status=137, exited_at=Timestamp.now()).encode())
     return 0
 
 
-def _remove_dead_socket(bundle: str) -> None:
+def _remove_dead_socket(bundle: str) -> bool:
     """Unlink the socket of the shim that served this bundle if nothing listens on it any more (a shim that was
-    killed cannot remove it; a live pod shim serving other containers keeps it)."""
+    killed cannot remove it; a live pod shim serving other containers keeps it). True if it found it dead."""
     import _socket
 
     try:
         with open(os.path.join(bundle, "address")) as f:
             path = f.read().strip().removeprefix("unix://")
     except OSError:
-        return
+        return False
     probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         probe.connect(path)
@@ -245,8 +261,10 @@ def _remove_dead_socket(bundle: str) -> None:
             os.unlink(path)
         except OSError:
             pass
+        return True
     finally:
         probe.close()
+    return False
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -86,6 +86,7 @@ class TaskService:
         self.lock = threading.RLock()
         self.sandbox: Sandbox | None = None  # the pod's, made with its first container
         self.on_shutdown = on_shutdown
+        self.enclaves: Any = None  # clave.shim.prometheus.EnclaveLedger, made with the first enclave container
 
     # -- helpers
     def _publish(self, event: Any) -> None:
@@ -144,6 +145,21 @@ class TaskService:
             container.oom_kills = count
             self._publish(ev.TaskOOM(container_id=container.id))
 
+    def _note_enclave(self, handler: Any, container_id: str, config: dict[str, Any]) -> None:
+        """Enclave starts and refusals are counted here, for the shim's metrics: a refused container leaves no
+        state to ask afterwards."""
+        if handler.name != "enclave":
+            return
+        if self.enclaves is None:
+            from clave.shim.prometheus import EnclaveLedger
+
+            self.enclaves = EnclaveLedger()
+        self.enclaves.note(container_id, config)
+
+    def _refused(self, container_id: str, phase: str, exc: ClaveError) -> None:
+        if self.enclaves is not None:
+            self.enclaves.refused(container_id, phase, exc)
+
     def _track(self, process: Process, pid: int) -> None:
         with self.lock:
             process.pid = pid
@@ -182,10 +198,12 @@ class TaskService:
             config = self.engine.load_config(req.bundle)
             handler_name = _runtime_handler(req.options)
             handler = self.engine.handler_for_config(config, handler_name)
+            self._note_enclave(handler, req.id, config)
             self._sandbox_for(handler, req.id)
             attached = handler.attach_rootfs(req.bundle, [{"type": m.type, "source": m.source,
                                                            "options": list(m.options)} for m in req.rootfs])
         except ClaveError as exc:
+            self._refused(req.id, "create", exc)
             raise from_clave_error(exc) from None
         io = ProcessIO(req.stdin, req.stdout, req.stderr, req.terminal, {"CONTAINER_ID": req.id,
                                                                         "CONTAINER_NAMESPACE": self.namespace})
@@ -209,6 +227,7 @@ class TaskService:
         except ClaveError as exc:
             io.close()
             handler.detach_rootfs(attached)
+            self._refused(req.id, "create", exc)
             raise from_clave_error(exc) from None
         finally:
             if console is not None:
@@ -231,7 +250,10 @@ class TaskService:
                 try:
                     self.engine.start(req.id)
                 except ClaveError as exc:
+                    self._refused(req.id, "start", exc)
                     raise from_clave_error(exc) from None
+                if self.enclaves is not None:
+                    self.enclaves.started(req.id)
                 self._publish(ev.TaskStart(container_id=req.id, pid=container.init.pid))
             return task.StartResponse(pid=container.init.pid)
         process = container.process(req.exec_id)
@@ -282,6 +304,8 @@ class TaskService:
             container.handler.detach_rootfs(container.attached)
             with self.lock:
                 self.containers.pop(req.id, None)
+            if self.enclaves is not None:
+                self.enclaves.forget(req.id)
         exit = process.exit
         resp = task.DeleteResponse(pid=process.pid, exit_status=exit.status if exit else 137,
                                    exited_at=Timestamp.from_ns(exit.at_ns) if exit else Timestamp.now())

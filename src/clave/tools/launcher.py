@@ -11,7 +11,8 @@ import os
 import sys
 import sysconfig
 
-SCRIPTS = {"clave": "clave.cli.main", "containerd-shim-clave-v2": "clave.shim.main"}
+SCRIPTS = {"clave": "clave.cli.main", "containerd-shim-clave-v2": "clave.shim.main",
+           "clave-monitor": "clave.monitor.main"}
 
 
 def import_paths() -> list[str]:
