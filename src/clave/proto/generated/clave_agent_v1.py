@@ -22,6 +22,14 @@ class ServingStatus:
     NAMES: dict[int, str] = {0: 'UNKNOWN', 1: 'SERVING', 2: 'NOT_SERVING'}
 
 
+class IPFamily:
+    """Enum clave.agent.v1.IPFamily."""
+
+    v4 = 0
+    v6 = 1
+    NAMES: dict[int, str] = {0: 'v4', 1: 'v6'}
+
+
 class CreateContainerRequest(_Message):
     """Message clave.agent.v1.CreateContainerRequest."""
 
@@ -2325,6 +2333,361 @@ class VersionCheckResponse(_Message):
         return self
 
 
+class IPAddress(_Message):
+    """Message clave.agent.v1.IPAddress."""
+
+    __slots__ = ('family', 'address', 'mask')
+    FULL_NAME = "clave.agent.v1.IPAddress"
+
+    family: int
+    address: str
+    mask: str
+
+    def __init__(self, *, family: int = 0, address: str = "", mask: str = "") -> None:
+        self.family = family
+        self.address = address
+        self.mask = mask
+
+    def encode(self) -> bytes:
+        _out: list[bytes] = []
+        if self.family:
+            _out.append(b'\x08' + _w.varint(self.family))
+        if self.address:
+            _out.append(b'\x12' + _w.varint(len(_b := self.address.encode())) + _b)
+        if self.mask:
+            _out.append(b'\x1a' + _w.varint(len(_b := self.mask.encode())) + _b)
+        return b"".join(_out)
+
+    @classmethod
+    def _read(cls, buf: bytes, _pos: int, end: int) -> Self:
+        f_family: int = 0
+        f_address: str = ""
+        f_mask: str = ""
+        while _pos < end:
+            _t = buf[_pos]
+            if _t < 0x80:
+                _pos += 1
+            else:
+                _t, _pos = _w.read_varint(buf, _pos)
+            if _t == 8:
+                _v, _pos = _w.read_varint(buf, _pos)
+                f_family = _w.to_int32(_v)
+            elif _t == 18:
+                _s, _pos = _w.read_length(buf, _pos, end)
+                f_address = str(buf[_s:_pos], "utf-8")
+            elif _t == 26:
+                _s, _pos = _w.read_length(buf, _pos, end)
+                f_mask = str(buf[_s:_pos], "utf-8")
+            else:
+                _pos = _w.skip_field(buf, _pos, end, _t)
+        if _pos != end:
+            raise _w.DecodeError("clave.agent.v1.IPAddress: field runs past the end of the message")
+        self = cls.__new__(cls)
+        self.family = f_family
+        self.address = f_address
+        self.mask = f_mask
+        return self
+
+
+class Interface(_Message):
+    """Message clave.agent.v1.Interface."""
+
+    __slots__ = ('device', 'name', 'IPAddresses', 'mtu', 'hwAddr', 'devicePath', 'type', 'raw_flags')
+    FULL_NAME = "clave.agent.v1.Interface"
+
+    device: str
+    name: str
+    IPAddresses: list[IPAddress]
+    mtu: int
+    hwAddr: str
+    devicePath: str
+    type: str
+    raw_flags: int
+
+    def __init__(self, *, device: str = "", name: str = "", IPAddresses: list[IPAddress] | None = None, mtu: int = 0, hwAddr: str = "", devicePath: str = "", type: str = "", raw_flags: int = 0) -> None:
+        self.device = device
+        self.name = name
+        self.IPAddresses = [] if IPAddresses is None else IPAddresses
+        self.mtu = mtu
+        self.hwAddr = hwAddr
+        self.devicePath = devicePath
+        self.type = type
+        self.raw_flags = raw_flags
+
+    def encode(self) -> bytes:
+        _out: list[bytes] = []
+        if self.device:
+            _out.append(b'\n' + _w.varint(len(_b := self.device.encode())) + _b)
+        if self.name:
+            _out.append(b'\x12' + _w.varint(len(_b := self.name.encode())) + _b)
+        for x_IPAddresses in self.IPAddresses:
+            _out.append(b'\x1a' + _w.varint(len(_b := x_IPAddresses.encode())) + _b)
+        if self.mtu:
+            _out.append(b' ' + _w.varint(self.mtu))
+        if self.hwAddr:
+            _out.append(b'*' + _w.varint(len(_b := self.hwAddr.encode())) + _b)
+        if self.devicePath:
+            _out.append(b'2' + _w.varint(len(_b := self.devicePath.encode())) + _b)
+        if self.type:
+            _out.append(b':' + _w.varint(len(_b := self.type.encode())) + _b)
+        if self.raw_flags:
+            _out.append(b'@' + _w.varint(self.raw_flags))
+        return b"".join(_out)
+
+    @classmethod
+    def _read(cls, buf: bytes, _pos: int, end: int) -> Self:
+        f_device: str = ""
+        f_name: str = ""
+        f_IPAddresses: list[IPAddress] = []
+        f_mtu: int = 0
+        f_hwAddr: str = ""
+        f_devicePath: str = ""
+        f_type: str = ""
+        f_raw_flags: int = 0
+        while _pos < end:
+            _t = buf[_pos]
+            if _t < 0x80:
+                _pos += 1
+            else:
+                _t, _pos = _w.read_varint(buf, _pos)
+            if _t == 10:
+                _s, _pos = _w.read_length(buf, _pos, end)
+                f_device = str(buf[_s:_pos], "utf-8")
+            elif _t == 18:
+                _s, _pos = _w.read_length(buf, _pos, end)
+                f_name = str(buf[_s:_pos], "utf-8")
+            elif _t == 26:
+                _s, _pos = _w.read_length(buf, _pos, end)
+                x_IPAddresses = IPAddress._read(buf, _s, _pos)
+                f_IPAddresses.append(x_IPAddresses)
+            elif _t == 32:
+                f_mtu, _pos = _w.read_varint(buf, _pos)
+            elif _t == 42:
+                _s, _pos = _w.read_length(buf, _pos, end)
+                f_hwAddr = str(buf[_s:_pos], "utf-8")
+            elif _t == 50:
+                _s, _pos = _w.read_length(buf, _pos, end)
+                f_devicePath = str(buf[_s:_pos], "utf-8")
+            elif _t == 58:
+                _s, _pos = _w.read_length(buf, _pos, end)
+                f_type = str(buf[_s:_pos], "utf-8")
+            elif _t == 64:
+                _v, _pos = _w.read_varint(buf, _pos)
+                f_raw_flags = _v & 0xFFFFFFFF
+            else:
+                _pos = _w.skip_field(buf, _pos, end, _t)
+        if _pos != end:
+            raise _w.DecodeError("clave.agent.v1.Interface: field runs past the end of the message")
+        self = cls.__new__(cls)
+        self.device = f_device
+        self.name = f_name
+        self.IPAddresses = f_IPAddresses
+        self.mtu = f_mtu
+        self.hwAddr = f_hwAddr
+        self.devicePath = f_devicePath
+        self.type = f_type
+        self.raw_flags = f_raw_flags
+        return self
+
+
+class Route(_Message):
+    """Message clave.agent.v1.Route."""
+
+    __slots__ = ('dest', 'gateway', 'device', 'source', 'scope', 'family')
+    FULL_NAME = "clave.agent.v1.Route"
+
+    dest: str
+    gateway: str
+    device: str
+    source: str
+    scope: int
+    family: int
+
+    def __init__(self, *, dest: str = "", gateway: str = "", device: str = "", source: str = "", scope: int = 0, family: int = 0) -> None:
+        self.dest = dest
+        self.gateway = gateway
+        self.device = device
+        self.source = source
+        self.scope = scope
+        self.family = family
+
+    def encode(self) -> bytes:
+        _out: list[bytes] = []
+        if self.dest:
+            _out.append(b'\n' + _w.varint(len(_b := self.dest.encode())) + _b)
+        if self.gateway:
+            _out.append(b'\x12' + _w.varint(len(_b := self.gateway.encode())) + _b)
+        if self.device:
+            _out.append(b'\x1a' + _w.varint(len(_b := self.device.encode())) + _b)
+        if self.source:
+            _out.append(b'"' + _w.varint(len(_b := self.source.encode())) + _b)
+        if self.scope:
+            _out.append(b'(' + _w.varint(self.scope))
+        if self.family:
+            _out.append(b'0' + _w.varint(self.family))
+        return b"".join(_out)
+
+    @classmethod
+    def _read(cls, buf: bytes, _pos: int, end: int) -> Self:
+        f_dest: str = ""
+        f_gateway: str = ""
+        f_device: str = ""
+        f_source: str = ""
+        f_scope: int = 0
+        f_family: int = 0
+        while _pos < end:
+            _t = buf[_pos]
+            if _t < 0x80:
+                _pos += 1
+            else:
+                _t, _pos = _w.read_varint(buf, _pos)
+            if _t == 10:
+                _s, _pos = _w.read_length(buf, _pos, end)
+                f_dest = str(buf[_s:_pos], "utf-8")
+            elif _t == 18:
+                _s, _pos = _w.read_length(buf, _pos, end)
+                f_gateway = str(buf[_s:_pos], "utf-8")
+            elif _t == 26:
+                _s, _pos = _w.read_length(buf, _pos, end)
+                f_device = str(buf[_s:_pos], "utf-8")
+            elif _t == 34:
+                _s, _pos = _w.read_length(buf, _pos, end)
+                f_source = str(buf[_s:_pos], "utf-8")
+            elif _t == 40:
+                _v, _pos = _w.read_varint(buf, _pos)
+                f_scope = _v & 0xFFFFFFFF
+            elif _t == 48:
+                _v, _pos = _w.read_varint(buf, _pos)
+                f_family = _w.to_int32(_v)
+            else:
+                _pos = _w.skip_field(buf, _pos, end, _t)
+        if _pos != end:
+            raise _w.DecodeError("clave.agent.v1.Route: field runs past the end of the message")
+        self = cls.__new__(cls)
+        self.dest = f_dest
+        self.gateway = f_gateway
+        self.device = f_device
+        self.source = f_source
+        self.scope = f_scope
+        self.family = f_family
+        return self
+
+
+class Routes(_Message):
+    """Message clave.agent.v1.Routes."""
+
+    __slots__ = ('Routes',)
+    FULL_NAME = "clave.agent.v1.Routes"
+
+    Routes: list[Route]
+
+    def __init__(self, *, Routes: list[Route] | None = None) -> None:
+        self.Routes = [] if Routes is None else Routes
+
+    def encode(self) -> bytes:
+        _out: list[bytes] = []
+        for x_Routes in self.Routes:
+            _out.append(b'\n' + _w.varint(len(_b := x_Routes.encode())) + _b)
+        return b"".join(_out)
+
+    @classmethod
+    def _read(cls, buf: bytes, _pos: int, end: int) -> Self:
+        f_Routes: list[Route] = []
+        while _pos < end:
+            _t = buf[_pos]
+            if _t < 0x80:
+                _pos += 1
+            else:
+                _t, _pos = _w.read_varint(buf, _pos)
+            if _t == 10:
+                _s, _pos = _w.read_length(buf, _pos, end)
+                x_Routes = Route._read(buf, _s, _pos)
+                f_Routes.append(x_Routes)
+            else:
+                _pos = _w.skip_field(buf, _pos, end, _t)
+        if _pos != end:
+            raise _w.DecodeError("clave.agent.v1.Routes: field runs past the end of the message")
+        self = cls.__new__(cls)
+        self.Routes = f_Routes
+        return self
+
+
+class UpdateInterfaceRequest(_Message):
+    """Message clave.agent.v1.UpdateInterfaceRequest."""
+
+    __slots__ = ('interface',)
+    FULL_NAME = "clave.agent.v1.UpdateInterfaceRequest"
+
+    interface: Interface | None
+
+    def __init__(self, *, interface: Interface | None = None) -> None:
+        self.interface = interface
+
+    def encode(self) -> bytes:
+        _out: list[bytes] = []
+        if self.interface is not None:
+            _out.append(b'\n' + _w.varint(len(_b := self.interface.encode())) + _b)
+        return b"".join(_out)
+
+    @classmethod
+    def _read(cls, buf: bytes, _pos: int, end: int) -> Self:
+        f_interface: Interface | None = None
+        while _pos < end:
+            _t = buf[_pos]
+            if _t < 0x80:
+                _pos += 1
+            else:
+                _t, _pos = _w.read_varint(buf, _pos)
+            if _t == 10:
+                _s, _pos = _w.read_length(buf, _pos, end)
+                f_interface = Interface._read(buf, _s, _pos)
+            else:
+                _pos = _w.skip_field(buf, _pos, end, _t)
+        if _pos != end:
+            raise _w.DecodeError("clave.agent.v1.UpdateInterfaceRequest: field runs past the end of the message")
+        self = cls.__new__(cls)
+        self.interface = f_interface
+        return self
+
+
+class UpdateRoutesRequest(_Message):
+    """Message clave.agent.v1.UpdateRoutesRequest."""
+
+    __slots__ = ('routes',)
+    FULL_NAME = "clave.agent.v1.UpdateRoutesRequest"
+
+    routes: Routes | None
+
+    def __init__(self, *, routes: Routes | None = None) -> None:
+        self.routes = routes
+
+    def encode(self) -> bytes:
+        _out: list[bytes] = []
+        if self.routes is not None:
+            _out.append(b'\n' + _w.varint(len(_b := self.routes.encode())) + _b)
+        return b"".join(_out)
+
+    @classmethod
+    def _read(cls, buf: bytes, _pos: int, end: int) -> Self:
+        f_routes: Routes | None = None
+        while _pos < end:
+            _t = buf[_pos]
+            if _t < 0x80:
+                _pos += 1
+            else:
+                _t, _pos = _w.read_varint(buf, _pos)
+            if _t == 10:
+                _s, _pos = _w.read_length(buf, _pos, end)
+                f_routes = Routes._read(buf, _s, _pos)
+            else:
+                _pos = _w.skip_field(buf, _pos, end, _t)
+        if _pos != end:
+            raise _w.DecodeError("clave.agent.v1.UpdateRoutesRequest: field runs past the end of the message")
+        self = cls.__new__(cls)
+        self.routes = f_routes
+        return self
+
+
 class AgentServiceService:
     """Service clave.agent.v1.AgentService: method -> (request, response)."""
 
@@ -2349,6 +2712,8 @@ class AgentServiceService:
         "SetGuestDateTime": (SetGuestDateTimeRequest, _google_protobuf.Empty),
         "GetOOMEvent": (GetOOMEventRequest, OOMEvent),
         "GetGuestDetails": (GuestDetailsRequest, GuestDetailsResponse),
+        "UpdateInterface": (UpdateInterfaceRequest, Interface),
+        "UpdateRoutes": (UpdateRoutesRequest, Routes),
     }
     # method -> (client streams, server streams), for the streaming methods only
     STREAMS: dict[str, tuple[bool, bool]] = {'AttachIO': (True, True)}
