@@ -108,6 +108,31 @@ def test_stats_become_the_required_families() -> None:
     assert 'clave_container_blkio_write_bytes_total{container_id="x"} 6\n' in text
 
 
+def test_the_deploy_files_speak_these_metrics(tmp_path: Path) -> None:
+    """The dashboard queries only families Clave serves; deploy/clave-monitor.yaml's scrape job is a valid
+    Prometheus configuration (promtool) and keeps the containers' own pod labels."""
+    yaml = pytest.importorskip("yaml", reason="PyYAML comes with kubernetes-validate (test extra)")
+    dashboard = json.loads((REPO / "deploy" / "grafana-dashboard.json").read_text())
+    exprs = " ".join(target["expr"] for panel in dashboard["panels"] for target in panel["targets"])
+    served = set(prometheus.FAMILIES) | {"clave_monitor_scrape_duration_seconds", "clave_monitor_shims",
+                                         "clave_monitor_shims_failed"}
+    used = set(re.findall(r"\bclave_[a-z_]+", exprs))
+    assert used <= served, used - served
+    assert {f for f in served if f.startswith(("clave_enclave_", "clave_vm_"))} <= used
+    docs = {d["kind"]: d for d in yaml.safe_load_all((REPO / "deploy" / "clave-monitor.yaml").read_text())}
+    config = docs["ConfigMap"]["data"]["prometheus.yml"]
+    assert yaml.safe_load(config)["scrape_configs"][0]["honor_labels"] is True
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is not installed (Debian package prometheus)")
+    (tmp_path / "prometheus.yml").write_text(config)
+    check = subprocess.run(["promtool", "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True,
+                           text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    daemonset = docs["DaemonSet"]["spec"]["template"]["spec"]
+    assert daemonset["volumes"][0]["hostPath"]["path"] == prometheus.SHIMS_DIR
+    assert "--listen" in daemonset["containers"][0]["command"]
+
+
 # --- the node -----------------------------------------------------------------------------------------------
 
 
