@@ -133,6 +133,20 @@ def test_the_deploy_files_speak_these_metrics(tmp_path: Path) -> None:
     assert "--listen" in daemonset["containers"][0]["command"]
 
 
+def test_vm_figures_from_the_handlers_describe() -> None:
+    """What the vm handler's describe gives `clave state` (boot or restore time, the VMM's RSS) becomes the VM
+    families, labelled like every other container's."""
+    state = {"status": "running", "annotations": {"io.kubernetes.cri.sandbox-name": "vmpod"},
+             "vm": {"boot_seconds": 2.5, "vmm_rss_bytes": 150 << 20, "restored": True, "accel": "tcg"}}
+    out = prometheus.Exposition()
+    labels = prometheus.add_container(out, "v1", "vm", state, {}, 0)
+    text = out.text().decode()
+    assert labels == 'container_id="v1",container="",pod="vmpod",namespace="",uid="",handler="vm"'
+    assert f'clave_vm_boot_seconds{{{labels},restored="true"}} 2.5\n' in text
+    assert f"clave_vm_vmm_memory_bytes{{{labels}}} {150 << 20}\n" in text
+    assert "clave_enclave_info" not in text
+
+
 # --- the node -----------------------------------------------------------------------------------------------
 
 

@@ -273,6 +273,27 @@ def figures(engine: Any, container_id: str) -> tuple[dict[str, Any], dict[str, A
     return state, stats, int(oom)
 
 
+def add_container(out: Exposition, container_id: str, handler: str, state: dict[str, Any], stats: dict[str, Any],
+                  oom: int) -> str:
+    """One container's families from what the engine said of it (``figures``); returns its label text."""
+    labels = container_labels(container_id, state.get("annotations") or {}, handler)
+    out.add("clave_container_info", f'{labels},status="{escape(str(state.get("status", "")))}"', 1)
+    add_stats(out, labels, stats)
+    out.add("clave_container_oom_events_total", labels, oom)
+    enclave = state.get("enclave")
+    if isinstance(enclave, dict):
+        out.add("clave_enclave_info", f'{labels},type="{escape(str(enclave.get("type")))}",'
+                                      f'insecure="{str(bool(enclave.get("insecure"))).lower()}"', 1)
+    vm = state.get("vm")  # the vm handler's describe: boot (or restore) time and the VMM's resident memory
+    if isinstance(vm, dict):
+        if vm.get("boot_seconds") is not None:
+            restored = "true" if vm.get("restored") else "false"
+            out.add("clave_vm_boot_seconds", f'{labels},restored="{restored}"', float(vm["boot_seconds"]))
+        if vm.get("vmm_rss_bytes") is not None:
+            out.add("clave_vm_vmm_memory_bytes", labels, int(vm["vmm_rss_bytes"]))
+    return labels
+
+
 def collect(service: Any, shim: str = "") -> bytes:
     """One exposition of every container ``service`` (the shim's TaskService) serves; ``shim``: its pod's id."""
     began = time.perf_counter()
@@ -285,23 +306,9 @@ def collect(service: Any, shim: str = "") -> bytes:
         if figured is None:
             continue
         state, stats, oom = figured
-        labels = container_labels(container_id, state.get("annotations") or {}, handler)
-        out.add("clave_container_info", f'{labels},status="{escape(str(state.get("status", "")))}"', 1)
-        add_stats(out, labels, stats)
-        out.add("clave_container_oom_events_total", labels, oom)
-        enclave = state.get("enclave")
-        if isinstance(enclave, dict):
-            out.add("clave_enclave_info", f'{labels},type="{escape(str(enclave.get("type")))}",'
-                                          f'insecure="{str(bool(enclave.get("insecure"))).lower()}"', 1)
-            if service.enclaves is not None:
-                service.enclaves.add_container(out, labels, container_id, os.path.join(engine.root, container_id))
-        vm = state.get("vm")
-        if isinstance(vm, dict):
-            if vm.get("boot_seconds") is not None:
-                restored = "true" if vm.get("restored") else "false"
-                out.add("clave_vm_boot_seconds", f'{labels},restored="{restored}"', float(vm["boot_seconds"]))
-            if vm.get("vmm_rss_bytes") is not None:
-                out.add("clave_vm_vmm_memory_bytes", labels, int(vm["vmm_rss_bytes"]))
+        labels = add_container(out, container_id, handler, state, stats, oom)
+        if isinstance(state.get("enclave"), dict) and service.enclaves is not None:
+            service.enclaves.add_container(out, labels, container_id, os.path.join(engine.root, container_id))
     if service.enclaves is not None:
         service.enclaves.add_pod(out)
     out.add("clave_shim_collect_seconds", label_text([("containerd_namespace", service.namespace), ("shim", shim)]),
