@@ -53,7 +53,7 @@ class VmHandler(Handler):
 
     # -- create and destroy
     def prepare(self, state: State, notice: Callable[[str], None]) -> None:
-        from clave.vm import qemu
+        from clave.vm import network, qemu
         from clave.vm.guest import current_guest
 
         try:
@@ -65,6 +65,8 @@ class VmHandler(Handler):
         mounts = guest_mounts(state.config)  # refuses what cannot reach a guest, before anything is made
         state.handler_state.update(guest=guest.directory, vcpus=vcpus, memory_mib=memory,
                                    file_binds=len(mounts[1]))
+        # refuses host networking; the taps are recorded before the keeper makes them (see clave.vm.network)
+        state.handler_state["network"] = network.plan(state.config)
 
     def create(self, state: State, sd: StateDir, opts: CreateOptions, runtime_hooks: Callable[[int], None],
                notice: Callable[[str], None]) -> int:
@@ -116,6 +118,7 @@ class VmHandler(Handler):
         return disks
 
     def destroy(self, state: State, sd: StateDir, notice: Callable[[str], None]) -> None:
+        from clave.vm import network
         from clave.vm.qemu import destroy_state_dir
 
         hs = state.handler_state
@@ -131,6 +134,10 @@ class VmHandler(Handler):
                 destroy_state_dir(hs["vm_dir"])
             except ClaveError as exc:
                 notice(f"vm cleanup: {exc}")
+        try:
+            network.detach(hs.get("network"))  # after QEMU is gone: the taps and tc redirects
+        except ClaveError as exc:
+            notice(f"vm network cleanup: {exc}")
         for key in ("layer", "binds"):
             path = hs.get(key)
             if path and os.path.exists(path):
@@ -409,6 +416,7 @@ def _keeper_main(state: State, disks: list[Disk], opts: CreateOptions, report_fd
 
 def _keep(state: State, disks: list[Disk], opts: CreateOptions, report_fd: int) -> int:
     from clave.linux.spawn import adopt_stdio
+    from clave.vm import network
     from clave.vm.client import blk_storage
     from clave.vm.errors import VmError
     from clave.vm.guest import Guest
@@ -430,13 +438,15 @@ def _keep(state: State, disks: list[Disk], opts: CreateOptions, report_fd: int) 
                 os.close(fd)
             except OSError:
                 pass
+    nics, interfaces, routes = network.attach(hs.get("network") or {})
     vm = Vm.create(VmConfig(hs["vm_dir"], Guest(hs["guest"]), vcpus=hs["vcpus"], memory_mib=hs["memory_mib"],
-                            disks=disks))
+                            disks=disks, nics=nics))
     try:
         timings = vm.start()
         agent = vm.agent()
         t0 = time.monotonic()
         agent.create_sandbox(state.id, hostname=state.config.get("hostname", ""))
+        network.configure_guest(agent, interfaces, routes)
         storages = [blk_storage(d.serial, f"{MOUNTS}/{d.serial}", options=["ro"] if d.readonly else [])
                     for d in disks]
         agent.create_container(state.id, guest_config(state), storages)

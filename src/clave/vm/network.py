@@ -77,9 +77,8 @@ def netns_path(config: dict[str, Any]) -> str:
 
 
 def plan(config: dict[str, Any]) -> dict[str, Any]:
-    """What attach() will make: the namespace's Ethernet interfaces, each with a tap name of ours. Refuses an
-    interface whose traffic another VM already takes (one VM per network namespace: a pod's containers share
-    its VM through containerd-shim-clave-v2)."""
+    """What attach() will make: the namespace's Ethernet interfaces, each with a tap name of ours (a container
+    that joins its pod's VM records one too and never attaches it; detach() then finds nothing of its own)."""
     path = netns_path(config)
     cookie = secrets.token_hex(4)
     doc: dict[str, Any] = {"netns": path, "cookie": cookie, "links": []}
@@ -89,11 +88,7 @@ def plan(config: dict[str, Any]) -> dict[str, Any]:
         raise InvalidArgument(f"network namespace {path} does not exist")
     with in_netns(path):
         for i, link in enumerate(_ethernet_links()):
-            name = link["ifname"]
-            if any(q.get("kind") == "ingress" for q in _json([TC, "-j", "qdisc", "show", "dev", name])):
-                raise NetworkError(f"interface {name} of network namespace {path} already has an ingress qdisc "
-                                   "(another VM takes its traffic?): one VM per network namespace")
-            doc["links"].append({"name": name, "tap": f"tap{i}_{cookie[:6]}"})
+            doc["links"].append({"name": link["ifname"], "tap": f"tap{i}_{cookie[:6]}"})
     return doc
 
 
@@ -116,6 +111,9 @@ def attach(doc: dict[str, Any]) -> tuple[list[Nic], list[dict[str, Any]], list[d
             for entry in doc.get("links", []):
                 name, tap = entry["name"], entry["tap"]
                 link = _link(name)
+                if any(q.get("kind") == "ingress" for q in _json([TC, "-j", "qdisc", "show", "dev", name])):
+                    raise NetworkError(f"interface {name} of network namespace {path} already has an ingress qdisc "
+                                       "(another VM takes its traffic): one VM per network namespace")
                 fd = _open_tap(tap)
                 nics.append(Nic(fd, link["address"], name))
                 mtu = int(link.get("mtu") or 1500)

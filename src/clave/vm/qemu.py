@@ -2,8 +2,9 @@
 
 Machine: ``-M microvm,x-option-roms=off`` (virtio-mmio devices, no firmware, no PCI) by default, ``q35`` when a
 device needs PCI (a vTPM). The kernel is booted directly through its PVH entry. No default devices, no user
-config, no network unless asked (user-mode networking then), QEMU's own seccomp filter (``-sandbox on`` with
-obsolete, elevateprivileges, spawn and resourcecontrol denied). Under TCG the guest gets
+config, no network unless asked (user-mode networking, or ``nics``: taps of the pod network namespace, see
+clave.vm.network), QEMU's own seccomp filter (``-sandbox on`` with obsolete, elevateprivileges, spawn and
+resourcecontrol denied). Under TCG the guest gets
 ``tsc_early_khz=`` from the host's /proc/cpuinfo: without it about one boot in ten hangs calibrating the TSC.
 
 State directory (created by create(), removed by destroy()):
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
     from clave.vm.client import AgentClient
     from clave.vm.guest import Guest
+    from clave.vm.network import Nic
     from clave.vm.qmp import Qmp
 
 QEMU = "qemu-system-x86_64"
@@ -79,6 +81,7 @@ class VmConfig:
         accel: str | None = None,
         boot_timeout: float | None = None,
         kernel_args: str = "",
+        nics: list[Nic] | None = None,
     ) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.guest = guest
@@ -90,6 +93,7 @@ class VmConfig:
         self.accel = accel  # None: KVM if the probe showed it boots this guest, else TCG
         self.boot_timeout = boot_timeout
         self.kernel_args = kernel_args
+        self.nics = list(nics or [])  # taps of the pod network namespace's interfaces (clave.vm.network)
 
 
 class Timings:
@@ -252,6 +256,8 @@ class Vm:
                     "-device", f"virtio-blk-{bus},drive=disk{i},serial={disk.serial}"]
         if c.network:
             cmd += ["-netdev", "user,id=net0", "-device", f"virtio-net-{bus},netdev=net0"]
+        for i, nic in enumerate(c.nics):  # the tap's fd is passed open; the NIC answers to the interface's MAC
+            cmd += ["-netdev", f"tap,id=nic{i},fd={nic.fd}", "-device", f"virtio-net-{bus},netdev=nic{i},mac={nic.mac}"]
         return cmd
 
     # -- boot -------------------------------------------------------------------------------------------------
@@ -293,7 +299,8 @@ class Vm:
         deadline = t0 + timeout
         with open(self.path("qemu.log"), "ab") as log:
             self.proc = subprocess.Popen(self.command(accel), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         start_new_session=True, close_fds=True)
+                                         start_new_session=True, close_fds=True,
+                                         pass_fds=[nic.fd for nic in self.config.nics])
         self.pid = self.proc.pid
         self.pid_start = _proc_start_time(self.pid)
         self._save()

@@ -35,6 +35,8 @@ CHUNK = 64 << 10
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
 TIOCSWINSZ = 0x5414
+BUSYBOX = "/bin/busybox"
+ROUTE_SCOPES = {0: "global", 200: "site", 253: "link", 254: "host", 255: "nowhere"}
 
 
 class Process:
@@ -409,6 +411,51 @@ class AgentService:
                                   supports_seccomp=True)
         return pb.GuestDetailsResponse(agent_details=details, kernel_release=os.uname().release)
 
+    # -- network (Kata's UpdateInterface / UpdateRoutes; the host side is clave.vm.network) ---------------------
+    def update_interface(self, ctx: Context, req: pb.UpdateInterfaceRequest) -> pb.Interface:
+        """The NIC with the host interface's MAC (lo: by name) takes its name, MTU and addresses, and comes up:
+        the containers share the guest's network namespace, so this is what they see."""
+        iface = req.interface
+        if iface is None or not iface.name:
+            raise TtrpcError(Code.INVALID_ARGUMENT, "UpdateInterface: an interface with a name is required")
+        link = _link_by_mac(iface.hwAddr) if iface.hwAddr else iface.name
+        if not os.path.exists(f"/sys/class/net/{link}"):
+            raise TtrpcError(Code.NOT_FOUND, f"UpdateInterface: no interface {link!r} in the guest")
+        if link != iface.name:
+            _ip("link", "set", "dev", link, "down")
+            _ip("link", "set", "dev", link, "name", iface.name)
+        if iface.mtu:
+            _ip("link", "set", "dev", iface.name, "mtu", str(iface.mtu))
+        try:  # the namespace already holds these addresses: no duplicate detection (seconds under TCG)
+            with open(f"/proc/sys/net/ipv6/conf/{iface.name}/accept_dad", "w") as f:
+                f.write("0")
+        except OSError:
+            pass
+        if iface.name != "lo":
+            _ip("addr", "flush", "dev", iface.name)
+        _ip("link", "set", "dev", iface.name, "up")
+        for address in iface.IPAddresses:
+            family = ["-6"] if address.family == pb.IPFamily.v6 else []
+            _ip(*family, "addr", "add", f"{address.address}/{address.mask}", "dev", iface.name, exists_ok=True)
+        return iface
+
+    def update_routes(self, ctx: Context, req: pb.UpdateRoutesRequest) -> pb.Routes:
+        """Add (or replace) each route, in the order given: on-link routes come before those through them."""
+        routes = req.routes or pb.Routes()
+        for route in routes.Routes:
+            args = ["-6"] if route.family == pb.IPFamily.v6 else []
+            args += ["route", "replace", route.dest or "default"]
+            if route.gateway:
+                args += ["via", route.gateway]
+            if route.device:
+                args += ["dev", route.device]
+            if route.source:
+                args += ["src", route.source]
+            if route.scope:
+                args += ["scope", ROUTE_SCOPES.get(route.scope, str(route.scope))]
+            _ip(*args)
+        return routes
+
     # -- stdio -------------------------------------------------------------------------------------------------
     def io_stream(self, ctx: Context, stream: ServerStream) -> bytes:
         first = stream.recv()
@@ -536,6 +583,34 @@ def _disk_by_serial(serial: str, timeout: float = 5.0) -> str:
                 continue
         if time.monotonic() >= deadline:
             raise TtrpcError(Code.NOT_FOUND, f"no virtio-blk disk with serial {serial!r}")
+        time.sleep(0.02)
+
+
+def _ip(*args: str, exists_ok: bool = False) -> None:
+    """busybox's ip (the guest image has no iproute2); INTERNAL with its message when it fails."""
+    import subprocess
+
+    done = subprocess.run([BUSYBOX, "ip", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        message = done.stderr.strip().removeprefix("ip: ") or f"exit status {done.returncode}"
+        if exists_ok and "File exists" in message:
+            return
+        raise TtrpcError(Code.INTERNAL, f"ip {' '.join(args)}: {message}")
+
+
+def _link_by_mac(mac: str, timeout: float = 5.0) -> str:
+    """The guest interface whose MAC is ``mac`` (QEMU gives each NIC its host interface's)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for name in sorted(os.listdir("/sys/class/net")):
+            try:
+                with open(f"/sys/class/net/{name}/address") as f:
+                    if f.read().strip().lower() == mac.lower():
+                        return name
+            except OSError:
+                continue
+        if time.monotonic() >= deadline:
+            raise TtrpcError(Code.NOT_FOUND, f"UpdateInterface: no NIC with MAC address {mac} in the guest")
         time.sleep(0.02)
 
 
