@@ -312,7 +312,9 @@ def remove_files(prefix: str, created_dirs: list[str], say: Callable[[str], None
     if os.path.isdir(dest):
         shutil.rmtree(dest)
         say(f"removed {dest}")
-    owned = [os.path.join(prefix, "bin", name) for name in ("clave", SHIM)]
+    from clave.tools import launcher
+
+    owned = [os.path.join(prefix, "bin", name) for name in launcher.SCRIPTS]  # what install_files wrote
     owned += [runtime_config_path(prefix, name) for name in RUNTIMES]
     for path in owned:
         try:
