@@ -62,7 +62,11 @@ def loads(data: str | bytes) -> Any:
         except RecursionError:
             raise JSONDecodeError("nested too deeply") from None
     try:
-        text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
+        if isinstance(data, bytes):
+            # What decode("utf-8-sig") does, without importing that codec's module on every start.
+            text = (data[3:] if data.startswith(b"\xef\xbb\xbf") else data).decode("utf-8")
+        else:
+            text = data
     except UnicodeDecodeError as exc:
         raise JSONDecodeError(f"not UTF-8 text (byte {exc.start})") from None
     scan = _json.make_scanner(_ScannerContext)  # type: ignore[arg-type]

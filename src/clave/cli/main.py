@@ -147,8 +147,52 @@ class Globals:
         self.handler = handler  # --handler: Docker's runtimeArgs and podman's runtime options pass it
 
 
+# Verbs done in milliseconds: a `clave` process running one of them keeps the garbage collector off (its
+# collections would walk every object the imports made, ~1.7 M instructions for `state`; these verbs make almost
+# no cyclic garbage). Every other verb, and `run` once its container runs, has the collector back (resume_gc).
+SHORT_VERBS = frozenset({"create", "start", "state", "kill", "delete", "list", "spec", "features", "ps", "pause",
+                         "resume", "update", "run"})
+_gc_paused = False
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    sys.exit(run(sys.argv[1:] if argv is None else argv))
+    """The `clave` process: run one verb, then exit at once (see _exit)."""
+    global _gc_paused
+    import gc
+
+    gc.disable()
+    _gc_paused = True
+    _exit(run(sys.argv[1:] if argv is None else argv))
+
+
+def resume_gc() -> None:
+    """Turn the collector back on in a `clave` process before a verb may run long. What exists now (modules,
+    classes) is frozen first, so later collections do not walk it."""
+    global _gc_paused
+    if _gc_paused:
+        import gc
+
+        gc.freeze()
+        gc.enable()
+        _gc_paused = False
+
+
+def _exit(code: int) -> None:
+    """Exit with ``code`` without the interpreter's finalization (tearing down every module and object:
+    ~5.8 M instructions, 3-5 ms, after the work is done) when nothing depends on it: stdout and stderr are
+    flushed first, and a process with other threads or atexit handlers exits the ordinary way."""
+    import atexit
+    import os
+
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        sys.exit(code)  # the interpreter reports the failed flush at exit, as it always did
+    threading = sys.modules.get("threading")
+    if type(code) is int and atexit._ncallbacks() == 0 and (threading is None or threading.active_count() <= 1):
+        os._exit(code & 0xFF)
+    sys.exit(code)
 
 
 def run(argv: Sequence[str]) -> int:
@@ -177,6 +221,8 @@ def run(argv: Sequence[str]) -> int:
         if verb not in VERBS:
             # runc exits 3 here (its help lookup's status): callers probing for a verb see the same code.
             raise ClaveError(f"unknown command {verb!r}; run 'clave --help' for the list", exit_code=3)
+        if verb not in SHORT_VERBS:
+            resume_gc()
         module = _import(f"clave.cli.{verb.replace('-', '_')}")  # device-plugin
         verb_parsed = parse_flags(rest, module.FLAGS, verb)
         if verb_parsed.flags.get("help"):

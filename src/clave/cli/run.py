@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import _signal as signal  # the signal module's enum import costs ~5 ms on every run
 
-from clave.cli.main import Parsed, need_args
+from clave.cli.main import Parsed, need_args, resume_gc
 from clave.cli.options import CREATE_FLAGS, create_options
 from clave.errors import ClaveError
 
@@ -61,6 +61,7 @@ def run(parsed: Parsed, ctx: Any) -> int:
             console.close_listener()
     if detach:
         return 0
+    resume_gc()  # the container may run for long: from here the collector is on (see clave.cli.main)
     forward_signals(lambda num: engine.kill(container_id, num))
     if console is not None:
         console.start_copying()

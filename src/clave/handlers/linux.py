@@ -12,10 +12,8 @@ with that start time, the exec fifo present until start, the freezer.
 from __future__ import annotations
 
 import os
-import select
 import time
 
-from clave.config import spec as oci
 from clave.errors import ClaveError, InvalidArgument, NotFound, WrongState, os_error_message
 from clave.faults import pause_point
 from clave.handlers.base import Exit, Handler, Sandbox
@@ -339,6 +337,7 @@ class _NotifyingLock:
 
 def make_plan(state: State, sd: StateDir, opts: CreateOptions) -> InitPlan:
     """The init plan of a Linux container (the launcher then adds its last step)."""
+    from clave.config import spec as oci  # not at the top: `clave state` and `start` do not need it
     from clave.linux import spawn
 
     extra_env = []
@@ -426,6 +425,8 @@ def _network_interfaces(pid: int) -> list[dict[str, Any]]:
 
 def _host_root_ids(config: dict[str, Any]) -> tuple[int, int]:
     """The host uid and gid the container's root maps to (0, 0 without a user namespace)."""
+    from clave.config import spec as oci
+
     linux = config.get("linux", {})
     maps = {"uidMappings": linux.get("uidMappings", []), "gidMappings": linux.get("gidMappings", [])}
     joined = oci.namespaces(config).get("user")
@@ -449,6 +450,8 @@ def _host_root_ids(config: dict[str, Any]) -> tuple[int, int]:
 
 def _release_init(fifo: str, state: State, alive: Callable[[], bool]) -> str | None:
     """Open the exec fifo so the waiting init proceeds; returns its error message, or None once it exec'd."""
+    import select
+
     fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         data = b""

@@ -12,9 +12,10 @@ Without a user change, `apply(caps)` does the two steps. Capabilities newer than
 
 from __future__ import annotations
 
-import ctypes
 import os
 import struct
+
+from clave.linux import ffi  # not ctypes: see that module
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -51,22 +52,15 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _SYS_CAPSET = {"x86_64": 126, "aarch64": 91}
 _SYS_CAPGET = {"x86_64": 125, "aarch64": 90}
 
-_libc: ctypes.CDLL | None = None
-
-
-def _lib() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-        _libc.syscall.restype = ctypes.c_long
-    return _libc
+def _syscall(*args: object) -> int:
+    result: int = ffi.function("syscall", ffi.c_long)(*args)
+    return result
 
 
 def _prctl(option: int, arg2: int = 0, arg3: int = 0, what: str = "prctl") -> int:
-    result = _lib().prctl(option, arg2, arg3, 0, 0)
+    result = ffi.libc().prctl(option, ffi.c_ulong(arg2), ffi.c_ulong(arg3), ffi.c_ulong(0), ffi.c_ulong(0))
     if result < 0:
-        err = ctypes.get_errno()
+        err = ffi.get_errno()
         raise CapabilityError(f"{what}: {os.strerror(err)}")
     return int(result)
 
@@ -146,25 +140,25 @@ def set_no_new_privs() -> None:
 
 def capset(effective: int, permitted: int, inheritable: int) -> None:
     """capset(2) with _LINUX_CAPABILITY_VERSION_3 for the calling thread."""
-    header = ctypes.create_string_buffer(struct.pack("=Ii", _LINUX_CAPABILITY_VERSION_3, 0), 8)
+    header = ffi.create_string_buffer(struct.pack("=Ii", _LINUX_CAPABILITY_VERSION_3, 0), 8)
     halves = []
     for shift in (0, 32):
         halves += [(effective >> shift) & 0xFFFFFFFF, (permitted >> shift) & 0xFFFFFFFF,
                    (inheritable >> shift) & 0xFFFFFFFF]
-    data = ctypes.create_string_buffer(struct.pack("=6I", *halves), 24)
+    data = ffi.create_string_buffer(struct.pack("=6I", *halves), 24)
     nr = _SYS_CAPSET[os.uname().machine]
-    if _lib().syscall(ctypes.c_long(nr), header, data) < 0:
-        err = ctypes.get_errno()
+    if _syscall(ffi.c_long(nr), header, data) < 0:
+        err = ffi.get_errno()
         raise CapabilityError(f"capset: {os.strerror(err)} (a set asks for a capability the process lacks)")
 
 
 def clear_inheritable() -> None:
     """Empty the inheritable and ambient sets, keeping effective and permitted: a container whose config
     names no capabilities must not inherit its caller's inheritable set (CVE-2022-29162)."""
-    header = ctypes.create_string_buffer(struct.pack("=Ii", _LINUX_CAPABILITY_VERSION_3, 0), 8)
-    data = ctypes.create_string_buffer(24)
-    if _lib().syscall(ctypes.c_long(_SYS_CAPGET[os.uname().machine]), header, data) < 0:
-        raise CapabilityError(f"capget: {os.strerror(ctypes.get_errno())}")
+    header = ffi.create_string_buffer(struct.pack("=Ii", _LINUX_CAPABILITY_VERSION_3, 0), 8)
+    data = ffi.create_string_buffer(24)
+    if _syscall(ffi.c_long(_SYS_CAPGET[os.uname().machine]), header, data) < 0:
+        raise CapabilityError(f"capget: {os.strerror(ffi.get_errno())}")
     eff0, perm0, _, eff1, perm1, _ = struct.unpack("=6I", data.raw)
     capset(eff0 | eff1 << 32, perm0 | perm1 << 32, 0)
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, what="clear the ambient set")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 from collections.abc import Mapping
+
+from clave.linux import ffi  # not ctypes: see that module
 
 
 class ProcAttrError(Exception):
@@ -17,11 +18,9 @@ PERSONALITY_QUERY = 0xFFFFFFFF
 
 
 def _personality(persona: int) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.personality.argtypes = [ctypes.c_ulong]
-    result = int(libc.personality(persona))
+    result = int(ffi.libc().personality(ffi.c_ulong(persona)))
     if result == -1:
-        raise ProcAttrError(f"personality({persona:#x}): {os.strerror(ctypes.get_errno())}")
+        raise ProcAttrError(f"personality({persona:#x}): {os.strerror(ffi.get_errno())}")
     return result
 
 

@@ -1,6 +1,6 @@
 """Seccomp: compile an OCI `linux.seccomp` section to a classic BPF program and load it.
 
-The container's init calls `apply()` right before execve, so this module imports only ctypes, os and struct
+The container's init calls `apply()` right before execve, so this module imports only os, struct and clave.linux.ffi
 (not typing, json or libseccomp). Call `compile_cached(config)` in the parent before forking the init: the
 child inherits the cache and `apply()` there only loads the program (under a millisecond).
 
@@ -22,7 +22,6 @@ tests/linux/test_seccomp_libseccomp.py checks decisions against libseccomp's own
 
 from __future__ import annotations
 
-import ctypes
 import os
 import struct
 
@@ -528,16 +527,10 @@ def _compile(seccomp: dict[str, Any]) -> tuple[bytes, bool]:
 # ---------------------------------------------------------------------------------------------------------
 # Loading
 
-_libc: ctypes.CDLL | None = None
-
-
 def _syscall() -> Any:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    fn = _libc.syscall
-    fn.restype = ctypes.c_long
-    return fn
+    from clave.linux import ffi  # not ctypes: see that module
+
+    return ffi.function("syscall", ffi.c_long)
 
 
 def load_filter(program: bytes, flags: Iterable[str] = (), listener: bool = False) -> int | None:
@@ -563,13 +556,14 @@ def load_filter(program: bytes, flags: Iterable[str] = (), listener: bool = Fals
     if bits & listen and bits & FILTER_FLAGS["SECCOMP_FILTER_FLAG_TSYNC"]:
         # the kernel refuses TSYNC together with a listener unless TSYNC_ESRCH is set
         bits |= FILTER_FLAGS["SECCOMP_FILTER_FLAG_TSYNC_ESRCH"]
-    buf = ctypes.create_string_buffer(program, len(program))
-    fprog = ctypes.create_string_buffer(struct.pack("=HxxxxxxQ", count, ctypes.addressof(buf)), 16)
+    from clave.linux import ffi
+
+    buf = ffi.create_string_buffer(program, len(program))
+    fprog = ffi.create_string_buffer(struct.pack("=HxxxxxxQ", count, ffi.addressof(buf)), 16)
     nr = _SYS_SECCOMP[os.uname().machine]
-    result = _syscall()(ctypes.c_long(nr), ctypes.c_long(SECCOMP_SET_MODE_FILTER), ctypes.c_long(bits),
-                        fprog)
+    result = _syscall()(ffi.c_long(nr), ffi.c_long(SECCOMP_SET_MODE_FILTER), ffi.c_long(bits), fprog)
     if result < 0:
-        err = ctypes.get_errno()
+        err = ffi.get_errno()
         hint = " (set no_new_privs or hold CAP_SYS_ADMIN first)" if err == 13 else ""
         raise SeccompError(f"seccomp: loading the filter failed: {os.strerror(err)}{hint}")
     if bits & listen:

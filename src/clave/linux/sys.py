@@ -5,22 +5,22 @@ libc is loaded once, on first use; every wrapper raises OSError with errno and a
 
 from __future__ import annotations
 
-import ctypes
 import os
 
-_libc: ctypes.CDLL | None = None
+from clave.linux import ffi  # not ctypes: see that module
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ctypes import CDLL
 
 
-def libc() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    return _libc
+def libc() -> CDLL:
+    return ffi.libc()
 
 
 def _check(result: int, what: str) -> int:
     if result < 0:
-        err = ctypes.get_errno()
+        err = ffi.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
     return result
 
@@ -90,7 +90,7 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, d
             source.encode() if source is not None else None,
             target.encode(),
             fstype.encode() if fstype is not None else None,
-            ctypes.c_ulong(flags),
+            ffi.c_ulong(flags),
             data.encode() if data else None,
         ),
         f"mount {source or fstype or ''} on {target}",
@@ -115,7 +115,7 @@ def setns(fd: int, nstype: int = 0) -> None:
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
     return _check(
-        libc().prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)),
+        libc().prctl(option, ffi.c_ulong(arg2), ffi.c_ulong(arg3), ffi.c_ulong(arg4), ffi.c_ulong(arg5)),
         f"prctl({option})",
     )
 
@@ -130,36 +130,36 @@ def setdomainname(name: str) -> None:
     _check(libc().setdomainname(raw, len(raw)), "setdomainname")
 
 
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+class _OpenHow(ffi.Structure):
+    _fields_ = [("flags", ffi.c_uint64), ("mode", ffi.c_uint64), ("resolve", ffi.c_uint64)]
 
 
 def openat2(dir_fd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
     """openat2(2): open ``path`` relative to ``dir_fd`` under the RESOLVE_* rules -> fd (close-on-exec added).
     Raises OSError like os.open (ENOSYS on kernels before 5.6)."""
     how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
-    fd = libc().syscall(_SYS_OPENAT2, ctypes.c_int(dir_fd), path.encode(), ctypes.byref(how),
-                        ctypes.c_size_t(ctypes.sizeof(how)))
+    fd = libc().syscall(_SYS_OPENAT2, ffi.c_int(dir_fd), path.encode(), ffi.byref(how),
+                        ffi.c_size_t(ffi.sizeof(how)))
     if fd < 0:
-        err = ctypes.get_errno()
+        err = ffi.get_errno()
         raise OSError(err, os.strerror(err), path)
     return int(fd)
 
 
 def cloexec_from(first: int) -> None:
     """Mark every fd >= ``first`` close-on-exec in one call (close_range(2), Linux 5.11), without /proc."""
-    _check(libc().syscall(_SYS_CLOSE_RANGE, ctypes.c_uint(first), ctypes.c_uint(0xFFFFFFFF),
-                          ctypes.c_uint(CLOSE_RANGE_CLOEXEC)), "close_range")
+    _check(libc().syscall(_SYS_CLOSE_RANGE, ffi.c_uint(first), ffi.c_uint(0xFFFFFFFF),
+                          ffi.c_uint(CLOSE_RANGE_CLOEXEC)), "close_range")
 
 
-class _StatFs(ctypes.Structure):
-    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_long * 15)]
+class _StatFs(ffi.Structure):
+    _fields_ = [("f_type", ffi.c_long), ("_rest", ffi.c_long * 15)]
 
 
 def fs_type(fd: int) -> int:
     """The file system magic of what ``fd`` is open on (fstatfs(2) f_type)."""
     buf = _StatFs()
-    _check(libc().fstatfs(fd, ctypes.byref(buf)), "fstatfs")
+    _check(libc().fstatfs(fd, ffi.byref(buf)), "fstatfs")
     return int(buf.f_type)
 
 

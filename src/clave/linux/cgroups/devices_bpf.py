@@ -8,11 +8,11 @@ An allow rule matches when every requested access is in the rule; a deny rule wh
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import struct
 
+from clave.linux import ffi  # not ctypes: see that module
 from clave.linux.cgroups.common import CgroupError
 
 TYPE_CHECKING = False  # typing is not imported at run time: start-up latency matters
@@ -107,33 +107,27 @@ def build_program(rules: list[dict[str, Any]]) -> bytes:
     return b"".join(prog)
 
 
-_libc: ctypes.CDLL | None = None
-
-
-def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> int:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
+def _bpf(cmd: int, attr: ffi.Array[ffi.c_char], what: str) -> int:
     machine = os.uname().machine
     number = _SYS_BPF.get(machine)
     if number is None:
         raise CgroupError(f"devices: bpf() syscall number unknown on {machine}")
-    result = _libc.syscall(ctypes.c_long(number), ctypes.c_int(cmd), attr, ctypes.c_uint(len(attr)))
+    result = ffi.libc().syscall(ffi.c_long(number), ffi.c_int(cmd), attr, ffi.c_uint(len(attr)))
     if result < 0:
-        err = ctypes.get_errno()
+        err = ffi.get_errno()
         raise OSError(err, f"devices: {what}: {os.strerror(err)}")
     return int(result)
 
 
 def load_program(insns: bytes) -> int:
     """BPF_PROG_LOAD; returns the program fd. The verifier log goes into the error on refusal."""
-    insn_buf = ctypes.create_string_buffer(insns, len(insns))
-    license_buf = ctypes.create_string_buffer(b"Apache")
-    log_buf = ctypes.create_string_buffer(65536)
-    attr = ctypes.create_string_buffer(128)
+    insn_buf = ffi.create_string_buffer(insns, len(insns))
+    license_buf = ffi.create_string_buffer(b"Apache")
+    log_buf = ffi.create_string_buffer(65536)
+    attr = ffi.create_string_buffer(128)
     struct.pack_into("<IIQQIIQ", attr, 0, BPF_PROG_TYPE_CGROUP_DEVICE, len(insns) // 8,
-                     ctypes.addressof(insn_buf), ctypes.addressof(license_buf), 1, len(log_buf),
-                     ctypes.addressof(log_buf))
+                     ffi.addressof(insn_buf), ffi.addressof(license_buf), 1, len(log_buf),
+                     ffi.addressof(log_buf))
     try:
         return _bpf(BPF_PROG_LOAD, attr, "loading the device program")
     except OSError as exc:
@@ -143,9 +137,9 @@ def load_program(insns: bytes) -> int:
 
 
 def attached_program_ids(cgroup_fd: int) -> list[int]:
-    ids = (ctypes.c_uint32 * 64)()
-    attr = ctypes.create_string_buffer(128)
-    struct.pack_into("<IIIIQI", attr, 0, cgroup_fd, BPF_CGROUP_DEVICE, 0, 0, ctypes.addressof(ids), len(ids))
+    ids = (ffi.c_uint32 * 64)()
+    attr = ffi.create_string_buffer(128)
+    struct.pack_into("<IIIIQI", attr, 0, cgroup_fd, BPF_CGROUP_DEVICE, 0, 0, ffi.addressof(ids), len(ids))
     _bpf(BPF_PROG_QUERY, attr, "querying attached device programs")
     count = struct.unpack_from("<I", attr, 24)[0]
     return list(ids[:count])
@@ -161,7 +155,7 @@ def apply_device_rules(cgroup_dir: str, rules: list[dict[str, Any]]) -> None:
         raise CgroupError(f"devices: cannot open {cgroup_dir}: {exc.strerror}") from None
     try:
         old_ids = attached_program_ids(cgroup_fd)
-        attr = ctypes.create_string_buffer(128)
+        attr = ffi.create_string_buffer(128)
         struct.pack_into("<IIII", attr, 0, cgroup_fd, prog_fd, BPF_CGROUP_DEVICE, BPF_F_ALLOW_MULTI)
         _bpf(BPF_PROG_ATTACH, attr, f"attaching the device program to {cgroup_dir}")
         for prog_id in old_ids:
@@ -174,7 +168,7 @@ def apply_device_rules(cgroup_dir: str, rules: list[dict[str, Any]]) -> None:
 
 
 def _detach_by_id(cgroup_fd: int, prog_id: int) -> None:
-    attr = ctypes.create_string_buffer(128)
+    attr = ffi.create_string_buffer(128)
     struct.pack_into("<I", attr, 0, prog_id)
     try:
         old_fd = _bpf(BPF_PROG_GET_FD_BY_ID, attr, "opening an old device program")
@@ -183,7 +177,7 @@ def _detach_by_id(cgroup_fd: int, prog_id: int) -> None:
             return
         raise
     try:
-        attr = ctypes.create_string_buffer(128)
+        attr = ffi.create_string_buffer(128)
         struct.pack_into("<IIII", attr, 0, cgroup_fd, old_fd, BPF_CGROUP_DEVICE, 0)
         _bpf(BPF_PROG_DETACH, attr, "detaching an old device program")
     finally:
