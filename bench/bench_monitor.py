@@ -74,6 +74,15 @@ class Layout:
         if not match:
             raise RuntimeError("clave-monitor did not start")
         self.url = f"http://{match.group(1)}/metrics"
+        deadline = time.monotonic() + 30  # a shim serves metrics from half a second after its start
+        while True:
+            try:
+                self.scrape([])
+                return
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def scrape(self, own: list[float]) -> float:
         """One GET /metrics: client wall clock in ms; the monitor's own duration appended to ``own`` (ms)."""

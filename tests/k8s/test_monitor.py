@@ -212,7 +212,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
     pytest.importorskip("grpc_tools", reason="grpcio-tools is a test dependency")
-    from cri_harness import SERVE, cni_config, create_and_start, daemon_config, running_cri, running_pod
+    from cri_harness import SERVE, cni_config, create_and_start, daemon_config, running_cri, running_pod, wait_cri
     from procs import stop_pid
 
     base = Path(tmp_path_factory.mktemp("mon"))  # short: unix socket paths are limited to 108 bytes
@@ -238,6 +238,9 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
                                          enclave, "--nonce", "c0ffee"], capture_output=True, text=True, timeout=60)
                 assert attest.returncode == 0, attest.stderr
                 monitor, url = _start_monitor(base, "k8s.io", namespace)
+                # a shim serves its metrics from half a second after it starts (clave.shim.main.METRICS_DELAY)
+                wait_cri(lambda: all(f'container_id="{c}"' in _scrape(url) for c in [*natives, enclave]),
+                         "every container in clave-monitor's answer")
                 yield Node(cri, pod, sandbox.metadata.uid, natives, namespace, enclave, refused, url)
         finally:
             if monitor is not None:

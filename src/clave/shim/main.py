@@ -17,6 +17,9 @@ import sys
 SOCKET_DIR = "/run/containerd/s"
 STATE_ROOT = "/run/containerd/clave"  # the engine's root for the shim's containers, one directory per namespace
 SANDBOX_ANNOTATION = "io.kubernetes.cri.sandbox-id"
+# The metrics server starts this long after the ttrpc server: a shim that lives shorter (`ctr run --rm` of a
+# short command) never pays for it, and a pod's first Create never shares the CPU with it.
+METRICS_DELAY = 0.5
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -163,11 +166,13 @@ def serve(flags: Flags, listener: _socket.socket | None = None) -> int:
     server = Server()
     server.register_service(TaskDescriptor, service)
     server.start(listener)
-    metrics: list[Any] = []  # the metrics server, once its thread has bound it
-    threading.Thread(target=_serve_metrics, args=(flags, service, metrics), name="metrics", daemon=True).start()
+    metrics = MetricsSlot(threading.Lock())
+    timer = threading.Timer(METRICS_DELAY, _serve_metrics, args=(flags, service, metrics))
+    timer.daemon = True
+    timer.start()
     done.wait()
-    for m in metrics:
-        m.close()
+    timer.cancel()
+    metrics.close()
     if publisher is not None:
         publisher.close()
     server.close()
@@ -179,13 +184,33 @@ def serve(flags: Flags, listener: _socket.socket | None = None) -> int:
     return 0
 
 
-def _serve_metrics(flags: Flags, service: Any, started: list[Any]) -> None:
-    """Prometheus text on a socket in the shim's state directory, for clave-monitor. A thread of its own,
-    started after the ttrpc server: the pod's first Create does not wait for these imports."""
+class MetricsSlot:
+    """Where the shim's metrics server lands once its thread has bound it; whichever comes first, the server or
+    the shim's end, the server is closed (its socket and directory removed) and nothing is left behind."""
+
+    def __init__(self, lock: Any) -> None:
+        self.lock = lock
+        self.server: Any = None
+        self.closed = False
+
+    def attach(self, server: Any) -> bool:
+        with self.lock:
+            if not self.closed:
+                self.server = server
+            return not self.closed
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            if self.server is not None:
+                self.server.close()
+
+
+def _serve_metrics(flags: Flags, service: Any, slot: MetricsSlot) -> None:
+    """Prometheus text on a socket in the shim's state directory, for clave-monitor, from a thread of its own."""
     from clave.shim.prometheus import serve
 
-    serve(flags.namespace, _group_id(flags.bundle or os.getcwd(), flags.id) or f"shim-{os.getpid()}", service,
-          started)
+    serve(flags.namespace, _group_id(flags.bundle or os.getcwd(), flags.id) or f"shim-{os.getpid()}", service, slot)
 
 
 def _shim_log(flags: Flags) -> Any:

@@ -409,14 +409,17 @@ def _remove(path: str, directory: str) -> None:
         path, directory = directory, os.path.dirname(directory)
 
 
-def serve(namespace: str, group_id: str, service: Any, started: list[MetricsServer]) -> None:
-    """The shim's metrics thread: bind, then answer until the shim shuts down (``started`` lets it close us)."""
+def serve(namespace: str, group_id: str, service: Any, slot: Any) -> None:
+    """The shim's metrics thread: bind, then answer until the shim shuts down (``slot``, clave.shim.main's
+    MetricsSlot, closes the server then, or at once if the shim ended while it was binding)."""
     try:
         server = MetricsServer(shim_directory(namespace, group_id), lambda: collect(service, group_id))
     except OSError as exc:
         sys.stderr.write(f"clave shim metrics: cannot serve in {shim_directory(namespace, group_id)}: {exc}\n")
         return
-    started.append(server)
+    if not slot.attach(server):
+        server.close()
+        return
     server.serve_forever()
 
 
