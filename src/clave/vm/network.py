@@ -10,8 +10,9 @@ because it works for any Ethernet-like interface and touches nothing outside the
 
 No interfaces besides lo (``--network none``, or a new namespace: a config's network entry without a path, as
 `clave spec` writes, since no host process of a vm container would ever own one): the VM gets no NIC and the
-guest has its lo only. No network namespace at all (host networking) is refused, as Kata refuses it: a VM
-cannot be on the host's network stack, and giving it some other network would silently break what was asked.
+guest has its lo only. No network namespace at all (host networking) is refused (Kata does not support it
+either): a VM cannot be on the host's network stack, and giving it some other network would silently break what
+was asked.
 
 What is made is recorded before it is made (``plan`` goes into the container's state): the namespace path, the
 (interface, tap) pairs and a random cookie carried by our tc actions. ``detach`` removes an ingress qdisc only

@@ -422,6 +422,12 @@ class AgentService:
         if not os.path.exists(f"/sys/class/net/{link}"):
             raise TtrpcError(Code.NOT_FOUND, f"UpdateInterface: no interface {link!r} in the guest")
         if link != iface.name:
+            if os.path.exists(f"/sys/class/net/{iface.name}"):
+                # another NIC has the name: move it aside (its own UpdateInterface names it, found by its MAC)
+                with open(f"/sys/class/net/{iface.name}/ifindex") as f:
+                    spare = f"nic{f.read().strip()}"
+                _ip("link", "set", "dev", iface.name, "down")
+                _ip("link", "set", "dev", iface.name, "name", spare)
             _ip("link", "set", "dev", link, "down")
             _ip("link", "set", "dev", link, "name", iface.name)
         if iface.mtu:
