@@ -4,12 +4,13 @@ which ``clave-monitor`` gathers for the whole node.
 
 Every figure comes from the engine, the one mechanism containerd's Stats uses too: ``Engine.stats`` (runc's
 ``events --stats`` data from the handler), ``Engine.state`` (the handler's ``describe``: an enclave's type, a VM's
-boot time and VMMemory), the attestation and KBS counters ``Engine._request`` keeps in the container's state
+boot time and its VMM's memory), the attestation and KBS counters ``Engine._request`` keeps in the container's state
 directory (``clave.engine.counters``), and the enclave starts and refusals this shim saw (``EnclaveLedger``: a
 refused container leaves no state behind to ask). Nothing here reads cgroups itself.
 
-The server is a thread of the shim's serving process, started after the ttrpc server (the first Create never
-waits for it), with no ``http.server``: one request per connection, a few lines of HTTP.
+The server is a thread of the shim's serving process, started half a second after the ttrpc server (the first
+Create never waits for it; clave.shim.main), with no ``http.server``: one request per connection, a few lines of
+HTTP.
 """
 
 from __future__ import annotations
