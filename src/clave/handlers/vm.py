@@ -44,7 +44,11 @@ MOUNTS = "/run/clave-agent/mounts"  # where the agent mounts storages in the gue
 VCPUS_ANNOTATION = "io.clave.vm.vcpus"
 MEMORY_ANNOTATION = "io.clave.vm.memory"  # MiB of guest RAM beyond the container's own memory limit
 EXIT_FILE = "exit.json"
+SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+CONTAINER_TYPE = "io.kubernetes.cri.container-type"  # "sandbox" or "container"
+POD_DISK_SLOTS = 8  # PCIe root ports a pod's VM keeps for the disks of the containers that join it
 STANDIN_PREFIX = "standin."
+TEST_KERNEL_ARGS = "CLAVE_TEST_VM_KERNEL_ARGS"  # extra guest kernel arguments, for tests of boot failures
 SIGKILL = 9
 
 
@@ -73,16 +77,25 @@ class VmHandler(Handler):
         from clave.vm import paths
 
         hs = state.handler_state
+        pod = _pod_sandbox(state, sd)
         key = hashlib.sha256(f"{sd.path}\0{time.time_ns()}".encode()).hexdigest()[:16]
-        hs["vm_dir"] = os.path.join(VM_RUN, key)
+        hs["vm_dir"] = pod.handler_state["vm_dir"] if pod else os.path.join(VM_RUN, key)
         hs["layer"] = os.path.join(paths.VM_ROOT, "layers", f"{key}.qcow2")
         hs["binds"] = os.path.join(paths.VM_ROOT, "layers", f"{key}.binds.img")
         hs["serial"] = f"ctr-{key[:12]}"
         hs["state_dir"] = sd.path  # where exec's stand-ins are recorded
+        if pod is not None:
+            hs["pod"] = pod.id
+        elif state.annotations.get(CONTAINER_TYPE) == "sandbox":
+            hs["machine"], hs["hotplug_slots"] = "q35", POD_DISK_SLOTS  # the pod's next containers join it
         sd.save(state)  # from here on, destroy finds what to remove after a crash
         pause_point("after-state-dir")
         disks = self._disks(state, notice)
         pause_point("after-rootfs-image")
+        if pod is not None:
+            pid = self._join(state, sd, opts, disks)
+            runtime_hooks(pid)
+            return pid
         read_fd, write_fd = os.pipe()
         keeper = os.fork()
         if keeper == 0:  # the keeper: never returns
@@ -101,17 +114,41 @@ class VmHandler(Handler):
         runtime_hooks(keeper)
         return keeper
 
+    def _join(self, state: State, sd: StateDir, opts: CreateOptions, disks: list[Disk]) -> int:
+        """Create the container in its pod's VM: its disks hot-plugged, a stand-in for its init."""
+        from clave.vm.client import blk_storage
+        from clave.vm.host import HOST
+
+        hs = state.handler_state
+        added: list[str] = hs.setdefault("disks_added", [])
+
+        def make(agent: AgentClient) -> None:
+            for d in disks:
+                agent.forward(HOST, "AddDisk", json.dumps({"serial": d.serial, "path": d.path, "format": d.format,
+                                                           "readonly": d.readonly}).encode(), 30)
+                added.append(d.serial)
+                sd.save(state)
+            storages = [blk_storage(d.serial, f"{MOUNTS}/{d.serial}", options=["ro"] if d.readonly else [])
+                        for d in disks]
+            hs["guest_created"] = True
+            sd.save(state)
+            agent.create_container(state.id, guest_config(state), storages)
+
+        self._call(state, make)
+        pid = _fork_standin(state, "", None, opts.stdio, opts.console_socket)
+        hs["pid_start"] = _start_time(pid)
+        return pid
+
     def _disks(self, state: State, notice: Callable[[str], None]) -> list[Disk]:
         from clave.vm import rootfs
         from clave.vm.qemu import Disk
 
         hs = state.handler_state
         base = rootfs.base_image(state.rootfs, notice)
-        if state.config.get("root", {}).get("readonly"):
-            disks = [Disk(base, hs["serial"], readonly=True)]
-        else:
-            os.makedirs(os.path.dirname(hs["layer"]), mode=0o700, exist_ok=True)
-            disks = [Disk(rootfs.writable_layer(base, hs["layer"]), hs["serial"], format="qcow2")]
+        # A layer even for root.readonly: the guest engine makes the mount points (a bound /etc/hosts the image
+        # lacks) before it remounts the root read-only, as runc does; the base itself is never written.
+        os.makedirs(os.path.dirname(hs["layer"]), mode=0o700, exist_ok=True)
+        disks = [Disk(rootfs.writable_layer(base, hs["layer"]), hs["serial"], format="qcow2")]
         _mounts, files = guest_mounts(state.config)
         if files:
             disks.append(Disk(_files_image(files, hs["binds"]), _binds_serial(hs["serial"]), readonly=True))
@@ -129,7 +166,9 @@ class VmHandler(Handler):
                 pid, start = _standin_record(sd.path, name)
                 if pid and _start_time(pid) == start:
                     _kill(pid)
-        if hs.get("vm_dir"):
+        if hs.get("pod"):
+            self._leave_pod(state, notice)
+        elif hs.get("vm_dir"):
             try:
                 destroy_state_dir(hs["vm_dir"])
             except ClaveError as exc:
@@ -142,6 +181,26 @@ class VmHandler(Handler):
             path = hs.get(key)
             if path and os.path.exists(path):
                 os.unlink(path)
+
+    def _leave_pod(self, state: State, notice: Callable[[str], None]) -> None:
+        from clave.vm.host import HOST
+
+        hs = state.handler_state
+
+        def leave(agent: AgentClient) -> None:
+            if hs.get("guest_created"):
+                try:
+                    agent.remove_container(state.id)
+                except ClaveError as exc:
+                    if getattr(exc, "code", None) != 5:  # NOT_FOUND: never made, or removed already
+                        raise
+            for serial in hs.get("disks_added", []):
+                agent.forward(HOST, "RemoveDisk", json.dumps({"serial": serial}).encode(), 30)
+
+        try:
+            self._call(state, leave)
+        except ClaveError as exc:
+            notice(f"vm cleanup: {exc} (the pod's VM keeps what it had)")
 
     # -- lifecycle
     def start(self, state: State, sd: StateDir) -> None:
@@ -174,39 +233,10 @@ class VmHandler(Handler):
 
     # -- processes
     def exec(self, state: State, sd: StateDir, process: dict[str, Any], opts: ExecOptions) -> int:
-        from clave.vm.client import AgentClient
-        from clave.vm.host import stand_in
-
-        console_fd = None
-        if process.get("terminal"):
-            if not opts.console_socket:
-                raise InvalidArgument("cannot allocate tty if clave will detach without setting console socket")
-            from clave.linux import console
-
-            console_fd = console.connect_socket(opts.console_socket)
+        if process.get("terminal") and not opts.console_socket:
+            raise InvalidArgument("cannot allocate tty if clave will detach without setting console socket")
         exec_id = f"exec-{time.time_ns():x}-{os.getpid()}"
-        read_fd, write_fd = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(read_fd)
-            try:
-                if opts.stdio is not None:
-                    from clave.linux.spawn import adopt_stdio
-
-                    adopt_stdio(opts.stdio)
-                agent = AgentClient.connect(_socket(state))
-            except BaseException as exc:  # noqa: BLE001  # reported to the caller
-                os.write(write_fd, f"error: {exc}".encode())
-                os._exit(1)
-            stand_in(agent, state.id, exec_id, _guest_process(process), console_fd, write_fd)
-        os.close(write_fd)
-        if console_fd is not None:
-            os.close(console_fd)
-        with os.fdopen(read_fd, "rb") as pipe:
-            report = pipe.read().decode(errors="replace")
-        if report != "ok":
-            os.waitpid(pid, 0)
-            raise ClaveError(report.removeprefix("error: ").removeprefix("agent ExecProcess: ") or "exec failed")
+        pid = _fork_standin(state, exec_id, _guest_process(process), opts.stdio, opts.console_socket)
         with open(os.path.join(sd.path, f"{STANDIN_PREFIX}{pid}"), "w") as f:
             f.write(f"{_start_time(pid)} {exec_id}")
         return pid
@@ -249,18 +279,16 @@ class VmHandler(Handler):
         return "v2"  # the guest mounts cgroup2 only
 
     def oom_count(self, state: State) -> int:
+        if not state.handler_state.get("pod"):  # a VM of its own: the keeper recorded the count at the end
+            try:
+                with open(os.path.join(state.handler_state.get("vm_dir", ""), EXIT_FILE)) as f:
+                    return int(json.load(f).get("oom_kills", 0))
+            except (OSError, ValueError):
+                pass
         try:
-            with open(os.path.join(state.handler_state.get("vm_dir", ""), EXIT_FILE)) as f:
-                return int(json.load(f).get("oom_kills", 0))
-        except (OSError, ValueError):
-            pass
-        if not self._alive(state):
-            return 0
-        try:
-            stats = self.stats(state)
+            return int(self._call(state, lambda agent: agent.stats_container(state.id)).get("oom_kills", 0))
         except ClaveError:
             return 0
-        return int(stats.get("oom_kills", 0))
 
     def describe(self, state: State) -> dict[str, Any]:
         vm_dir = state.handler_state.get("vm_dir", "")
@@ -395,6 +423,63 @@ def _files_image(files: list[tuple[str, str]], path: str) -> str:
     return path
 
 
+def _fork_standin(state: State, exec_id: str, process: dict[str, Any] | None, stdio: tuple[int, int, int] | None,
+                  console_socket: str | None) -> int:
+    """Fork the stand-in of a guest process (clave.vm.host.stand_in); its pid once the process exists."""
+    from clave.vm.client import AgentClient
+    from clave.vm.host import stand_in
+
+    console_fd = None
+    if console_socket:
+        from clave.linux import console
+
+        console_fd = console.connect_socket(console_socket)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        try:
+            if stdio is not None:
+                from clave.linux.spawn import adopt_stdio
+
+                adopt_stdio(stdio)
+            # Nothing of the caller's stays open here: not the state dir's lock, not the shim's other fds.
+            _close_fds_except({0, 1, 2, write_fd} | ({console_fd} if console_fd is not None else set()))
+            agent = AgentClient.connect(_socket(state))
+        except BaseException as exc:  # noqa: BLE001  # reported to the caller
+            os.write(write_fd, f"error: {exc}".encode())
+            os._exit(1)
+        stand_in(agent, state.id, exec_id, process, console_fd, write_fd)
+    os.close(write_fd)
+    if console_fd is not None:
+        os.close(console_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        report = pipe.read().decode(errors="replace")
+    if report != "ok":
+        os.waitpid(pid, 0)
+        raise ClaveError(report.removeprefix("error: ").removeprefix("agent ExecProcess: ") or "exec failed")
+    return pid
+
+
+def _pod_sandbox(state: State, sd: StateDir) -> State | None:
+    """The CRI sandbox container whose VM this container joins (a pod's later containers), or None."""
+    annotations = state.annotations
+    sandbox_id = annotations.get(SANDBOX_ID)
+    if annotations.get(CONTAINER_TYPE) != "container" or not sandbox_id or sandbox_id == state.id:
+        return None
+    from clave.engine.state import StateDir as Dir
+
+    try:
+        pod = Dir(os.path.dirname(sd.path), sandbox_id).load()
+    except ClaveError:
+        return None  # the sandbox is not one of ours (another runtime root): a VM of its own
+    if pod.handler != "vm":
+        return None
+    if _start_time(pod.pid) != pod.handler_state.get("pid_start") or not pod.handler_state.get("hotplug_slots"):
+        raise WrongState(f"container {state.id}: the VM of its pod (sandbox {sandbox_id}) is not running")
+    return pod
+
+
 # -- the keeper ---------------------------------------------------------------------------------------------------
 
 
@@ -431,16 +516,12 @@ def _keep(state: State, disks: list[Disk], opts: CreateOptions, report_fd: int) 
         from clave.linux import console
 
         console_fd = console.connect_socket(opts.console_socket)
-    keep = {0, 1, 2, report_fd} | ({console_fd} if console_fd is not None else set())
-    for fd in _open_fds():
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    _close_fds_except({0, 1, 2, report_fd} | ({console_fd} if console_fd is not None else set()))
     nics, interfaces, routes = network.attach(hs.get("network") or {})
     vm = Vm.create(VmConfig(hs["vm_dir"], Guest(hs["guest"]), vcpus=hs["vcpus"], memory_mib=hs["memory_mib"],
-                            disks=disks, nics=nics))
+                            disks=disks, nics=nics, machine=hs.get("machine", "microvm"),
+                            hotplug_slots=hs.get("hotplug_slots", 0),
+                            kernel_args=os.environ.get(TEST_KERNEL_ARGS, "")))  # tests provoke boot failures
     try:
         timings = vm.start()
         agent = vm.agent()
@@ -480,19 +561,21 @@ def _keep(state: State, disks: list[Disk], opts: CreateOptions, report_fd: int) 
 
 
 def _oom_kills(agent: AgentClient, container_id: str) -> int:
-    from clave.vm.errors import AgentError
+    from clave.vm.errors import VmError
 
-    count = 0
-    while True:
-        try:
-            if agent.oom_event(timeout=0.2) == container_id:
-                count += 1
-        except AgentError:
-            return count
+    try:
+        return int(agent.stats_container(container_id).get("oom_kills", 0))
+    except VmError:
+        return 0
 
 
-def _open_fds() -> list[int]:
-    return [int(name) for name in os.listdir("/proc/self/fd")]
+def _close_fds_except(keep: set[int]) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) not in keep:
+            try:
+                os.close(int(name))
+            except OSError:
+                pass
 
 
 # -- small helpers ------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from clave.vm.qemu import Vm
 
 SOCKET = "vm.sock"
+HOST = "clave.vm.Host"  # the VM host's own methods on vm.sock (JSON payloads): AddDisk, RemoveDisk
 AGENT = pb.AgentServiceService.NAME
 HEALTH = pb.HealthService.NAME
 # Signals a stand-in passes on to its guest process (the rest keep their default action on the stand-in).
@@ -46,12 +47,15 @@ class VmHost:
         self.vm = vm
         self.server = Server()
         self.socket_path = vm.path(SOCKET)
+        self._slots: list[str] = [""] * vm.config.hotplug_slots  # the serial of the disk in each slot
+        self._lock = threading.Lock()
 
     def serve(self) -> None:
         """Start serving on ``vm.sock`` (background threads)."""
         for name, methods in ((AGENT, pb.AgentServiceService.METHODS), (HEALTH, pb.HealthService.METHODS)):
             self.server.register(name, {m: self._forwarder(name, m) for m in methods if m != "AttachIO"})
         self.server.register_stream(AGENT, "AttachIO", self._attach_io)
+        self.server.register(HOST, {"AddDisk": self._add_disk, "RemoveDisk": self._remove_disk})
         self.server.start(self.server.listen(self.socket_path, 0o600))
 
     def close(self) -> None:
@@ -62,6 +66,60 @@ class VmHost:
             return self.vm.agent().forward(service, method, payload, ctx.time_remaining())
 
         return forward
+
+    # -- disks of containers that join the VM after boot (PCIe hotplug on q35) ---------------------------------
+    def _add_disk(self, ctx: Context, payload: bytes) -> bytes:
+        import json
+
+        from clave.ttrpc import Code
+        from clave.vm.errors import VmError
+
+        req = json.loads(payload)
+        serial, path, readonly, fmt = req["serial"], req["path"], bool(req.get("readonly")), req.get("format", "raw")
+        with self._lock:
+            if "" not in self._slots:
+                raise TtrpcError(Code.RESOURCE_EXHAUSTED, f"the pod's VM has no free disk slot "
+                                                          f"({len(self._slots)} in use)")
+            slot = self._slots.index("")
+            qmp = self.vm.qmp()
+            try:
+                qmp.execute("blockdev-add", {"node-name": f"n-{serial}", "driver": fmt, "read-only": readonly,
+                                             "file": {"driver": "file", "filename": path, "read-only": readonly}})
+                try:
+                    qmp.execute("device_add", {"driver": "virtio-blk-pci", "drive": f"n-{serial}", "serial": serial,
+                                               "bus": f"hp{slot}", "id": f"d-{serial}"})
+                except VmError:
+                    qmp.execute("blockdev-del", {"node-name": f"n-{serial}"})
+                    raise
+            except VmError as exc:
+                raise TtrpcError(Code.INTERNAL, f"disk {serial}: {exc}") from None
+            self._slots[slot] = serial
+        return b"{}"
+
+    def _remove_disk(self, ctx: Context, payload: bytes) -> bytes:
+        import json
+        import time
+
+        from clave.vm.errors import VmError
+
+        serial = json.loads(payload)["serial"]
+        with self._lock:
+            if serial not in self._slots:
+                return b"{}"
+            qmp = self.vm.qmp()
+            try:
+                qmp.execute("device_del", {"id": f"d-{serial}"})
+                deadline = time.monotonic() + 10
+                while not any(e.get("event") == "DEVICE_DELETED" and e.get("data", {}).get("device") == f"d-{serial}"
+                              for e in qmp.events) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    qmp.execute("query-status")  # reads the events that arrived meanwhile
+                qmp.events.clear()
+                qmp.execute("blockdev-del", {"node-name": f"n-{serial}"})
+            except VmError:
+                pass  # the guest did not let go: the disk goes with the VM
+            self._slots[self._slots.index(serial)] = ""
+        return b"{}"
 
     def _attach_io(self, ctx: Context, stream: ServerStream) -> bytes:
         first = stream.recv()
