@@ -145,9 +145,12 @@ class AgentClient:
 
     # -- sandbox ----------------------------------------------------------------------------------------------
     def create_sandbox(self, sandbox_id: str, hostname: str = "", dns: list[str] | None = None,
-                       storages: list[pb.Storage] | None = None) -> None:
+                       storages: list[pb.Storage] | None = None, machine_id: str = "") -> None:
+        """The pod's identity in the guest: hostname, resolv.conf, shared storages, and its machine id (32 hex
+        digits, /etc/machine-id in the guest)."""
         self._call("CreateSandbox", pb.CreateSandboxRequest(sandbox_id=sandbox_id, hostname=hostname,
-                                                            dns=list(dns or []), storages=list(storages or [])))
+                                                            dns=list(dns or []), storages=list(storages or []),
+                                                            machine_id=machine_id))
 
     def destroy_sandbox(self) -> None:
         self._call("DestroySandbox", pb.DestroySandboxRequest())
@@ -159,6 +162,27 @@ class AgentClient:
         ns = time.time_ns() if at_ns is None else at_ns
         self._call("SetGuestDateTime", pb.SetGuestDateTimeRequest(Sec=ns // 1_000_000_000,
                                                                   Usec=ns % 1_000_000_000 // 1000))
+
+    # -- templates and measured boot --------------------------------------------------------------------------
+    def set_disk_serials(self, serials: dict[str, str]) -> None:
+        """Tell the guest which virtio-blk serial carries each host serial (a clone's disks sit in slots)."""
+        self._call("SetDiskSerials", pb.SetDiskSerialsRequest(serials=dict(serials)))
+
+    def renew_tpm_identity(self, entropy: bytes | None = None) -> None:
+        self._call("RenewTpmIdentity", pb.RenewTpmIdentityRequest(entropy=entropy or os.urandom(64)), timeout=60)
+
+    def measure_container(self, container_id: str, image_digest: str) -> bytes:
+        """Extend the container PCR with the image digest and the config the guest received (after
+        create_container, before start_container); the PCR's new value."""
+        reply = self._call("MeasureContainer", pb.MeasureContainerRequest(container_id=container_id,
+                                                                          image_digest=image_digest),
+                           pb.MeasureContainerResponse, timeout=120)
+        return bytes(reply.value)
+
+    def quote(self, nonce: bytes) -> tuple[bytes, bytes]:
+        """(Clave TPM evidence bound to ``nonce``, the guest's event log); verify with clave-verify --tee tpm."""
+        reply = self._call("GetQuote", pb.GetQuoteRequest(nonce=nonce), pb.GetQuoteResponse, timeout=120)
+        return bytes(reply.evidence), bytes(reply.event_log)
 
     # -- containers -------------------------------------------------------------------------------------------
     def create_container(self, container_id: str, config: dict[str, Any], storages: list[pb.Storage]) -> None:

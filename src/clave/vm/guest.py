@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 
-from clave.vm import paths
+from clave.vm import measure, paths
 from clave.vm.cpio import CpioWriter
 from clave.vm.errors import BuildError
 from clave.vm.kernel import extract_vmlinux, module_load_order
@@ -40,12 +40,15 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"  # 2: cryptography + cbor2 for the TPM quote, /etc/machine-id -> /run/machine-id
 KERNEL_META = "linux-image-cloud-amd64"
 USERLAND = (
     "busybox-static", "python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib",
     "libc6", "libffi8", "zlib1g", "libexpat1",
+    # the TPM quote (clave.attestation's TPM attester and evidence format), imported only when quoting
+    "python3-cryptography", "python3-cffi-backend", "python3-cbor2", "libssl3", "libgcc-s1",
 )
+DIST_PACKAGES = "/usr/lib/python3/dist-packages"  # Debian's python3-* modules (the agent runs with -S)
 MODULES = ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_console", "virtio_net", "virtiofs", "virtio_rng")
 GUEST_SERIAL = "clave-guest"  # the virtio-blk serial the stage-1 init looks for
 EPOCH = 1700000000  # every timestamp in the outputs (mtime, mkfs time)
@@ -193,22 +196,12 @@ def agent_sources() -> list[tuple[str, str]]:
     """``(path inside the package dir, absolute path)`` of every Clave source file the guest carries."""
     import clave
 
-    root = os.path.dirname(os.path.abspath(clave.__file__))
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
-        for fname in sorted(filenames):
-            if fname.endswith((".py", ".pem")):
-                full = os.path.join(dirpath, fname)
-                out.append((os.path.join("clave", os.path.relpath(full, root)), full))
-    return out
+    return measure.package_files(os.path.dirname(os.path.abspath(clave.__file__)))
 
 
 def agent_digest(sources: list[tuple[str, str]]) -> str:
-    h = hashlib.sha256()
-    for rel, full in sources:
-        h.update(rel.encode() + b"\0" + _file_sha256(full).encode() + b"\n")
-    return h.hexdigest()
+    """The same digest the guest agent computes over the package it runs from (clave.vm.measure)."""
+    return measure.agent_digest_of([(rel, _file_sha256(full)) for rel, full in sources])
 
 
 def _file_sha256(path: str) -> str:
@@ -436,6 +429,8 @@ def _shape_image(tree: str, sources: list[tuple[str, str]]) -> None:
         "etc/group": ("root:x:0:\ntty:x:5:\nnogroup:x:65534:\n", 0o644),
         "etc/hostname": ("clave\n", 0o644),
     }
+    # the pod's machine id, written by the agent at CreateSandbox (the image is read-only)
+    os.symlink("/run/machine-id", os.path.join(tree, "etc/machine-id"))
     for rel, (text, mode) in files.items():
         p = os.path.join(tree, rel)
         if os.path.lexists(p):
@@ -457,7 +452,7 @@ def _compile_bytecode(tree: str) -> None:
     libs = ":".join(os.path.join(tree, d) for d in ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"))
     env = {"PYTHONHASHSEED": "0", "PYTHONHOME": os.path.join(tree, "usr"), "PATH": "/usr/bin:/bin",
            "LD_LIBRARY_PATH": libs}
-    for sub in ("usr/lib/python3.11", AGENT_DIR):
+    for sub in ("usr/lib/python3.11", DIST_PACKAGES.lstrip("/"), AGENT_DIR):
         done = subprocess.run(
             # -B: the compiler's own imports must not leave pycs naming the build directory
             [python, "-B", "-I", "-S", "-m", "compileall", "-f", "-q", "-j", "1",

@@ -83,6 +83,9 @@ class VmConfig:
         kernel_args: str = "",
         nics: list[Nic] | None = None,
     ) -> None:
+        template: bool = True,
+        template_slots: int = 4,
+        tpm: bool = False,
         self.state_dir = os.path.abspath(state_dir)
         self.guest = guest
         self.vcpus = vcpus
@@ -96,6 +99,11 @@ class VmConfig:
         self.nics = list(nics or [])  # taps of the pod network namespace's interfaces (clave.vm.network)
 
 
+        # start() restores a clone of this shape's template when it can (clave.vm.template), else boots;
+        # False: the pod refused sharing memory with other pods (io.clave.vm.template=false)
+        self.template = template
+        self.template_slots = template_slots  # a template's swappable virtio-blk slots: at most this many disks
+        self.tpm = tpm  # a per-VM swtpm and measured boot (q35 only; clave.vm.swtpm, clave.vm.measure)
 class Timings:
     """Seconds from spawning QEMU to each phase of a boot."""
 
@@ -174,6 +182,11 @@ class Vm:
         self._agent: AgentClient | None = None
 
     @classmethod
+        self.swtpm: subprocess.Popen[bytes] | None = None
+        self.swtpm_pid = self.swtpm_start = 0
+        self.template_key = ""  # the template this VM was cloned from ("": booted)
+        self.template_built = False  # this start() built that template first
+        self.notices: list[str] = []  # why a template was not used, one line each (also on stderr)
     def create(cls, config: VmConfig) -> Vm:
         """Validate the config and make the state directory (it must not exist: another VM may own it)."""
         check_resources(config.vcpus, config.memory_mib)
@@ -191,6 +204,10 @@ class Vm:
             raise VmError(f"{QEMU} not found: install Debian's qemu-system-x86")
         try:
             os.makedirs(config.state_dir, mode=0o700)
+        if config.tpm and config.machine != "q35":
+            raise VmError("a vTPM needs machine q35 (QEMU's TPM devices do not work on microvm)")
+        if any(d.serial.startswith("clave-") for d in config.disks):
+            raise VmError("disk serials starting with 'clave-' are reserved for the guest image and template slots")
         except FileExistsError:
             raise VmError(f"VM state directory {config.state_dir} already exists") from None
         vm = cls(config)
@@ -211,7 +228,8 @@ class Vm:
 
     def _save(self) -> None:
         doc = {"pid": self.pid, "pid_start": self.pid_start, "accel": self.accel, "machine": self.config.machine,
-               "files": list(STATE_FILES), "timings": self.timings.as_dict()}
+               "files": list(STATE_FILES), "timings": self.timings.as_dict(),
+               "swtpm_pid": self.swtpm_pid, "swtpm_start": self.swtpm_start, "template": self.template_key}
         tmp = self.path("vm.json.tmp")
         with open(tmp, "w") as f:
             json.dump(doc, f)
@@ -234,6 +252,10 @@ class Vm:
             args.append(c.kernel_args)
         machine = "microvm,x-option-roms=off" if mmio else "q35"
         cmd = [
+        if c.tpm:
+            from clave.vm.measure import boot_cmdline
+
+            args.append(boot_cmdline(g.digests()))
             QEMU, "-name", "clave-vm",
             "-M", machine, "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
             "-smp", str(c.vcpus), "-m", str(c.memory_mib),
@@ -262,6 +284,10 @@ class Vm:
 
     # -- boot -------------------------------------------------------------------------------------------------
     def start(self) -> Timings:
+        if c.tpm:
+            from clave.vm.swtpm import qemu_args
+
+            cmd += qemu_args(self.state_dir)
         """Boot and wait for the agent; one retry after a failed attempt. Raises BootError with the console's
         tail when both attempts fail."""
         accel = self.config.accel
@@ -274,6 +300,11 @@ class Vm:
         for attempt in (1, 2):
             self.timings = Timings()
             self.timings.attempts = attempt
+        if self.config.template:
+            from clave.vm.template import start_clone
+
+            if start_clone(self, accel, timeout):
+                return self.timings
             try:
                 self._boot(accel, timeout)
                 self._save()
@@ -301,6 +332,8 @@ class Vm:
             self.proc = subprocess.Popen(self.command(accel), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          start_new_session=True, close_fds=True,
                                          pass_fds=[nic.fd for nic in self.config.nics])
+        if self.config.tpm:
+            self.start_swtpm()
         self.pid = self.proc.pid
         self.pid_start = _proc_start_time(self.pid)
         self._save()
@@ -403,6 +436,25 @@ class Vm:
         for closer in (self._agent, self._qmp):
             if closer is not None:
                 try:
+    def start_swtpm(self) -> None:
+        """A fresh swtpm for this VM (before QEMU, which connects to it at start)."""
+        from clave.vm import swtpm
+
+        self.stop_swtpm()
+        self.swtpm = swtpm.start(self.state_dir)
+        self.swtpm_pid, self.swtpm_start = self.swtpm.pid, _proc_start_time(self.swtpm.pid)
+        self._save()
+
+    def stop_swtpm(self) -> None:
+        if self.swtpm is not None:
+            if self.swtpm.poll() is None:
+                self.swtpm.kill()
+            self.swtpm.wait()
+            self.swtpm = None
+        else:
+            _kill(self.swtpm_pid, self.swtpm_start)
+        self.swtpm_pid = self.swtpm_start = 0
+
                     closer.close()
                 except Exception:  # noqa: BLE001  # closing a dead VM's sockets may fail any way
                     pass
@@ -419,6 +471,7 @@ class Vm:
     def stop(self) -> None:
         """Stop QEMU, keeping its files (the console) until destroy()."""
         self._stop_process()
+        self.stop_swtpm()
         self._save()
 
     def destroy(self) -> None:
@@ -461,6 +514,7 @@ def destroy_state_dir(state_dir: str) -> None:
     try:
         with open(os.path.join(state_dir, "qemu.pid")) as f:
             qpid = int(f.read().strip() or 0)
+    _kill(int(doc.get("swtpm_pid") or 0), int(doc.get("swtpm_start") or 0))
         with open(f"/proc/{qpid}/cmdline", "rb") as f:
             if os.path.join(state_dir, "qmp.sock").encode() in f.read():
                 _kill(qpid, _proc_start_time(qpid))
@@ -475,5 +529,6 @@ def destroy_state_dir(state_dir: str) -> None:
         os.rmdir(state_dir)
     except FileNotFoundError:
         pass
+    shutil.rmtree(os.path.join(state_dir, "tpm"), ignore_errors=True)  # clave.vm.swtpm's state
     except OSError as exc:
         raise VmError(f"VM state directory {state_dir}: {exc.strerror} (files not made by the VM are in it)") from None

@@ -1660,7 +1660,7 @@ class KernelModule(_Message):
 class CreateSandboxRequest(_Message):
     """Message clave.agent.v1.CreateSandboxRequest."""
 
-    __slots__ = ('hostname', 'dns', 'storages', 'sandbox_pidns', 'sandbox_id', 'guest_hook_path', 'kernel_modules', 'guest_userns')
+    __slots__ = ('hostname', 'dns', 'storages', 'sandbox_pidns', 'sandbox_id', 'guest_hook_path', 'kernel_modules', 'guest_userns', 'machine_id')
     FULL_NAME = "clave.agent.v1.CreateSandboxRequest"
 
     hostname: str
@@ -1671,8 +1671,9 @@ class CreateSandboxRequest(_Message):
     guest_hook_path: str
     kernel_modules: list[KernelModule]
     guest_userns: bool
+    machine_id: str
 
-    def __init__(self, *, hostname: str = "", dns: list[str] | None = None, storages: list[Storage] | None = None, sandbox_pidns: bool = False, sandbox_id: str = "", guest_hook_path: str = "", kernel_modules: list[KernelModule] | None = None, guest_userns: bool = False) -> None:
+    def __init__(self, *, hostname: str = "", dns: list[str] | None = None, storages: list[Storage] | None = None, sandbox_pidns: bool = False, sandbox_id: str = "", guest_hook_path: str = "", kernel_modules: list[KernelModule] | None = None, guest_userns: bool = False, machine_id: str = "") -> None:
         self.hostname = hostname
         self.dns = [] if dns is None else dns
         self.storages = [] if storages is None else storages
@@ -1681,6 +1682,7 @@ class CreateSandboxRequest(_Message):
         self.guest_hook_path = guest_hook_path
         self.kernel_modules = [] if kernel_modules is None else kernel_modules
         self.guest_userns = guest_userns
+        self.machine_id = machine_id
 
     def encode(self) -> bytes:
         _out: list[bytes] = []
@@ -1700,6 +1702,8 @@ class CreateSandboxRequest(_Message):
             _out.append(b':' + _w.varint(len(_b := x_kernel_modules.encode())) + _b)
         if self.guest_userns:
             _out.append(b'@\x01')
+        if self.machine_id:
+            _out.append(b'\x82\x01' + _w.varint(len(_b := self.machine_id.encode())) + _b)
         return b"".join(_out)
 
     @classmethod
@@ -1712,6 +1716,7 @@ class CreateSandboxRequest(_Message):
         f_guest_hook_path: str = ""
         f_kernel_modules: list[KernelModule] = []
         f_guest_userns: bool = False
+        f_machine_id: str = ""
         while _pos < end:
             _t = buf[_pos]
             if _t < 0x80:
@@ -1745,6 +1750,9 @@ class CreateSandboxRequest(_Message):
             elif _t == 64:
                 _v, _pos = _w.read_varint(buf, _pos)
                 f_guest_userns = _v != 0
+            elif _t == 130:
+                _s, _pos = _w.read_length(buf, _pos, end)
+                f_machine_id = str(buf[_s:_pos], "utf-8")
             else:
                 _pos = _w.skip_field(buf, _pos, end, _t)
         if _pos != end:
@@ -1758,6 +1766,7 @@ class CreateSandboxRequest(_Message):
         self.guest_hook_path = f_guest_hook_path
         self.kernel_modules = f_kernel_modules
         self.guest_userns = f_guest_userns
+        self.machine_id = f_machine_id
         return self
 
 
@@ -2688,6 +2697,275 @@ class UpdateRoutesRequest(_Message):
         return self
 
 
+class SetDiskSerialsRequest(_Message):
+    """Message clave.agent.v1.SetDiskSerialsRequest."""
+
+    __slots__ = ('serials',)
+    FULL_NAME = "clave.agent.v1.SetDiskSerialsRequest"
+
+    serials: dict[str, str]
+
+    def __init__(self, *, serials: dict[str, str] | None = None) -> None:
+        self.serials = {} if serials is None else serials
+
+    def encode(self) -> bytes:
+        _out: list[bytes] = []
+        for _k, _v in self.serials.items():
+            _e = b'\n' + _w.varint(len(_b := _k.encode())) + _b + b'\x12' + _w.varint(len(_b := _v.encode())) + _b
+            _out.append(b'\n' + _w.varint(len(_e)) + _e)
+        return b"".join(_out)
+
+    @classmethod
+    def _read(cls, buf: bytes, _pos: int, end: int) -> Self:
+        f_serials: dict[str, str] = {}
+        while _pos < end:
+            _t = buf[_pos]
+            if _t < 0x80:
+                _pos += 1
+            else:
+                _t, _pos = _w.read_varint(buf, _pos)
+            if _t == 10:
+                _s, _pos = _w.read_length(buf, _pos, end)
+                _mk, _mv, _q = "", "", _s
+                while _q < _pos:
+                    _t, _q = _w.read_varint(buf, _q)
+                    if _t == 10:
+                        _s, _q = _w.read_length(buf, _q, _pos)
+                        _mk = str(buf[_s:_q], "utf-8")
+                    elif _t == 18:
+                        _s, _q = _w.read_length(buf, _q, _pos)
+                        _mv = str(buf[_s:_q], "utf-8")
+                    else:
+                        _q = _w.skip_field(buf, _q, _pos, _t)
+                if _q != _pos:
+                    raise _w.DecodeError("map entry overruns its length")
+                f_serials[_mk] = _mv
+            else:
+                _pos = _w.skip_field(buf, _pos, end, _t)
+        if _pos != end:
+            raise _w.DecodeError("clave.agent.v1.SetDiskSerialsRequest: field runs past the end of the message")
+        self = cls.__new__(cls)
+        self.serials = f_serials
+        return self
+
+
+class RenewTpmIdentityRequest(_Message):
+    """Message clave.agent.v1.RenewTpmIdentityRequest."""
+
+    __slots__ = ('entropy',)
+    FULL_NAME = "clave.agent.v1.RenewTpmIdentityRequest"
+
+    entropy: bytes
+
+    def __init__(self, *, entropy: bytes = b"") -> None:
+        self.entropy = entropy
+
+    def encode(self) -> bytes:
+        _out: list[bytes] = []
+        if self.entropy:
+            _out.append(b'\n' + _w.varint(len(self.entropy)) + self.entropy)
+        return b"".join(_out)
+
+    @classmethod
+    def _read(cls, buf: bytes, _pos: int, end: int) -> Self:
+        f_entropy: bytes = b""
+        while _pos < end:
+            _t = buf[_pos]
+            if _t < 0x80:
+                _pos += 1
+            else:
+                _t, _pos = _w.read_varint(buf, _pos)
+            if _t == 10:
+                _s, _pos = _w.read_length(buf, _pos, end)
+                f_entropy = bytes(buf[_s:_pos])
+            else:
+                _pos = _w.skip_field(buf, _pos, end, _t)
+        if _pos != end:
+            raise _w.DecodeError("clave.agent.v1.RenewTpmIdentityRequest: field runs past the end of the message")
+        self = cls.__new__(cls)
+        self.entropy = f_entropy
+        return self
+
+
+class MeasureContainerRequest(_Message):
+    """Message clave.agent.v1.MeasureContainerRequest."""
+
+    __slots__ = ('container_id', 'image_digest')
+    FULL_NAME = "clave.agent.v1.MeasureContainerRequest"
+
+    container_id: str
+    image_digest: str
+
+    def __init__(self, *, container_id: str = "", image_digest: str = "") -> None:
+        self.container_id = container_id
+        self.image_digest = image_digest
+
+    def encode(self) -> bytes:
+        _out: list[bytes] = []
+        if self.container_id:
+            _out.append(b'\n' + _w.varint(len(_b := self.container_id.encode())) + _b)
+        if self.image_digest:
+            _out.append(b'\x12' + _w.varint(len(_b := self.image_digest.encode())) + _b)
+        return b"".join(_out)
+
+    @classmethod
+    def _read(cls, buf: bytes, _pos: int, end: int) -> Self:
+        f_container_id: str = ""
+        f_image_digest: str = ""
+        while _pos < end:
+            _t = buf[_pos]
+            if _t < 0x80:
+                _pos += 1
+            else:
+                _t, _pos = _w.read_varint(buf, _pos)
+            if _t == 10:
+                _s, _pos = _w.read_length(buf, _pos, end)
+                f_container_id = str(buf[_s:_pos], "utf-8")
+            elif _t == 18:
+                _s, _pos = _w.read_length(buf, _pos, end)
+                f_image_digest = str(buf[_s:_pos], "utf-8")
+            else:
+                _pos = _w.skip_field(buf, _pos, end, _t)
+        if _pos != end:
+            raise _w.DecodeError("clave.agent.v1.MeasureContainerRequest: field runs past the end of the message")
+        self = cls.__new__(cls)
+        self.container_id = f_container_id
+        self.image_digest = f_image_digest
+        return self
+
+
+class MeasureContainerResponse(_Message):
+    """Message clave.agent.v1.MeasureContainerResponse."""
+
+    __slots__ = ('pcr', 'value')
+    FULL_NAME = "clave.agent.v1.MeasureContainerResponse"
+
+    pcr: int
+    value: bytes
+
+    def __init__(self, *, pcr: int = 0, value: bytes = b"") -> None:
+        self.pcr = pcr
+        self.value = value
+
+    def encode(self) -> bytes:
+        _out: list[bytes] = []
+        if self.pcr:
+            _out.append(b'\x08' + _w.varint(self.pcr))
+        if self.value:
+            _out.append(b'\x12' + _w.varint(len(self.value)) + self.value)
+        return b"".join(_out)
+
+    @classmethod
+    def _read(cls, buf: bytes, _pos: int, end: int) -> Self:
+        f_pcr: int = 0
+        f_value: bytes = b""
+        while _pos < end:
+            _t = buf[_pos]
+            if _t < 0x80:
+                _pos += 1
+            else:
+                _t, _pos = _w.read_varint(buf, _pos)
+            if _t == 8:
+                _v, _pos = _w.read_varint(buf, _pos)
+                f_pcr = _v & 0xFFFFFFFF
+            elif _t == 18:
+                _s, _pos = _w.read_length(buf, _pos, end)
+                f_value = bytes(buf[_s:_pos])
+            else:
+                _pos = _w.skip_field(buf, _pos, end, _t)
+        if _pos != end:
+            raise _w.DecodeError("clave.agent.v1.MeasureContainerResponse: field runs past the end of the message")
+        self = cls.__new__(cls)
+        self.pcr = f_pcr
+        self.value = f_value
+        return self
+
+
+class GetQuoteRequest(_Message):
+    """Message clave.agent.v1.GetQuoteRequest."""
+
+    __slots__ = ('nonce',)
+    FULL_NAME = "clave.agent.v1.GetQuoteRequest"
+
+    nonce: bytes
+
+    def __init__(self, *, nonce: bytes = b"") -> None:
+        self.nonce = nonce
+
+    def encode(self) -> bytes:
+        _out: list[bytes] = []
+        if self.nonce:
+            _out.append(b'\n' + _w.varint(len(self.nonce)) + self.nonce)
+        return b"".join(_out)
+
+    @classmethod
+    def _read(cls, buf: bytes, _pos: int, end: int) -> Self:
+        f_nonce: bytes = b""
+        while _pos < end:
+            _t = buf[_pos]
+            if _t < 0x80:
+                _pos += 1
+            else:
+                _t, _pos = _w.read_varint(buf, _pos)
+            if _t == 10:
+                _s, _pos = _w.read_length(buf, _pos, end)
+                f_nonce = bytes(buf[_s:_pos])
+            else:
+                _pos = _w.skip_field(buf, _pos, end, _t)
+        if _pos != end:
+            raise _w.DecodeError("clave.agent.v1.GetQuoteRequest: field runs past the end of the message")
+        self = cls.__new__(cls)
+        self.nonce = f_nonce
+        return self
+
+
+class GetQuoteResponse(_Message):
+    """Message clave.agent.v1.GetQuoteResponse."""
+
+    __slots__ = ('evidence', 'event_log')
+    FULL_NAME = "clave.agent.v1.GetQuoteResponse"
+
+    evidence: bytes
+    event_log: bytes
+
+    def __init__(self, *, evidence: bytes = b"", event_log: bytes = b"") -> None:
+        self.evidence = evidence
+        self.event_log = event_log
+
+    def encode(self) -> bytes:
+        _out: list[bytes] = []
+        if self.evidence:
+            _out.append(b'\n' + _w.varint(len(self.evidence)) + self.evidence)
+        if self.event_log:
+            _out.append(b'\x12' + _w.varint(len(self.event_log)) + self.event_log)
+        return b"".join(_out)
+
+    @classmethod
+    def _read(cls, buf: bytes, _pos: int, end: int) -> Self:
+        f_evidence: bytes = b""
+        f_event_log: bytes = b""
+        while _pos < end:
+            _t = buf[_pos]
+            if _t < 0x80:
+                _pos += 1
+            else:
+                _t, _pos = _w.read_varint(buf, _pos)
+            if _t == 10:
+                _s, _pos = _w.read_length(buf, _pos, end)
+                f_evidence = bytes(buf[_s:_pos])
+            elif _t == 18:
+                _s, _pos = _w.read_length(buf, _pos, end)
+                f_event_log = bytes(buf[_s:_pos])
+            else:
+                _pos = _w.skip_field(buf, _pos, end, _t)
+        if _pos != end:
+            raise _w.DecodeError("clave.agent.v1.GetQuoteResponse: field runs past the end of the message")
+        self = cls.__new__(cls)
+        self.evidence = f_evidence
+        self.event_log = f_event_log
+        return self
+
+
 class AgentServiceService:
     """Service clave.agent.v1.AgentService: method -> (request, response)."""
 
@@ -2714,6 +2992,10 @@ class AgentServiceService:
         "GetGuestDetails": (GuestDetailsRequest, GuestDetailsResponse),
         "UpdateInterface": (UpdateInterfaceRequest, Interface),
         "UpdateRoutes": (UpdateRoutesRequest, Routes),
+        "SetDiskSerials": (SetDiskSerialsRequest, _google_protobuf.Empty),
+        "RenewTpmIdentity": (RenewTpmIdentityRequest, _google_protobuf.Empty),
+        "MeasureContainer": (MeasureContainerRequest, MeasureContainerResponse),
+        "GetQuote": (GetQuoteRequest, GetQuoteResponse),
     }
     # method -> (client streams, server streams), for the streaming methods only
     STREAMS: dict[str, tuple[bool, bool]] = {'AttachIO': (True, True)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -21,9 +22,12 @@ from clave.handlers.linux import ReaperSandbox
 from clave.proto.generated import clave_agent_v1 as pb
 from clave.proto.generated.google_protobuf import Empty
 from clave.ttrpc import Code, TtrpcError, from_clave_error
+from clave.vm.agent.tpm import GuestTpm, TpmUnavailable
+from clave.vm.measure import CONTAINER_PCR
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from typing import Any
 
     from clave.ttrpc import Context, ServerStream
@@ -35,6 +39,7 @@ CHUNK = 64 << 10
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
 TIOCSWINSZ = 0x5414
+DISK_SERIALS: dict[str, str] = {}  # a host serial -> the template slot's serial carrying it (SetDiskSerials)
 BUSYBOX = "/bin/busybox"
 ROUTE_SCOPES = {0: "global", 200: "site", 253: "link", 254: "host", 255: "nowhere"}
 
@@ -117,10 +122,13 @@ class AgentService:
         self.oom_events: list[str] = []
         self.oom_cond = threading.Condition(self.lock)
         self.sandbox_id = ""
+        self.configs: dict[str, bytes] = {}  # container id -> the OCI config as received (MeasureContainer)
+        self.tpm = GuestTpm()
         os.makedirs(MOUNT_ROOT, exist_ok=True)
 
     def start(self) -> None:
         self.reaper.start(self._on_exit)
+        self.tpm.start()
 
     # -- exits -------------------------------------------------------------------------------------------------
     def _on_exit(self, exit: Exit) -> None:
@@ -186,6 +194,11 @@ class AgentService:
             raise TtrpcError(Code.UNIMPLEMENTED, "loading kernel modules on request is not supported")
         if req.hostname:
             socket.sethostname(req.hostname)
+        if req.machine_id:
+            if len(req.machine_id) != 32 or not all(c in "0123456789abcdef" for c in req.machine_id):
+                raise TtrpcError(Code.INVALID_ARGUMENT, "machine_id: 32 lowercase hex digits")
+            with open("/run/machine-id", "w") as f:
+                f.write(req.machine_id + "\n")
         os.makedirs(WORK_ROOT, exist_ok=True)
         if req.dns:
             with open(os.path.join(WORK_ROOT, "resolv.conf"), "w") as f:
@@ -230,6 +243,7 @@ class AgentService:
             raise
         with self.lock:
             self.containers[cid] = Container(cid, init, mounts)
+            self.configs[cid] = req.oci_json.encode()
             self._track(init, pid)
         return Empty()
 
@@ -331,6 +345,7 @@ class AgentService:
         shutil.rmtree(os.path.join(WORK_ROOT, "bundles", req.container_id), ignore_errors=True)
         with self.lock:
             self.containers.pop(req.container_id, None)
+            self.configs.pop(req.container_id, None)
         return Empty()
 
     def update_container(self, ctx: Context, req: pb.UpdateContainerRequest) -> Empty:
@@ -401,6 +416,29 @@ class AgentService:
                 remaining = ctx.time_remaining()
                 if remaining is not None and remaining <= 0:
                     raise TtrpcError(Code.DEADLINE_EXCEEDED, "no OOM event")
+    # -- templates and measured boot (clave.vm.template, clave.vm.agent.tpm) ------------------------------------
+    def set_disk_serials(self, ctx: Context, req: pb.SetDiskSerialsRequest) -> Empty:
+        DISK_SERIALS.update(req.serials)
+        return Empty()
+
+    def renew_tpm_identity(self, ctx: Context, req: pb.RenewTpmIdentityRequest) -> Empty:
+        with _tpm_errors():
+            self.tpm.renew_identity(req.entropy)
+        return Empty()
+
+    def measure_container(self, ctx: Context, req: pb.MeasureContainerRequest) -> pb.MeasureContainerResponse:
+        self._container(req.container_id)
+        if not req.image_digest:
+            raise TtrpcError(Code.INVALID_ARGUMENT, "image_digest: required")
+        with _tpm_errors():
+            value = self.tpm.measure_container(req.container_id, req.image_digest, self.configs[req.container_id])
+        return pb.MeasureContainerResponse(pcr=CONTAINER_PCR, value=value)
+
+    def get_quote(self, ctx: Context, req: pb.GetQuoteRequest) -> pb.GetQuoteResponse:
+        with _tpm_errors():
+            evidence, log = self.tpm.quote(req.nonce)
+        return pb.GetQuoteResponse(evidence=evidence, event_log=log)
+
                 self.oom_cond.wait(min(remaining, 1.0) if remaining is not None else 1.0)
                 for container in self.containers.values():  # an OOM kill need not end the init
                     self._check_oom(container)
@@ -527,6 +565,17 @@ def _write_stdin(process: Process, data: bytes) -> None:
         while view:
             fd = process.stdin_w
             if fd < 0:
+@contextlib.contextmanager
+def _tpm_errors() -> Iterator[None]:
+    """TPM failures as ttrpc codes: no TPM is the caller's mistake, a failing TPM command is internal."""
+    try:
+        yield
+    except TpmUnavailable as exc:
+        raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from None
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise TtrpcError(Code.INTERNAL, f"TPM: {exc}") from None
+
+
                 return
             view = view[os.write(fd, view) :]
     except OSError:
@@ -577,7 +626,9 @@ def _mount_storage(storage: pb.Storage) -> str:
 
 
 def _disk_by_serial(serial: str, timeout: float = 5.0) -> str:
-    """The /dev/vdX whose virtio-blk serial is ``serial`` (device order is not stable; serials are)."""
+    """The /dev/vdX whose virtio-blk serial is ``serial`` (device order is not stable; serials are), or the
+    template slot the host said carries it (SetDiskSerials)."""
+    serial = DISK_SERIALS.get(serial, serial)
     deadline = time.monotonic() + timeout
     while True:
         for name in sorted(os.listdir("/sys/block")):
