@@ -289,12 +289,13 @@ class CgroupManager(ABC):
 
     @classmethod
     def from_paths(cls, paths: dict[str, str]) -> CgroupManager:
-        """Rebuild a manager from ``paths()`` saved in a state file."""
-        from clave.linux.cgroups.v1 import V1Manager
-        from clave.linux.cgroups.v2 import V2Manager
-
+        """Rebuild a manager from ``paths()`` saved in a state file (importing only that backend)."""
         if set(paths) == {UNIFIED_KEY}:
+            from clave.linux.cgroups.v2 import V2Manager
+
             return V2Manager(paths[UNIFIED_KEY])
+        from clave.linux.cgroups.v1 import V1Manager
+
         return V1Manager(dict(paths))
 
 
