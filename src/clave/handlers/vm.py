@@ -25,7 +25,7 @@ import json
 import os
 import time
 
-from clave.errors import ClaveError, InvalidArgument, NotFound, WrongState
+from clave.errors import ClaveError, InvalidArgument, NotFound, Unsupported, WrongState
 from clave.faults import pause_point
 from clave.handlers.base import Handler, Sandbox
 
@@ -44,6 +44,7 @@ MOUNTS = "/run/clave-agent/mounts"  # where the agent mounts storages in the gue
 VCPUS_ANNOTATION = "io.clave.vm.vcpus"
 MEMORY_ANNOTATION = "io.clave.vm.memory"  # MiB of guest RAM beyond the container's own memory limit
 EXIT_FILE = "exit.json"
+TEMPLATE_ANNOTATION = "io.clave.vm.template"  # "false": boot, never a template's clone (no shared pages)
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"  # "sandbox" or "container"
 POD_DISK_SLOTS = 8  # PCIe root ports a pod's VM keeps for the disks of the containers that join it
@@ -66,9 +67,8 @@ class VmHandler(Handler):
             raise ClaveError("no VM guest is built on this host: run 'clave vm build-guest'") from None
         vcpus, memory = vm_size(state.config)
         qemu.check_resources(vcpus, memory)
-        mounts = guest_mounts(state.config)  # refuses what cannot reach a guest, before anything is made
-        state.handler_state.update(guest=guest.directory, vcpus=vcpus, memory_mib=memory,
-                                   file_binds=len(mounts[1]))
+        GuestMounts(state.config)  # refuses what cannot reach a guest, before anything is made
+        state.handler_state.update(guest=guest.directory, vcpus=vcpus, memory_mib=memory)
         # refuses host networking; the taps are recorded before the keeper makes them (see clave.vm.network)
         state.handler_state["network"] = network.plan(state.config)
 
@@ -109,6 +109,8 @@ class VmHandler(Handler):
             os.waitpid(keeper, 0)
             raise ClaveError(report.removeprefix("error: ") or "the VM keeper died before the container existed")
         timings = json.loads(report[2:] or "{}")
+        for line in timings.pop("notices", []):
+            notice(line)
         self.debug(f"vm {state.id}: " + ", ".join(f"{k} {v:.3f} s" for k, v in timings.items()
                                                   if isinstance(v, float)))
         runtime_hooks(keeper)
@@ -120,6 +122,9 @@ class VmHandler(Handler):
         from clave.vm.host import HOST
 
         hs = state.handler_state
+        if GuestMounts(state.config).dirs:
+            raise Unsupported(f"container {state.id}: a pod's later containers cannot bind host directories (only "
+                              "its sandbox's VM gets virtio-fs shares, at boot)")
         added: list[str] = hs.setdefault("disks_added", [])
 
         def make(agent: AgentClient) -> None:
@@ -149,7 +154,7 @@ class VmHandler(Handler):
         # lacks) before it remounts the root read-only, as runc does; the base itself is never written.
         os.makedirs(os.path.dirname(hs["layer"]), mode=0o700, exist_ok=True)
         disks = [Disk(rootfs.writable_layer(base, hs["layer"]), hs["serial"], format="qcow2")]
-        _mounts, files = guest_mounts(state.config)
+        files = GuestMounts(state.config).files
         if files:
             disks.append(Disk(_files_image(files, hs["binds"]), _binds_serial(hs["serial"]), readonly=True))
         return disks
@@ -356,44 +361,55 @@ def vm_size(config: dict[str, Any]) -> tuple[int, int]:
     return vcpus, memory
 
 
-def guest_mounts(config: dict[str, Any]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """(the mounts the guest engine makes, the host files the container binds): a bind of a host file is
-    carried in a read-only disk of copies made at create (Docker's /etc/hosts, resolv.conf, hostname); a bind
-    on /dev/shm becomes the guest's own tmpfs; other host directories cannot reach this guest yet."""
-    mounts: list[dict[str, Any]] = []
-    files: list[tuple[str, str]] = []
-    for mount in config.get("mounts", []):
-        options = mount.get("options", [])
-        if mount.get("type") != "bind" and "bind" not in options and "rbind" not in options:
-            mounts.append(mount)
-            continue
-        destination = mount.get("destination", "")
-        source = mount.get("source", "")
-        if destination == "/dev/shm":
-            mounts.append({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-                           "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]})
-            continue
-        if os.path.isfile(source):
-            name = f"{len(files)}"
-            files.append((source, name))
-            mounts.append({**mount, "source": name})  # resolved against the binds disk in _guest_config
-            continue
-        raise InvalidArgument(f"mount {destination}: bind-mounting host directory {source!r} into a vm container "
-                              "is not supported (only files are carried into the guest)")
-    return mounts, files
+class GuestMounts:
+    """How the config's mounts reach the guest. A bind of a host file is carried in a read-only disk of copies
+    made at create (Docker's /etc/hosts, resolv.conf, hostname); a bind of a host directory (a volume) is shared
+    live over virtio-fs; a bind on /dev/shm becomes the guest's own tmpfs; other mounts the guest engine makes."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.mounts: list[dict[str, Any]] = []  # binds carry "_file" or "_share": the index resolved in guest_config
+        self.files: list[str] = []  # host files, copied to the binds disk as 0, 1, ...
+        self.dirs: list[str] = []  # host directories, shared as virtio-fs tags v0, v1, ...
+        for mount in config.get("mounts", []):
+            options = mount.get("options", [])
+            if mount.get("type") != "bind" and "bind" not in options and "rbind" not in options:
+                self.mounts.append(mount)
+                continue
+            destination, source = mount.get("destination", ""), mount.get("source", "")
+            if destination == "/dev/shm":
+                self.mounts.append({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+                                    "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]})
+            elif os.path.isfile(source):
+                self.mounts.append({**mount, "_file": len(self.files)})
+                self.files.append(source)
+            elif os.path.isdir(source):
+                self.mounts.append({**mount, "_share": len(self.dirs)})
+                self.dirs.append(source)
+            else:
+                raise InvalidArgument(f"mount {destination}: bind source {source!r} is not a file or directory "
+                                      "on this host")
 
 
 def guest_config(state: State) -> dict[str, Any]:
     """The container's config as the guest engine runs it: the rootfs is the disk the agent mounts, host file
-    binds come from the binds disk."""
+    binds come from the binds disk, directory binds from their virtio-fs shares."""
     hs = state.handler_state
     config = dict(state.config)
     config["root"] = {**config.get("root", {}), "path": f"{MOUNTS}/{hs['serial']}"}
-    mounts, _files = guest_mounts(state.config)
-    binds = f"{MOUNTS}/{_binds_serial(hs['serial'])}"
-    config["mounts"] = [{**m, "source": f"{binds}/{m['source']}"} if m.get("type") == "bind" or
-                        "bind" in m.get("options", []) or "rbind" in m.get("options", []) else m for m in mounts]
+    mounts = []
+    for m in GuestMounts(state.config).mounts:
+        m = dict(m)
+        if "_file" in m:
+            m["source"] = f"{MOUNTS}/{_binds_serial(hs['serial'])}/{m.pop('_file')}"
+        elif "_share" in m:
+            m["source"] = _share_mount_point(hs["serial"], m.pop("_share"))
+        mounts.append(m)
+    config["mounts"] = mounts
     return config
+
+
+def _share_mount_point(serial: str, index: int) -> str:
+    return f"{MOUNTS}/{serial}-v{index}"
 
 
 def _guest_process(process: dict[str, Any]) -> dict[str, Any]:
@@ -404,7 +420,7 @@ def _binds_serial(serial: str) -> str:
     return f"b{serial}"[:20]
 
 
-def _files_image(files: list[tuple[str, str]], path: str) -> str:
+def _files_image(files: list[str], path: str) -> str:
     import shutil
     import subprocess
     import tempfile
@@ -412,8 +428,8 @@ def _files_image(files: list[tuple[str, str]], path: str) -> str:
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     staging = tempfile.mkdtemp(prefix="clave-binds-")
     try:
-        for source, name in files:
-            shutil.copy2(source, os.path.join(staging, name))
+        for index, source in enumerate(files):
+            shutil.copy2(source, os.path.join(staging, str(index)))
         done = subprocess.run(["mkfs.ext4", "-q", "-F", "-d", staging, "-O", "^has_journal", path, "8M"],
                               capture_output=True, text=True)
         if done.returncode != 0:
@@ -501,14 +517,17 @@ def _keeper_main(state: State, disks: list[Disk], opts: CreateOptions, report_fd
 
 def _keep(state: State, disks: list[Disk], opts: CreateOptions, report_fd: int) -> int:
     from clave.linux.spawn import adopt_stdio
+    from clave.proto.generated import clave_agent_v1 as pb
     from clave.vm import network
     from clave.vm.client import blk_storage
     from clave.vm.errors import VmError
     from clave.vm.guest import Guest
     from clave.vm.host import VmHost, attach
     from clave.vm.qemu import Vm, VmConfig
+    from clave.vm.virtiofs import Share
 
     hs = state.handler_state
+    dirs = GuestMounts(state.config).dirs
     if opts.stdio is not None:
         adopt_stdio(opts.stdio)
     console_fd = None
@@ -521,6 +540,8 @@ def _keep(state: State, disks: list[Disk], opts: CreateOptions, report_fd: int) 
     vm = Vm.create(VmConfig(hs["vm_dir"], Guest(hs["guest"]), vcpus=hs["vcpus"], memory_mib=hs["memory_mib"],
                             disks=disks, nics=nics, machine=hs.get("machine", "microvm"),
                             hotplug_slots=hs.get("hotplug_slots", 0),
+                            shares=[Share(d, f"v{i}") for i, d in enumerate(dirs)],
+                            template=state.annotations.get(TEMPLATE_ANNOTATION, "true") != "false",
                             kernel_args=os.environ.get(TEST_KERNEL_ARGS, "")))  # tests provoke boot failures
     try:
         timings = vm.start()
@@ -530,6 +551,8 @@ def _keep(state: State, disks: list[Disk], opts: CreateOptions, report_fd: int) 
         network.configure_guest(agent, interfaces, routes)
         storages = [blk_storage(d.serial, f"{MOUNTS}/{d.serial}", options=["ro"] if d.readonly else [])
                     for d in disks]
+        storages += [pb.Storage(driver="virtio-fs", source=f"v{i}", fstype="virtiofs",
+                                mount_point=_share_mount_point(hs["serial"], i)) for i in range(len(dirs))]
         agent.create_container(state.id, guest_config(state), storages)
         tty = -1
         if console_fd is not None:
@@ -539,7 +562,7 @@ def _keep(state: State, disks: list[Disk], opts: CreateOptions, report_fd: int) 
         io = attach(agent, state.id, "", tty)
         host = VmHost(vm)
         host.serve()
-        report = {**timings.as_dict(), "container_created": time.monotonic() - t0}
+        report = {**timings.as_dict(), "container_created": time.monotonic() - t0, "notices": vm.notices}
         os.write(report_fd, b"ok" + json.dumps(report).encode())
         os.close(report_fd)
         report_fd = -1
@@ -550,6 +573,8 @@ def _keep(state: State, disks: list[Disk], opts: CreateOptions, report_fd: int) 
         status = io.wait()
     except VmError:
         status = 128 + SIGKILL
+    if agent.closed:
+        vm.wait(5)  # the agent's connection ended: QEMU is going (its exit trails the socket's hang-up)
     if not vm.running():
         status = 128 + SIGKILL  # QEMU was killed: the container went with it
     oom = _oom_kills(agent, state.id) if vm.running() else 0

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from clave.vm.guest import Guest
     from clave.vm.network import Nic
     from clave.vm.qmp import Qmp
+    from clave.vm.virtiofs import Share
 
 QEMU = "qemu-system-x86_64"
 DEFAULT_VCPUS = 1
@@ -48,9 +49,10 @@ TCG_BOOT_TIMEOUT = 30.0
 KVM_BOOT_TIMEOUT = 10.0
 MACHINES = ("microvm", "q35")
 RECONNECT_DELAY = 0.2
+MAX_SHARES = 16  # virtio-fs shares (bound host directories) one VM takes
 # vm.sock and exit.json belong to the VM's host process (clave.vm.host, the vm handler's keeper).
 STATE_FILES = ("vm.json", "qemu.pid", "qmp.sock", "agent.sock", "console.log", "console.1.log", "qemu.log", "vm.sock",
-               "exit.json")
+               "exit.json", "virtiofsd.log", *(f"fs{i}.sock" for i in range(MAX_SHARES)))
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
@@ -81,11 +83,13 @@ class VmConfig:
         accel: str | None = None,
         boot_timeout: float | None = None,
         kernel_args: str = "",
+        hotplug_slots: int = 0,
         nics: list[Nic] | None = None,
-    ) -> None:
         template: bool = True,
         template_slots: int = 4,
         tpm: bool = False,
+        shares: list[Share] | None = None,
+    ) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.guest = guest
         self.vcpus = vcpus
@@ -96,14 +100,16 @@ class VmConfig:
         self.accel = accel  # None: KVM if the probe showed it boots this guest, else TCG
         self.boot_timeout = boot_timeout
         self.kernel_args = kernel_args
+        self.hotplug_slots = hotplug_slots  # q35 PCIe root ports for disks added later (a pod's next containers)
         self.nics = list(nics or [])  # taps of the pod network namespace's interfaces (clave.vm.network)
-
-
         # start() restores a clone of this shape's template when it can (clave.vm.template), else boots;
         # False: the pod refused sharing memory with other pods (io.clave.vm.template=false)
         self.template = template
         self.template_slots = template_slots  # a template's swappable virtio-blk slots: at most this many disks
+        self.shares = list(shares or [])[:MAX_SHARES]  # host directories over virtio-fs (clave.vm.virtiofs)
         self.tpm = tpm  # a per-VM swtpm and measured boot (q35 only; clave.vm.swtpm, clave.vm.measure)
+
+
 class Timings:
     """Seconds from spawning QEMU to each phase of a boot."""
 
@@ -180,13 +186,14 @@ class Vm:
         self.timings = Timings()
         self._qmp: Qmp | None = None
         self._agent: AgentClient | None = None
-
-    @classmethod
         self.swtpm: subprocess.Popen[bytes] | None = None
         self.swtpm_pid = self.swtpm_start = 0
+        self.virtiofsd: list[subprocess.Popen[bytes]] = []
         self.template_key = ""  # the template this VM was cloned from ("": booted)
         self.template_built = False  # this start() built that template first
         self.notices: list[str] = []  # why a template was not used, one line each (also on stderr)
+
+    @classmethod
     def create(cls, config: VmConfig) -> Vm:
         """Validate the config and make the state directory (it must not exist: another VM may own it)."""
         check_resources(config.vcpus, config.memory_mib)
@@ -202,12 +209,12 @@ class Vm:
             raise VmError("disk serials must be unique (and not the guest image's)")
         if shutil.which(QEMU) is None:
             raise VmError(f"{QEMU} not found: install Debian's qemu-system-x86")
-        try:
-            os.makedirs(config.state_dir, mode=0o700)
         if config.tpm and config.machine != "q35":
             raise VmError("a vTPM needs machine q35 (QEMU's TPM devices do not work on microvm)")
         if any(d.serial.startswith("clave-") for d in config.disks):
             raise VmError("disk serials starting with 'clave-' are reserved for the guest image and template slots")
+        try:
+            os.makedirs(config.state_dir, mode=0o700)
         except FileExistsError:
             raise VmError(f"VM state directory {config.state_dir} already exists") from None
         vm = cls(config)
@@ -229,7 +236,8 @@ class Vm:
     def _save(self) -> None:
         doc = {"pid": self.pid, "pid_start": self.pid_start, "accel": self.accel, "machine": self.config.machine,
                "files": list(STATE_FILES), "timings": self.timings.as_dict(),
-               "swtpm_pid": self.swtpm_pid, "swtpm_start": self.swtpm_start, "template": self.template_key}
+               "swtpm_pid": self.swtpm_pid, "swtpm_start": self.swtpm_start, "template": self.template_key,
+               "virtiofsd": [[p.pid, _proc_start_time(p.pid)] for p in self.virtiofsd]}
         tmp = self.path("vm.json.tmp")
         with open(tmp, "w") as f:
             json.dump(doc, f)
@@ -250,12 +258,12 @@ class Vm:
             args.append("pci=off")
         if c.kernel_args:
             args.append(c.kernel_args)
-        machine = "microvm,x-option-roms=off" if mmio else "q35"
-        cmd = [
         if c.tpm:
             from clave.vm.measure import boot_cmdline
 
             args.append(boot_cmdline(g.digests()))
+        machine = "microvm,x-option-roms=off" if mmio else "q35"
+        cmd = [
             QEMU, "-name", "clave-vm",
             "-M", machine, "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
             "-smp", str(c.vcpus), "-m", str(c.memory_mib),
@@ -276,18 +284,24 @@ class Vm:
             ro = ",readonly=on" if disk.readonly else ""
             cmd += ["-drive", f"file={disk.path},if=none,id=disk{i},format={disk.format},cache=writeback{ro}",
                     "-device", f"virtio-blk-{bus},drive=disk{i},serial={disk.serial}"]
+        for slot in range(c.hotplug_slots if not mmio else 0):
+            cmd += ["-device", f"pcie-root-port,id=hp{slot},bus=pcie.0,chassis={slot + 1},slot={slot + 1}"]
         if c.network:
             cmd += ["-netdev", "user,id=net0", "-device", f"virtio-net-{bus},netdev=net0"]
         for i, nic in enumerate(c.nics):  # the tap's fd is passed open; the NIC answers to the interface's MAC
             cmd += ["-netdev", f"tap,id=nic{i},fd={nic.fd}", "-device", f"virtio-net-{bus},netdev=nic{i},mac={nic.mac}"]
-        return cmd
-
-    # -- boot -------------------------------------------------------------------------------------------------
-    def start(self) -> Timings:
         if c.tpm:
             from clave.vm.swtpm import qemu_args
 
             cmd += qemu_args(self.state_dir)
+        if c.shares:
+            from clave.vm import virtiofs
+
+            cmd += virtiofs.qemu_args(self.state_dir, c.shares, c.memory_mib, mmio)
+        return cmd
+
+    # -- boot -------------------------------------------------------------------------------------------------
+    def start(self) -> Timings:
         """Boot and wait for the agent; one retry after a failed attempt. Raises BootError with the console's
         tail when both attempts fail."""
         accel = self.config.accel
@@ -296,15 +310,17 @@ class Vm:
 
             accel = acceleration(self.config.guest).accel
         timeout = self.config.boot_timeout or (KVM_BOOT_TIMEOUT if accel == "kvm" else TCG_BOOT_TIMEOUT)
-        reason = ""
-        for attempt in (1, 2):
-            self.timings = Timings()
-            self.timings.attempts = attempt
-        if self.config.template:
+        if self.config.template and self.config.shares:  # vhost-user devices cannot be in a template
+            self.notices.append("a VM with shared directories (virtio-fs) cannot be a template's clone: booting")
+        elif self.config.template:
             from clave.vm.template import start_clone
 
             if start_clone(self, accel, timeout):
                 return self.timings
+        reason = ""
+        for attempt in (1, 2):
+            self.timings = Timings()
+            self.timings.attempts = attempt
             try:
                 self._boot(accel, timeout)
                 self._save()
@@ -328,12 +344,13 @@ class Vm:
         self.accel = accel
         t0 = time.monotonic()
         deadline = t0 + timeout
+        if self.config.tpm:
+            self.start_swtpm()
+        self.start_virtiofsd()
         with open(self.path("qemu.log"), "ab") as log:
             self.proc = subprocess.Popen(self.command(accel), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          start_new_session=True, close_fds=True,
                                          pass_fds=[nic.fd for nic in self.config.nics])
-        if self.config.tpm:
-            self.start_swtpm()
         self.pid = self.proc.pid
         self.pid_start = _proc_start_time(self.pid)
         self._save()
@@ -432,18 +449,30 @@ class Vm:
             time.sleep(0.02)
         return -1
 
-    def _stop_process(self) -> None:
-        for closer in (self._agent, self._qmp):
-            if closer is not None:
-                try:
     def start_swtpm(self) -> None:
         """A fresh swtpm for this VM (before QEMU, which connects to it at start)."""
         from clave.vm import swtpm
 
         self.stop_swtpm()
+        self.stop_virtiofsd()
         self.swtpm = swtpm.start(self.state_dir)
         self.swtpm_pid, self.swtpm_start = self.swtpm.pid, _proc_start_time(self.swtpm.pid)
         self._save()
+
+    def start_virtiofsd(self) -> None:
+        """One virtiofsd per shared directory (before QEMU, which connects to them at start)."""
+        from clave.vm import virtiofs
+
+        self.stop_virtiofsd()
+        for i, share in enumerate(self.config.shares):
+            self.virtiofsd.append(virtiofs.start(self.state_dir, i, share, self.path("virtiofsd.log")))
+
+    def stop_virtiofsd(self) -> None:
+        for proc in self.virtiofsd:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        self.virtiofsd = []
 
     def stop_swtpm(self) -> None:
         if self.swtpm is not None:
@@ -455,6 +484,10 @@ class Vm:
             _kill(self.swtpm_pid, self.swtpm_start)
         self.swtpm_pid = self.swtpm_start = 0
 
+    def _stop_process(self) -> None:
+        for closer in (self._agent, self._qmp):
+            if closer is not None:
+                try:
                     closer.close()
                 except Exception:  # noqa: BLE001  # closing a dead VM's sockets may fail any way
                     pass
@@ -467,11 +500,11 @@ class Vm:
         else:
             _kill(self.pid, self.pid_start)
         self.pid = self.pid_start = 0
+        self.stop_swtpm()
 
     def stop(self) -> None:
         """Stop QEMU, keeping its files (the console) until destroy()."""
         self._stop_process()
-        self.stop_swtpm()
         self._save()
 
     def destroy(self) -> None:
@@ -510,11 +543,13 @@ def destroy_state_dir(state_dir: str) -> None:
         doc = {}
     pid, start = int(doc.get("pid") or 0), int(doc.get("pid_start") or 0)
     _kill(pid, start)
+    _kill(int(doc.get("swtpm_pid") or 0), int(doc.get("swtpm_start") or 0))
+    for pid, start in doc.get("virtiofsd") or []:
+        _kill(int(pid), int(start))
     # A crash between spawn and vm.json's pid: QEMU's own pid file, checked against its command line.
     try:
         with open(os.path.join(state_dir, "qemu.pid")) as f:
             qpid = int(f.read().strip() or 0)
-    _kill(int(doc.get("swtpm_pid") or 0), int(doc.get("swtpm_start") or 0))
         with open(f"/proc/{qpid}/cmdline", "rb") as f:
             if os.path.join(state_dir, "qmp.sock").encode() in f.read():
                 _kill(qpid, _proc_start_time(qpid))
@@ -525,10 +560,10 @@ def destroy_state_dir(state_dir: str) -> None:
             os.unlink(os.path.join(state_dir, name))
         except FileNotFoundError:
             pass
+    shutil.rmtree(os.path.join(state_dir, "tpm"), ignore_errors=True)  # clave.vm.swtpm's state
     try:
         os.rmdir(state_dir)
     except FileNotFoundError:
         pass
-    shutil.rmtree(os.path.join(state_dir, "tpm"), ignore_errors=True)  # clave.vm.swtpm's state
     except OSError as exc:
         raise VmError(f"VM state directory {state_dir}: {exc.strerror} (files not made by the VM are in it)") from None

@@ -49,7 +49,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 from clave.vm import paths
@@ -294,9 +293,7 @@ def remove(key: str) -> None:
 
 def _notice(vm: Vm, message: str) -> None:
     line = f"clave: vm: {message}"
-    vm.notices.append(line)
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
+    vm.notices.append(line)  # the VM's owner tells its user (a keeper's stderr is the container's)
 
 
 def start_clone(vm: Vm, accel: str, timeout: float) -> bool:

@@ -15,7 +15,7 @@ import time
 
 from clave import __version__
 from clave.engine.container import Engine
-from clave.errors import ClaveError
+from clave.errors import ClaveError, WrongState
 from clave.handlers import HANDLER_ANNOTATION
 from clave.handlers.base import CreateOptions, ExecOptions, Exit
 from clave.handlers.linux import ReaperSandbox
@@ -363,8 +363,14 @@ class AgentService:
         self._container(req.container_id)
         try:
             stats = self.engine.stats(req.container_id)
+        except WrongState:
+            stats = {}  # stopped: only its OOM kills are left to tell (the host asks after the init's exit)
         except ClaveError as exc:
             raise from_clave_error(exc) from None
+        try:
+            stats["oom_kills"] = self.engine.oom_kills(req.container_id)
+        except ClaveError:
+            pass
         return _stats_message(stats)
 
     def pause_container(self, ctx: Context, req: pb.PauseContainerRequest) -> Empty:
@@ -410,12 +416,6 @@ class AgentService:
         time.clock_settime_ns(time.CLOCK_REALTIME, req.Sec * 1_000_000_000 + req.Usec * 1000)
         return Empty()
 
-    def get_oom_event(self, ctx: Context, req: pb.GetOOMEventRequest) -> pb.OOMEvent:
-        with self.oom_cond:
-            while not self.oom_events:
-                remaining = ctx.time_remaining()
-                if remaining is not None and remaining <= 0:
-                    raise TtrpcError(Code.DEADLINE_EXCEEDED, "no OOM event")
     # -- templates and measured boot (clave.vm.template, clave.vm.agent.tpm) ------------------------------------
     def set_disk_serials(self, ctx: Context, req: pb.SetDiskSerialsRequest) -> Empty:
         DISK_SERIALS.update(req.serials)
@@ -439,6 +439,12 @@ class AgentService:
             evidence, log = self.tpm.quote(req.nonce)
         return pb.GetQuoteResponse(evidence=evidence, event_log=log)
 
+    def get_oom_event(self, ctx: Context, req: pb.GetOOMEventRequest) -> pb.OOMEvent:
+        with self.oom_cond:
+            while not self.oom_events:
+                remaining = ctx.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    raise TtrpcError(Code.DEADLINE_EXCEEDED, "no OOM event")
                 self.oom_cond.wait(min(remaining, 1.0) if remaining is not None else 1.0)
                 for container in self.containers.values():  # an OOM kill need not end the init
                     self._check_oom(container)
@@ -559,12 +565,6 @@ class AgentService:
                 offsets[num] += len(data)
 
 
-def _write_stdin(process: Process, data: bytes) -> None:
-    view = memoryview(data)
-    try:
-        while view:
-            fd = process.stdin_w
-            if fd < 0:
 @contextlib.contextmanager
 def _tpm_errors() -> Iterator[None]:
     """TPM failures as ttrpc codes: no TPM is the caller's mistake, a failing TPM command is internal."""
@@ -576,6 +576,12 @@ def _tpm_errors() -> Iterator[None]:
         raise TtrpcError(Code.INTERNAL, f"TPM: {exc}") from None
 
 
+def _write_stdin(process: Process, data: bytes) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            fd = process.stdin_w
+            if fd < 0:
                 return
             view = view[os.write(fd, view) :]
     except OSError:
