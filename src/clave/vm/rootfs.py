@@ -6,7 +6,8 @@ kernel state) and cached under ``VM_ROOT/rootfs/<digest>.img``, where the digest
 type, mode, owner, size and content (and a symlink's target): the same image content gives the same file, so
 a hundred containers of one image share one base. A container writes to its own qcow2 layer backed by the base
 (``qemu-img create -b``), kept in its VM's state directory: its writes live there and are gone with the
-container at delete. A read-only root (``root.readonly``) gets the base itself, attached read-only.
+container at delete. A read-only root (``root.readonly``) gets a layer too: the guest makes its mount points,
+then remounts it read-only.
 """
 
 from __future__ import annotations
