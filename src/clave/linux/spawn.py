@@ -2,11 +2,19 @@
 
 runtime (clave create)
   └─ fork → intermediate: joins namespaces by path, creates a user namespace (the runtime writes its id maps),
-            unshares the other new namespaces, forks the init and reports its pid, exits.
-              └─ fork → init (pid 1 of a new pid namespace): builds the rootfs, asks the runtime to run the
-                        prestart/createRuntime hooks, runs createContainer hooks, pivots, reports "ready",
-                        then blocks opening the exec fifo until ``start``; then startContainer hooks and the
-                        handler's ``launch`` (execve for native containers, the PAL for enclaves).
+            unshares the other new namespaces (not the cgroup one), forks the init and reports its pid, exits.
+              └─ fork → init (pid 1 of a new pid namespace): mounts the rootfs while the runtime moves it into
+                        the container's cgroups, then (told "joined") makes its cgroup namespace, creates the
+                        devices, asks the runtime to run the prestart/createRuntime hooks, runs createContainer
+                        hooks, pivots, reports "ready", then blocks opening the exec fifo until ``start``; then
+                        startContainer hooks and the handler's ``launch`` (execve for native containers, the PAL
+                        for enclaves).
+
+Moving a process into a cgroup v1 (or hybrid) hierarchy waits for an RCU grace period in the kernel (the
+threadgroup lock of cgroup.procs writes): 8-20 ms on this project's machines, runc pays it too. The init's
+mounts (5-8 ms) run during that wait instead of after it; nothing of the container's own runs before the init is
+in its cgroups (devices are created, hooks run and the process starts only after "joined"). On a cgroup2-only
+host the init waits first: its cgroup2 mount shows the cgroup namespace's root.
 
 Every step is forked Python: no new interpreter starts for the container. The init never returns.
 """
@@ -166,7 +174,6 @@ def spawn(
     os.close(plan.state_dir_fd)
     init_pid = 0
     try:
-        join_cgroup(intermediate)
         parent.send("go")
         msg = parent.recv()
         if msg["t"] == "userns":
@@ -180,6 +187,11 @@ def spawn(
         init_pid = msg["pid"]
         os.waitpid(intermediate, 0)
         intermediate = 0
+        _join(parent, join_cgroup, init_pid)  # the init mounts its rootfs meanwhile
+        try:
+            parent.send("joined")
+        except BrokenPipeError:
+            pass  # the init failed meanwhile: its message is read next
         pause_point("after-fork")
         msg = parent.recv()
         if msg["t"] == "hooks":
@@ -205,6 +217,22 @@ def spawn(
         raise
     finally:
         parent.close()
+
+
+def _join(parent: Channel, join_cgroup: Callable[[int], None], init_pid: int) -> None:
+    """Move the init into the container's cgroups. If that fails, the init may have failed first (it was
+    mounting meanwhile): its own message is the better one."""
+    try:
+        join_cgroup(init_pid)
+    except BaseException:
+        kill_and_reap(init_pid)  # its end of the channel closes: what it said before is still there
+        try:
+            msg = parent.recv()
+        except ChannelClosed:
+            msg = {"t": ""}
+        if msg["t"] == "error":
+            raise SpawnError(msg["msg"]) from None
+        raise
 
 
 def kill_and_reap(pid: int) -> None:
@@ -254,7 +282,7 @@ def _run_intermediate(plan: InitPlan, joined: list[tuple[str, int]], chan: Chann
         if in_userns:
             os.setresgid(0, 0, 0)
             os.setresuid(0, 0, 0)
-        flags = ns.new_flags(plan.namespaces, exclude=("user",))
+        flags = ns.new_flags(plan.namespaces, exclude=("user", "cgroup"))  # cgroup: by the init, once joined
         if flags:
             lsys.unshare(flags)
         # The init shares the channel: it must not speak before its pid is reported, or a busy machine can
@@ -352,7 +380,12 @@ def _setup_container(plan: InitPlan, chan: Channel) -> None:
     own_mounts = "mount" in plan.namespaces
     rfs.prepare_propagation(plan.rootfs, linux.get("rootfsPropagation"), own_namespace=own_mounts)
     mounts = config.get("mounts", [])
+    cgroup2_only = set(plan.cgroup_paths) == {"unified"}
+    if cgroup2_only:
+        _joined(plan, chan)
     rfs.mount_all(plan.rootfs, mounts, plan.cgroup_paths, in_userns)
+    if not cgroup2_only:
+        _joined(plan, chan)
     dev_is_bind = any(
         m["destination"].rstrip("/") == "/dev" and ("bind" in m.get("options", []) or m.get("type") == "bind")
         for m in mounts
@@ -412,6 +445,14 @@ def _setup_container(plan: InitPlan, chan: Channel) -> None:
     if not os.access("exec.fifo", os.W_OK, dir_fd=plan.state_dir_fd):
         raise SpawnError("exec fifo: the container's root cannot open it for writing")
     chan.send("ready")
+
+
+def _joined(plan: InitPlan, chan: Channel) -> None:
+    """Wait until the runtime has moved this process into the container's cgroups; then the new cgroup
+    namespace (its root is the cgroup a process is in when it makes one)."""
+    chan.expect("joined")
+    if plan.new("cgroup"):
+        lsys.unshare(lsys.CLONE_NEWCGROUP)
 
 
 def _wait_for_start(plan: InitPlan) -> int:
