@@ -238,34 +238,10 @@ class LinuxHandler(Handler):
 
     # -- the shim's side
     def attach_rootfs(self, bundle: str, mounts: list[dict[str, Any]]) -> str | None:
-        """Mount the rootfs containerd prepared (snapshots) at <bundle>/rootfs; none with ``ctr run --rootfs``."""
-        if not mounts:
-            return None
-        from clave.linux import rootfs as rfs
-        from clave.linux import sys as lsys
-
-        target = os.path.join(bundle, "rootfs")
-        os.makedirs(target, exist_ok=True)
-        for mount in mounts:
-            flags, _, data = rfs.parse_options(list(mount.get("options", [])))
-            try:
-                if mount.get("type") == "bind" or flags & lsys.MS_BIND:
-                    lsys.mount(mount["source"], target, None, flags | lsys.MS_BIND)
-                else:
-                    lsys.mount(mount["source"], target, mount.get("type"), flags, data or None)
-            except OSError as exc:
-                raise ClaveError(f"mount rootfs ({mount.get('type')} {mount.get('source')}): {exc}") from None
-        return target
+        return mount_rootfs(bundle, mounts)
 
     def detach_rootfs(self, attached: str | None) -> None:
-        if not attached or not os.path.ismount(attached):
-            return
-        from clave.linux import sys as lsys
-
-        try:
-            lsys.umount(attached, lsys.MNT_DETACH)
-        except OSError:
-            pass
+        unmount_rootfs(attached)
 
     def sandbox(self, sandbox_id: str) -> Sandbox:
         return ReaperSandbox()
@@ -333,6 +309,38 @@ class _NotifyingLock:
 
     def wait_released(self, timeout: float) -> None:
         self._released.acquire(timeout=timeout)
+
+
+def mount_rootfs(bundle: str, mounts: list[dict[str, Any]]) -> str | None:
+    """Mount the rootfs containerd prepared (snapshots) at <bundle>/rootfs; none with ``ctr run --rootfs``."""
+    if not mounts:
+        return None
+    from clave.linux import rootfs as rfs
+    from clave.linux import sys as lsys
+
+    target = os.path.join(bundle, "rootfs")
+    os.makedirs(target, exist_ok=True)
+    for mount in mounts:
+        flags, _, data = rfs.parse_options(list(mount.get("options", [])))
+        try:
+            if mount.get("type") == "bind" or flags & lsys.MS_BIND:
+                lsys.mount(mount["source"], target, None, flags | lsys.MS_BIND)
+            else:
+                lsys.mount(mount["source"], target, mount.get("type"), flags, data or None)
+        except OSError as exc:
+            raise ClaveError(f"mount rootfs ({mount.get('type')} {mount.get('source')}): {exc}") from None
+    return target
+
+
+def unmount_rootfs(attached: str | None) -> None:
+    if not attached or not os.path.ismount(attached):
+        return
+    from clave.linux import sys as lsys
+
+    try:
+        lsys.umount(attached, lsys.MNT_DETACH)
+    except OSError:
+        pass
 
 
 def make_plan(state: State, sd: StateDir, opts: CreateOptions) -> InitPlan:

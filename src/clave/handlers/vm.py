@@ -331,6 +331,17 @@ class VmHandler(Handler):
         finally:
             agent.close()
 
+    # -- the shim's side: containerd's snapshot is mounted on the host, and made into the rootfs image
+    def attach_rootfs(self, bundle: str, mounts: list[dict[str, Any]]) -> str | None:
+        from clave.handlers.linux import mount_rootfs
+
+        return mount_rootfs(bundle, mounts)
+
+    def detach_rootfs(self, attached: str | None) -> None:
+        from clave.handlers.linux import unmount_rootfs
+
+        unmount_rootfs(attached)
+
     def sandbox(self, sandbox_id: str) -> Sandbox:
         from clave.handlers.linux import ReaperSandbox
 

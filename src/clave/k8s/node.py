@@ -44,6 +44,8 @@ SHIM = "containerd-shim-clave-v2"
 RUNTIMES = {"clave": "native", "clave-enclave": "enclave", "clave-vm": "vm"}
 # Annotations containerd passes from a pod's containers into their OCI spec, per runtime: rune's enclave.* settings.
 CONTAINER_ANNOTATIONS = {"clave-enclave": ["enclave.*"]}
+# A VM is sized and shaped per pod: the pod's io.clave.vm.* annotations (memory, vcpus, template) reach the spec.
+POD_ANNOTATIONS = {"clave-vm": ["io.clave.vm.*"]}
 BEGIN = "# >>> clave node install >>> managed block: `clave node uninstall` removes it and restores this file"
 END = "# <<< clave node install <<<"
 # The CRI plugin's runtimes table in each config version containerd has had.
@@ -121,6 +123,8 @@ def render_block(prefix: str, version: int) -> str:
                   f'  runtime_path = "{os.path.join(prefix, "bin", SHIM)}"']
         if name in CONTAINER_ANNOTATIONS:
             lines.append(f"  container_annotations = {json.dumps(CONTAINER_ANNOTATIONS[name])}")
+        if name in POD_ANNOTATIONS:
+            lines.append(f"  pod_annotations = {json.dumps(POD_ANNOTATIONS[name])}")
         lines += [f"  [{table}.{name}.options]",
                   f'    ConfigPath = "{runtime_config_path(prefix, name)}"']
     lines.append(END)
