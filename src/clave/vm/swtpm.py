@@ -1,8 +1,18 @@
 """The per-VM software TPM: one swtpm process per VM, its state in the VM's state directory (``tpm/``).
 
 QEMU's ``-tpmdev emulator`` speaks to swtpm over its control socket (``--ctrl type=unixio``) and hands it the
-data channel itself; a TPM works on q35 (tpm-tis), not on microvm. swtpm does not always exit when QEMU goes
-away, so the VM stops it (by pid and start time, recorded in vm.json like QEMU's own).
+data channel itself; a TPM works on q35, not on microvm. swtpm does not exit when QEMU is killed, so the VM
+stops it (by pid and start time, recorded in vm.json like QEMU's own).
+
+Known problem here (2026-12-07, QEMU 7.2, SeaBIOS 1.16.2, the PVH-booted cloud kernel): the guest kernel does
+not find the TPM. With a TPM, SeaBIOS's high-memory allocations (ACPI tables plus its TPM log) outgrow the
+160 KiB QEMU keeps free below the top of RAM when it places the initramfs, so loading the initramfs overwrites
+the ACPI tables (the kernel reads an RSDT entry of length FFFFFFFF, disables its ACPI interpreter, and with
+tpm-tis and no other PCI devices loops on "Resize of Root Table Array is not allowed"). tpm-crb boots, but
+without ACPI the kernel cannot discover it; ``-M q35,acpi=off`` keeps SeaBIOS's own tables intact but they
+list no TPM, and ``tpm_tis.force=1`` found no chip. So the device is tpm-crb (the guest boots), and the
+guest agent answers TPM requests with "no TPM in this guest" until the initramfs is placed below SeaBIOS's
+tables (e.g. a kernel with virtio-blk built in and no initramfs, or firmware that measures and boots it).
 """
 
 from __future__ import annotations
@@ -24,10 +34,10 @@ class TpmStartError(VmError):
 
 
 def qemu_args(state_dir: str) -> list[str]:
-    """QEMU's side: the emulator backend on swtpm's control socket and a TIS device (q35)."""
+    """QEMU's side: the emulator backend on swtpm's control socket and a CRB device (q35; see above)."""
     ctrl = os.path.join(state_dir, TPM_DIR, CTRL)
     return ["-chardev", f"socket,id=tpmctrl,path={ctrl}", "-tpmdev", "emulator,id=tpm0,chardev=tpmctrl",
-            "-device", "tpm-tis,tpmdev=tpm0"]
+            "-device", "tpm-crb,tpmdev=tpm0"]
 
 
 def start(state_dir: str, timeout: float = 10.0) -> subprocess.Popen[bytes]:
@@ -41,7 +51,7 @@ def start(state_dir: str, timeout: float = 10.0) -> subprocess.Popen[bytes]:
         os.unlink(ctrl)
     log = os.path.join(directory, "swtpm.log")
     cmd = [SWTPM, "socket", "--tpm2", "--tpmstate", f"dir={directory}", "--ctrl", f"type=unixio,path={ctrl}",
-           "--log", f"file={log},level=1", "--terminate"]
+           "--log", f"file={log},level=1"]
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
                                 close_fds=True)

@@ -52,7 +52,7 @@ import subprocess
 import time
 
 from clave.vm import paths
-from clave.vm.errors import BootError, VmError
+from clave.vm.errors import AgentError, BootError, VmError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -67,6 +67,7 @@ MEMORY_DIR = os.environ.get("CLAVE_VM_TEMPLATE_MEMORY", "/dev/shm")
 SLOT_SERIAL = "clave-slot{}"
 STATE_PLACEHOLDER = "@STATE@"
 MIGRATE_TIMEOUT = 30.0
+FAILED_PRECONDITION = 9  # the agent's ttrpc code for "no TPM in this guest"
 
 
 class TemplateError(VmError):
@@ -245,7 +246,11 @@ def build(config: VmConfig, accel: str, key: str, inputs: dict[str, Any], timeou
             if time.monotonic() - t0 > timeout:
                 raise TemplateError(f"template agent not ready within {timeout:.0f} s; console: {vm.console_tail()}")
         if config.tpm:
-            agent.quote(b"template")  # waits for the measured boot and imports the quote's modules
+            try:  # waits for the measured boot and imports the quote's modules, for every clone
+                agent.quote(b"template")
+            except AgentError as exc:
+                if exc.code != FAILED_PRECONDITION:  # no TPM in the guest (clave.vm.swtpm): nothing to warm
+                    raise
         boot_s = time.monotonic() - t0
         agent.close()
         time.sleep(RECONNECT_DELAY)  # the guest sees the hang-up and waits for its next host (a clone)
@@ -397,7 +402,11 @@ def restore(vm: Vm, t: Template, accel: str, timeout: float) -> None:
     if serials:
         agent.set_disk_serials(serials)
     if config.tpm:
-        agent.renew_tpm_identity(os.urandom(64))
+        try:
+            agent.renew_tpm_identity(os.urandom(64))
+        except AgentError as exc:
+            if exc.code != FAILED_PRECONDITION:  # the guest sees no TPM (clave.vm.swtpm): nothing to renew
+                raise
     vm._save()
 
 
