@@ -322,8 +322,8 @@ def test_runtime_options_choose_the_handler(containerd: Containerd, busybox_root
                                             skeleton_pal: Path) -> None:
     """containerd passes the runtime's options (runtimeoptions.v1 ConfigPath: the files `clave node install`
     writes) and the shim takes the handler from them. `enclave` cannot be imposed on a container without enclave
-    settings (it runs natively, as a pod's sandbox container must), and runs one with them through its PAL; a
-    handler this build does not have is refused in one line."""
+    settings (it runs natively, as a pod's sandbox container must), and runs one with them through its PAL; `vm`
+    runs it in a VM; a handler this build does not have is refused in one line."""
     from clave.k8s.runtimeconfig import RuntimeConfig, render
 
     def run(handler: str, *flags: str) -> subprocess.CompletedProcess[str]:
@@ -342,5 +342,12 @@ def test_runtime_options_choose_the_handler(containerd: Containerd, busybox_root
     enclave = run("enclave", "--annotation", "enclave.type=software", "--annotation",
                   f"enclave.runtime.path={skeleton_pal}")
     assert enclave.returncode == 0 and enclave.stdout == "ran\n", enclave.stderr
-    refused = run("vm")
-    assert refused.returncode != 0 and "unknown container handler 'vm'" in refused.stderr
+    vm = run("vm")  # a VM of its own (the vm handler): the same output through the guest
+    assert vm.returncode == 0 and vm.stdout == "ran\n", vm.stderr
+    unknown = tmp_path / "runtime-other.toml"
+    unknown.write_text('version = 1\nruntime = "clave-other"\nhandler = "gvisor"\n')
+    cid = _id("opt")
+    refused = _run(containerd, busybox_rootfs, ["--rm", "--runtime-config-path", str(unknown)], cid, "/bin/true")
+    containerd.ctr("container", "delete", cid)
+    assert refused.returncode != 0 and "handler must be one of native, enclave, vm, not 'gvisor'" in refused.stderr
+    _assert_gone(containerd, cid)
