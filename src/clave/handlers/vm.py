@@ -44,6 +44,7 @@ MOUNTS = "/run/clave-agent/mounts"  # where the agent mounts storages in the gue
 VCPUS_ANNOTATION = "io.clave.vm.vcpus"
 MEMORY_ANNOTATION = "io.clave.vm.memory"  # MiB of guest RAM beyond the container's own memory limit
 EXIT_FILE = "exit.json"
+TPM_ANNOTATION = "io.clave.vm.tpm"  # "true": a per-VM swtpm, measured boot, `clave attest ID` (q35)
 TEMPLATE_ANNOTATION = "io.clave.vm.template"  # "false": boot, never a template's clone (no shared pages)
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"  # "sandbox" or "container"
@@ -68,7 +69,8 @@ class VmHandler(Handler):
         vcpus, memory = vm_size(state.config)
         qemu.check_resources(vcpus, memory)
         GuestMounts(state.config)  # refuses what cannot reach a guest, before anything is made
-        state.handler_state.update(guest=guest.directory, vcpus=vcpus, memory_mib=memory)
+        state.handler_state.update(guest=guest.directory, vcpus=vcpus, memory_mib=memory,
+                                   tpm=state.annotations.get(TPM_ANNOTATION) == "true")
         # refuses host networking; the taps are recorded before the keeper makes them (see clave.vm.network)
         state.handler_state["network"] = network.plan(state.config)
 
@@ -86,8 +88,11 @@ class VmHandler(Handler):
         hs["state_dir"] = sd.path  # where exec's stand-ins are recorded
         if pod is not None:
             hs["pod"] = pod.id
+            hs["tpm"] = bool(pod.handler_state.get("tpm"))  # the pod's VM decides
         elif state.annotations.get(CONTAINER_TYPE) == "sandbox":
             hs["machine"], hs["hotplug_slots"] = "q35", POD_DISK_SLOTS  # the pod's next containers join it
+        if hs.get("tpm"):
+            hs["machine"] = "q35"  # QEMU's TPM devices work on q35 only
         sd.save(state)  # from here on, destroy finds what to remove after a crash
         pause_point("after-state-dir")
         disks = self._disks(state, notice)
@@ -138,6 +143,8 @@ class VmHandler(Handler):
             hs["guest_created"] = True
             sd.save(state)
             agent.create_container(state.id, guest_config(state), storages)
+            if hs.get("tpm"):
+                agent.measure_container(state.id, hs["image_digest"])
 
         self._call(state, make)
         pid = _fork_standin(state, "", None, opts.stdio, opts.console_socket)
@@ -150,6 +157,7 @@ class VmHandler(Handler):
 
         hs = state.handler_state
         base = rootfs.base_image(state.rootfs, notice)
+        hs["image_digest"] = "sha256:" + os.path.basename(base).removesuffix(".img")  # the rootfs content's digest
         # A layer even for root.readonly: the guest engine makes the mount points (a bound /etc/hosts the image
         # lacks) before it remounts the root read-only, as runc does; the base itself is never written.
         os.makedirs(os.path.dirname(hs["layer"]), mode=0o700, exist_ok=True)
@@ -294,6 +302,19 @@ class VmHandler(Handler):
             return int(self._call(state, lambda agent: agent.stats_container(state.id)).get("oom_kills", 0))
         except ClaveError:
             return 0
+
+    def request(self, state: State, sd: StateDir, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """attest: the guest's TPM quote over its measured boot and containers, bound to the report data (a
+        software TPM: evidence of what runs, not of a hardware TEE, so marked insecure)."""
+        import base64
+
+        if request.get("op") != "attest":
+            raise Unsupported(f"{request.get('op')!r} requests to a vm container are not supported")
+        if not state.handler_state.get("tpm"):
+            raise Unsupported(f"container {state.id} has no vTPM: create it with the annotation {TPM_ANNOTATION}=true")
+        evidence, _log = self._call(state, lambda agent: agent.quote(bytes.fromhex(request.get("report_data", ""))))
+        return {"tee": "tpm", "insecure": True, "evidence": base64.b64encode(evidence).decode(),
+                "measurement": state.handler_state.get("image_digest", "")}
 
     def describe(self, state: State) -> dict[str, Any]:
         vm_dir = state.handler_state.get("vm_dir", "")
@@ -551,7 +572,7 @@ def _keep(state: State, disks: list[Disk], opts: CreateOptions, report_fd: int) 
     vm = Vm.create(VmConfig(hs["vm_dir"], Guest(hs["guest"]), vcpus=hs["vcpus"], memory_mib=hs["memory_mib"],
                             disks=disks, nics=nics, machine=hs.get("machine", "microvm"),
                             hotplug_slots=hs.get("hotplug_slots", 0),
-                            shares=[Share(d, f"v{i}") for i, d in enumerate(dirs)],
+                            shares=[Share(d, f"v{i}") for i, d in enumerate(dirs)], tpm=bool(hs.get("tpm")),
                             template=state.annotations.get(TEMPLATE_ANNOTATION, "true") != "false",
                             kernel_args=os.environ.get(TEST_KERNEL_ARGS, "")))  # tests provoke boot failures
     try:
@@ -565,6 +586,8 @@ def _keep(state: State, disks: list[Disk], opts: CreateOptions, report_fd: int) 
         storages += [pb.Storage(driver="virtio-fs", source=f"v{i}", fstype="virtiofs",
                                 mount_point=_share_mount_point(hs["serial"], i)) for i in range(len(dirs))]
         agent.create_container(state.id, guest_config(state), storages)
+        if hs.get("tpm"):  # measured before it can run: the image's digest and the config the guest received
+            agent.measure_container(state.id, hs["image_digest"])
         tty = -1
         if console_fd is not None:
             from clave.vm.host import _host_tty
