@@ -5,17 +5,20 @@ Linux handler inside the guest, and the host keeps one process per guest process
 (clave.vm.host): its pid is the container's pid for every caller, it carries the process's stdio as byte
 streams, passes signals on and exits with the guest process's status.
 
-Two ways a VM comes to be, with the same verbs on top:
-- `clave create` (and so runc's shim with ``--runc-binary``, podman, Docker): one VM per container, owned by
-  the container's *keeper*, a process forked by create that boots the VM, creates the container in the guest,
-  serves the agent to later verbs on ``vm.sock`` and is the init's stand-in. When the init ends it stops QEMU
-  and exits with the init's status; delete removes what is left.
-- `containerd-shim-clave-v2`: one VM per pod, owned by the shim's ``VmSandbox``; the pod's containers join it
-  and each process has a forked stand-in; removing the pod stops the VM.
+One VM per container, or one per CRI pod, with the same verbs on top and whoever the caller is (`clave`,
+containerd's runc shim with ``--runc-binary``, podman, Docker, containerd-shim-clave-v2):
+- `create` forks the container's *keeper*, which boots the VM, creates the container in the guest, serves the
+  agent to later verbs on ``vm.sock`` (clave.vm.host.VmHost) and is the init's stand-in. When the init ends it
+  stops QEMU and exits with the init's status; delete removes what is left.
+- A CRI pod's sandbox container boots a q35 VM with PCIe root ports; the pod's later containers join it: their
+  disks are hot-plugged through the keeper (``AddDisk`` on vm.sock), and a forked stand-in serves their init.
+  They leave it at delete; deleting the sandbox container stops the VM.
 
-``state.handler_state`` keeps: ``vm_dir`` (the VM's state directory), ``layer`` (the container's writable
-rootfs layer), ``serial`` (its disk in the guest), ``vcpus``/``memory_mib``, ``pid_start`` (the stand-in's start
-time), ``started``, ``paused``, and ``pod`` when a shim's VM serves the container.
+``state.handler_state`` keeps: ``vm_dir`` (the VM's state directory), ``layer``/``binds`` (the container's
+writable rootfs layer and its disk of bound files), ``serial`` (its rootfs disk in the guest), ``vcpus`` /
+``memory_mib`` / ``machine`` / ``tpm``, ``pid_start`` (the stand-in's start time), ``started``, ``paused``, and
+``pod`` (the sandbox container whose VM it joined). All of it is recorded before anything is made, so delete
+--force undoes a crash at any step.
 """
 
 from __future__ import annotations
