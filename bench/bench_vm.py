@@ -123,6 +123,81 @@ def _memory(pid: int) -> tuple[float, float]:
     return rss / 1024, pss / 1024
 
 
+def templates(argv: list[str]) -> None:
+    """``bench_vm.py templates [--runs N] [--warmup N] [--clones N] [--memory-mib M]``: a VM from a template
+    (clave.vm.template) against a boot, interleaved: Vm.create + start to agent ready, and a busybox /bin/true
+    container including that start; then QEMU's PSS per VM with N clones running against N booted VMs."""
+    parser = argparse.ArgumentParser(prog="bench_vm.py templates")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--clones", type=int, default=10)
+    parser.add_argument("--memory-mib", type=int, default=256)
+    args = parser.parse_args(argv)
+    guest = build_guest()
+    work = tempfile.mkdtemp(prefix="bvt-", dir="/tmp")
+    try:
+        tree = os.path.join(work, "tree")
+        make_busybox_rootfs(tree)
+        image = os.path.join(work, "rootfs.img")
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-d", tree, image, "32M"], check=True, capture_output=True)
+
+        def start(template: bool, container: bool) -> float:
+            state = tempfile.mkdtemp(dir=work)
+            os.rmdir(state)
+            copy = os.path.join(work, f"rootfs-{os.path.basename(state)}.img")
+            shutil.copyfile(image, copy)
+            t0 = time.perf_counter()
+            vm = Vm.create(VmConfig(state, guest, memory_mib=args.memory_mib, disks=[Disk(copy, "rootfs")],
+                                    template=template))
+            try:
+                vm.start()
+                if container:
+                    agent = vm.agent()
+                    config = default_spec()
+                    config["process"].update({"args": ["/bin/true"], "terminal": False})
+                    config["root"] = {"path": MOUNT, "readonly": False}
+                    agent.create_container("bench", config, [blk_storage("rootfs", MOUNT)])
+                    io = agent.attach_io("bench")
+                    agent.start_container("bench")
+                    if agent.wait_process("bench", timeout=60) != 0:
+                        raise SystemExit("container failed")
+                    io.join(10)
+                return (time.perf_counter() - t0) * 1000
+            finally:
+                vm.destroy()
+                os.unlink(copy)
+
+        start(True, False)  # the template exists before the clock starts
+        samples = interleave({
+            "boot: agent ready": lambda: start(False, False),
+            "clone: agent ready": lambda: start(True, False),
+            "boot: container /bin/true": lambda: start(False, True),
+            "clone: container /bin/true": lambda: start(True, True),
+        }, runs=args.runs, warmup=args.warmup)
+        print(f"# bench_vm templates: {machine_description()}")
+        print(f"# accel {_accel(guest)}, -m {args.memory_mib}, microvm, {args.runs} runs after {args.warmup} warm-up")
+        print_ratio_table("VM start (Vm.create + start, agent ready)",
+                          {k: v for k, v in samples.items() if "agent" in k}, baseline="boot: agent ready")
+        print_ratio_table("busybox /bin/true container (VM start included)",
+                          {k: v for k, v in samples.items() if "container" in k}, baseline="boot: container /bin/true")
+        for template in (True, False):
+            vms = []
+            try:
+                for i in range(args.clones):
+                    state = os.path.join(work, f"{'c' if template else 'b'}{i}")
+                    vm = Vm.create(VmConfig(state, guest, memory_mib=args.memory_mib, template=template))
+                    vms.append(vm)
+                    vm.start()
+                pss = [_memory(vm.pid)[1] for vm in vms]
+                print(f"\n{args.clones} {'clones' if template else 'booted VMs'} running: PSS per VM median "
+                      f"{summarize(pss).median:.0f} MiB, total {sum(pss):.0f} MiB")
+            finally:
+                for vm in vms:
+                    vm.destroy()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
@@ -167,4 +242,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["templates"]:
+        templates(sys.argv[2:])
+    else:
+        main()
