@@ -13,6 +13,20 @@ inside the VM, uses Clave's engine. For a host-side handler:
     agent.start_container(cid); status = agent.wait_process(cid)
     vm.destroy()                                 # or destroy_state_dir(state_dir) after a crash
     acceleration()                               # Verdict(accel="kvm"|"tcg", reason): for `clave check`
+
+Templates (clave.vm.template) are on by default: ``vm.start()`` restores a clone of the shape's template (built
+on first use, ~0.1 s to agent ready instead of a boot), with the disks swapped into reserved slots and found by
+the same serials, the RNG reseeded and the clock set; it boots instead, with one line in ``vm.notices`` (and on
+stderr), when the VM has NICs, more disks than ``template_slots`` (4) or non-raw disks, or when the template
+cannot be restored. ``vm.template_key`` says which template ("" after a boot). A pod that refuses shared pages
+(annotation ``io.clave.vm.template=false``) gets ``VmConfig(..., template=False)``. After start, the pod's
+identity: ``agent.create_sandbox(sandbox_id, hostname=..., machine_id=<32 hex>)``.
+
+Measured boot (clave.vm.measure, clave.vm.swtpm): ``VmConfig(..., machine="q35", tpm=True)`` starts a per-VM
+swtpm with the VM (stopped by destroy() and destroy_state_dir()); ``agent.measure_container(cid, image_digest)``
+between create_container and start_container extends PCR 9; ``agent.quote(nonce)`` returns Clave TPM evidence
+for ``clave-verify --tee tpm``; ``clave vm measure --policy-out FILE`` pins PCR 8. (The guest kernel does not
+find the TPM on this machine yet: see clave.vm.swtpm.)
 """
 
 from __future__ import annotations
