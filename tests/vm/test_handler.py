@@ -175,9 +175,10 @@ class Trace:
         return found
 
 
-def trace(cli: Cli, cid: str, timeout: float = 60, need_qemu: bool = True) -> Trace:
-    """Read a container's state dir (and its VM's vm.json) as soon as they exist."""
-    t = Trace(cli.root / cid)
+def trace(cli: Cli | Path, cid: str, timeout: float = 60, need_qemu: bool = True) -> Trace:
+    """Read a container's state dir under a Cli's root (or a runtime root) and its VM's vm.json as soon as they
+    exist."""
+    t = Trace((cli.root if isinstance(cli, Cli) else cli) / cid)
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -325,8 +325,14 @@ class TaskService:
         processes = []
         for pid in pids:
             info = types.ProcessInfo(pid=pid)
-            if pid in execs:
-                info.info = AnyMessage(type_url="types.containerd.io/clave/exec-id", value=execs[pid].encode())
+            if pid in execs:  # runc's shim's ProcessDetails{exec_id = 1}: the type ctr and containerd decode
+                exec_id = execs[pid].encode()
+                size, length = bytearray(), len(exec_id)
+                while length > 0x7F:
+                    size.append(length & 0x7F | 0x80)
+                    length >>= 7
+                info.info = AnyMessage(type_url="containerd.runc.v1.ProcessDetails",
+                                       value=b"\x0a" + bytes(size) + bytes([length]) + exec_id)
             processes.append(info)
         return task.PidsResponse(processes=processes)
 
