@@ -96,8 +96,6 @@ def ineligible(config: VmConfig) -> str:
     """Why this VM cannot be a clone ("" when it can)."""
     if config.network or config.nics:
         return "its NICs cannot be in a template"
-    if any(getattr(d, "format", "raw") != "raw" for d in config.disks):
-        return "template slots take raw images only"
     if len(config.disks) > config.template_slots:
         return f"{len(config.disks)} disks, a template has {config.template_slots} slots"
     return ""
@@ -415,10 +413,23 @@ def _insert(qmp: Any, slot: int, path: str, readonly: bool, fmt: str = "raw") ->
     node = f"slot{slot}"
     qmp.execute("blockdev-add", {"driver": "file", "filename": os.path.abspath(path), "node-name": f"{node}-file",
                                  "read-only": readonly})
-    if fmt == "raw":
-        qmp.execute("blockdev-reopen", {"options": [{"driver": "raw", "node-name": node, "file": f"{node}-file",
-                                                     "read-only": readonly}]})
-    else:
-        raise TemplateError(f"disk format {fmt!r}: template slots take raw images")
-    # same size: no change to the file, but the device tells the guest its new capacity (config change)
-    qmp.execute("block_resize", {"node-name": node, "size": os.path.getsize(path)})
+    child, size = f"{node}-file", os.path.getsize(path)
+    if fmt == "qcow2":  # a container's layer: the slot's raw node passes its virtual disk through
+        child, size = f"{node}-fmt", _qcow2_virtual_size(path)
+        qmp.execute("blockdev-add", {"driver": "qcow2", "node-name": child, "file": f"{node}-file",
+                                     "read-only": readonly})
+    elif fmt != "raw":
+        raise TemplateError(f"disk format {fmt!r}: template slots take raw or qcow2 images")
+    qmp.execute("blockdev-reopen", {"options": [{"driver": "raw", "node-name": node, "file": child,
+                                                 "read-only": readonly}]})
+    # the device tells the guest its new capacity (config change)
+    qmp.execute("block_resize", {"node-name": node, "size": size})
+
+
+def _qcow2_virtual_size(path: str) -> int:
+    """The disk size in a qcow2 header (big-endian uint64 at offset 24)."""
+    with open(path, "rb") as f:
+        header = f.read(32)
+    if len(header) < 32 or header[:4] != b"QFI\xfb":
+        raise TemplateError(f"{path} is not a qcow2 image")
+    return int.from_bytes(header[24:32], "big")
