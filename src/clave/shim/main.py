@@ -295,12 +295,24 @@ def _remove_dead_socket(bundle: str) -> bool:
 def main(argv: Sequence[str] | None = None) -> None:
     flags = parse(sys.argv[1:] if argv is None else argv)
     if flags.action == "start":
-        sys.exit(start(flags))
+        _exit_now(start(flags))
     if flags.action == "delete":
-        sys.exit(delete(flags))
+        _exit_now(delete(flags))
     if flags.action:
         raise SystemExit(f"containerd-shim-clave-v2: unknown action {flags.action!r}")
     sys.exit(serve(flags))
+
+
+def _exit_now(code: int) -> None:
+    """`start` and `delete` exit without the interpreter's finalization (3-5 ms containerd waits for: it reads
+    start's output until it closes, and waits for delete), as the clave CLI does (clave.cli.main._exit)."""
+    import atexit
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if atexit._ncallbacks() == 0 and "threading" not in sys.modules:
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
