@@ -192,15 +192,10 @@ def _ctr_in_pty(containerd: Containerd, *args: str, timeout: float = 120) -> tup
     return os.waitstatus_to_exitcode(status), output.decode(errors="replace").replace("\r\n", "\n")
 
 
-# Found by these tests: podman and Docker give a container the path of a network namespace of theirs (for
-# --network none too) and set net.* sysctls (ping_group_range, ip_unprivileged_port_start); the guest engine runs
-# the container in the guest's own network namespace and refuses them ("sysctl ... is not allowed: the container
-# has no private network namespace"). Until the guest gives such a container a namespace of its own, create fails.
-NETNS_SYSCTLS = pytest.mark.xfail(reason="net.* sysctls of a container whose netns is a host path are refused in "
-                                         "the guest", raises=AssertionError, strict=False)
+# podman and Docker set net.* sysctls (ping_group_range, ip_unprivileged_port_start) on every container: the
+# guest agent sets them in the guest's network namespace, the pod's (as Kata's agent does).
 
 
-@NETNS_SYSCTLS
 def test_podman_runtime_flag_selects_vm(podman: Podman, vm_guest: Guest) -> None:
     name = f"vm-{uuid.uuid4().hex[:6]}"
     vm = ["--runtime-flag", "handler=vm"]  # podman 4.3: a global flag, given to the runtime as --handler=vm
@@ -238,7 +233,6 @@ def docker_vm(docker: Docker) -> Iterator[Docker]:
     yield docker
 
 
-@NETNS_SYSCTLS
 def test_docker_runtime_args_select_vm(docker_vm: Docker, vm_guest: Guest) -> None:
     docker = docker_vm
     result = docker("run", "--rm", "--runtime", "clave-vm", "--network", "none", IMAGE, "sh", "-c",

@@ -228,8 +228,10 @@ class AgentService:
         init = Process(cid, "", bool(config["process"].get("terminal")))
         try:
             os.makedirs(bundle, exist_ok=False)
+            guest_config = _guest_config(config, cid)
+            _apply_net_sysctls(config)
             with open(os.path.join(bundle, "config.json"), "w") as f:
-                json.dump(_guest_config(config, cid), f)
+                json.dump(guest_config, f)
             pid = self._spawn(init, lambda opts: self.engine.create(cid, CreateOptions(bundle=bundle, **opts)).pid)
         except BaseException as exc:
             init.close_all()
@@ -596,6 +598,8 @@ def _guest_config(config: dict[str, Any], container_id: str) -> dict[str, Any]:
     linux["namespaces"] = [ns for ns in linux.get("namespaces", [])
                            if ns.get("type") != "network" and not ns.get("path")]
     linux["cgroupsPath"] = f"/clave/{container_id}"
+    # net.* sysctls are the pod network's, which is the guest's own: _apply_net_sysctls sets them there
+    linux["sysctl"] = {k: v for k, v in (linux.get("sysctl") or {}).items() if not k.startswith("net.")}
     config["linux"] = linux
     config.pop("hooks", None)
     # the host's handler choice (io.clave.handler=vm) is not the guest's: in here the Linux handler runs
@@ -605,6 +609,22 @@ def _guest_config(config: dict[str, Any], container_id: str) -> dict[str, Any]:
         raise TtrpcError(Code.INVALID_ARGUMENT, "oci_json: root.path must be an absolute guest path (a storage's "
                                                 "mount_point)")
     return config
+
+
+def _apply_net_sysctls(config: dict[str, Any]) -> None:
+    """The config's net.* sysctls, set in the guest's network namespace (the pod's: Docker and podman set
+    net.ipv4.ping_group_range and ip_unprivileged_port_start for every container), as Kata's agent does."""
+    for key, value in (config.get("linux", {}).get("sysctl") or {}).items():
+        if not key.startswith("net."):
+            continue
+        path = os.path.join("/proc/sys", *key.split("."))
+        if ".." in key.split(".") or not os.path.isfile(path):
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"sysctl {key}: no such setting in the guest")
+        try:
+            with open(path, "w") as f:
+                f.write(str(value))
+        except OSError as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"sysctl {key}={value}: {exc.strerror}") from None
 
 
 def _mount_storage(storage: pb.Storage) -> str:
