@@ -29,10 +29,32 @@ INTEROP = str(Path(__file__).resolve().parents[1] / "interop")
 if INTEROP not in sys.path:
     sys.path.insert(0, INTEROP)  # tests/interop is not a package: its modules import each other top-level
 
-from conftest import Containerd, busybox_rootfs, clave, containerd  # noqa: E402
-from test_docker import IMAGE, Docker, docker  # noqa: E402
-from test_podman import IMAGE as PODMAN_IMAGE  # noqa: E402
-from test_podman import Podman, podman  # noqa: E402
+
+def _interop_conftest() -> Any:
+    """tests/interop/conftest.py by its path: in a whole-suite run the module named "conftest" is whichever
+    directory's conftest was imported last; test_docker imports it by that name, so it is put there meanwhile."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("interop_conftest", os.path.join(INTEROP, "conftest.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["interop_conftest"] = module  # dataclasses look their module up while it runs
+    spec.loader.exec_module(module)
+    return module
+
+
+_conftest = _interop_conftest()
+_previous = sys.modules.get("conftest")
+sys.modules["conftest"] = _conftest
+try:
+    from test_docker import IMAGE, Docker, docker  # noqa: E402
+    from test_podman import IMAGE as PODMAN_IMAGE  # noqa: E402
+    from test_podman import Podman, podman  # noqa: E402
+finally:
+    if _previous is not None:
+        sys.modules["conftest"] = _previous
+Containerd = _conftest.Containerd
+busybox_rootfs, clave, containerd = _conftest.busybox_rootfs, _conftest.clave, _conftest.containerd
 
 from clave.vm.guest import Guest  # noqa: E402
 from tests.vm.test_handler import _subreaper, assert_gone, trace, vm_guest, wait_for  # noqa: E402
