@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := python3-venv python3-dev gcc libc6-dev make busybox-static runc crun containerd iproute2 \
 	podman conmon docker.io swtpm swtpm-tools tpm2-tools qemu-system-x86 qemu-utils cpio lz4 e2fsprogs prometheus \
-	containernetworking-plugins
+	containernetworking-plugins ovmf
 
 .PHONY: deps venv demo test lint bench clean
 

@@ -1,7 +1,6 @@
 """Measured boot (clave.vm.measure, clave.vm.swtpm): the host's reference values, the event log the verifier
 replays, the policy `clave vm measure` writes, and a per-VM swtpm started and stopped with its VM (real QEMU
-on q35, real swtpm). The guest kernel does not see the TPM on this machine yet (see clave.vm.swtpm): the
-in-guest quote is an xfail carrying that diagnosis."""
+on q35 through OVMF, real swtpm), and the guest's quote over it, verified."""
 
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ from clave.attestation import tpm_wire as wire
 from clave.attestation.base import Layer, VerificationError, VerifiedEvidence
 from clave.attestation.policy import Policy
 from clave.vm import measure
-from clave.vm.errors import AgentError, VmError
+from clave.vm.errors import VmError
 from clave.vm.guest import Guest
 from clave.vm.qemu import Vm, VmConfig
 from tests.vm.conftest import qemu_pids_for, short_dir
@@ -115,8 +114,6 @@ def test_the_swtpm_runs_with_its_vm_and_its_state_is_the_vms(tpm_vm: Vm, guest: 
     assert tpm_vm.agent().health() == 1
 
 
-@pytest.mark.xfail(strict=True, raises=AgentError, reason="the guest kernel does not find the TPM here: SeaBIOS's "
-                   "ACPI tables are overwritten by the initramfs QEMU loads below them (clave.vm.swtpm)")
 def test_the_guest_quotes_its_measured_boot(tpm_vm: Vm, guest: Guest) -> None:
     from clave.attestation.base import VerifyContext
     from clave.attestation.verifiers.tpm import TpmVerifier

@@ -168,13 +168,28 @@ def _verify_remote(args: argparse.Namespace) -> Any:
 def _verify_evidence(args: argparse.Namespace) -> Any:
     from clave.attestation.appraise import UnknownTee, appraise
 
-    data = read_file(args.file)
+    data = _evidence_bytes(read_file(args.file))
     ctx = _context(args)
     ctx.nonce = args.nonce
     try:
         return appraise(data, tee=args.tee, ctx=ctx, policy=_policy(args))
     except UnknownTee as exc:
         raise UsageError(str(exc)) from None
+
+
+def _evidence_bytes(data: bytes) -> bytes:
+    """The evidence in FILE: raw, or the JSON document `clave attest --format json` prints (its base64
+    "evidence")."""
+    if not data.lstrip().startswith(b"{"):
+        return data
+    import base64
+    import binascii
+
+    try:
+        doc = json.loads(data)
+        return base64.b64decode(doc["evidence"], validate=True)
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        return data  # not that document: the verifiers judge it as it is
 
 
 def _verify_cert(args: argparse.Namespace) -> Any:

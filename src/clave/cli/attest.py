@@ -94,7 +94,7 @@ def run(parsed: Parsed, ctx: Any) -> int:
         from clave.engine.container import Engine
 
         data = report_data if report_data is not None else hashlib.sha256(nonce or b"").digest()
-        reply = Engine(ctx.root, ctx.log).attest(parsed.args[0], data)
+        reply = Engine(ctx.root, ctx.log).attest(parsed.args[0], data, nonce)
         print(fastjson.dumps_indented({**reply, "report_data": data.hex()}))
         return 0
     attester: Any

@@ -236,9 +236,13 @@ class Engine:
             sd.unlock()
 
     # ---------------------------------------------------------------- requests to the container's runtime
-    def attest(self, container_id: str, report_data: bytes) -> dict[str, Any]:
-        """Evidence from the container's own runtime, binding ``report_data`` (handlers that have none refuse)."""
-        return self._request(container_id, {"op": "attest", "report_data": report_data.hex()})
+    def attest(self, container_id: str, report_data: bytes, nonce: bytes | None = None) -> dict[str, Any]:
+        """Evidence from the container's own runtime, binding ``report_data`` (handlers that have none refuse);
+        evidence that carries a nonce of its own (a TPM quote's qualifying data) binds ``nonce`` when given."""
+        request = {"op": "attest", "report_data": report_data.hex()}
+        if nonce is not None:
+            request["nonce"] = nonce.hex()
+        return self._request(container_id, request)
 
     def fetch_secret(self, container_id: str, url: str, resource: str, path: str, ca_pem: str | None = None) -> None:
         """The container's runtime attests to the KBS at ``url`` and writes ``resource`` to ``path`` inside it."""

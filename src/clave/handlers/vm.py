@@ -307,15 +307,17 @@ class VmHandler(Handler):
             return 0
 
     def request(self, state: State, sd: StateDir, request: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """attest: the guest's TPM quote over its measured boot and containers, bound to the report data (a
-        software TPM: evidence of what runs, not of a hardware TEE, so marked insecure)."""
+        """attest: the guest's TPM quote over its measured boot and containers, bound to the verifier's nonce
+        (what clave-verify --nonce checks in a quote), else to the report data; a software TPM: evidence of what
+        runs, not of a hardware TEE, so marked insecure."""
         import base64
 
         if request.get("op") != "attest":
             raise Unsupported(f"{request.get('op')!r} requests to a vm container are not supported")
         if not state.handler_state.get("tpm"):
             raise Unsupported(f"container {state.id} has no vTPM: create it with the annotation {TPM_ANNOTATION}=true")
-        evidence, _log = self._call(state, lambda agent: agent.quote(bytes.fromhex(request.get("report_data", ""))))
+        binding = bytes.fromhex(request.get("nonce") or request.get("report_data", ""))
+        evidence, _log = self._call(state, lambda agent: agent.quote(binding))
         return {"tee": "tpm", "insecure": True, "evidence": base64.b64encode(evidence).decode(),
                 "measurement": state.handler_state.get("image_digest", "")}
 

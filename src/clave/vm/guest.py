@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-RECIPE_VERSION = "2"  # 2: cryptography + cbor2 for the TPM quote, /etc/machine-id -> /run/machine-id
+RECIPE_VERSION = "3"  # 2: cryptography + cbor2 for the TPM quote, /etc/machine-id -> /run/machine-id; 3: bzImage
 KERNEL_META = "linux-image-cloud-amd64"
 USERLAND = (
     "busybox-static", "python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib",
@@ -126,6 +126,11 @@ class Guest:
     @property
     def kernel(self) -> str:
         return self._path("kernel")
+
+    @property
+    def bzimage(self) -> str:
+        """The same kernel as its EFI-stub bzImage, for a boot through firmware (OVMF)."""
+        return self._path("bzimage")
 
     @property
     def initramfs(self) -> str:
@@ -345,6 +350,8 @@ def _build(work: str, key: str, packages: list[Package], debs: dict[str, str], s
     release = releases[0]
     with open(os.path.join(kroot, "boot", f"vmlinuz-{release}"), "rb") as f:
         bzimage = f.read()
+    with open(os.path.join(out, "bzImage"), "wb") as f:  # the EFI-stub kernel, for a firmware boot (a vTPM)
+        f.write(bzimage)
     say("extracting vmlinux (LZ4 payload)")
     with open(os.path.join(out, "vmlinux"), "wb") as f:
         f.write(extract_vmlinux(bzimage))
@@ -379,7 +386,8 @@ def _build(work: str, key: str, packages: list[Package], debs: dict[str, str], s
     say("packing guest.img (ext4, read-only)")
     _mkfs(tree, os.path.join(out, "guest.img"), key)
     outputs = {}
-    for role, fname in (("kernel", "vmlinux"), ("initramfs", "initramfs.cpio"), ("image", "guest.img")):
+    for role, fname in (("kernel", "vmlinux"), ("initramfs", "initramfs.cpio"), ("image", "guest.img"),
+                        ("bzimage", "bzImage")):
         p = os.path.join(out, fname)
         outputs[role] = {"file": fname, "sha256": _file_sha256(p), "size": os.path.getsize(p)}
     return {

@@ -53,6 +53,10 @@ MAX_SHARES = 16  # virtio-fs shares (bound host directories) one VM takes
 # vm.sock and exit.json belong to the VM's host process (clave.vm.host, the vm handler's keeper).
 STATE_FILES = ("vm.json", "qemu.pid", "qmp.sock", "agent.sock", "console.log", "console.1.log", "qemu.log", "vm.sock",
                "exit.json", "virtiofsd.log", *(f"fs{i}.sock" for i in range(MAX_SHARES)))
+# A VM with a vTPM boots through UEFI firmware: with QEMU's direct kernel boot on q35, SeaBIOS's ACPI tables plus
+# the TPM's event log outgrow the room QEMU leaves above the initramfs, which then overwrites them (the guest
+# loses ACPI and never finds the TPM). OVMF loads the kernel and initramfs itself, and measures them too.
+FIRMWARE = "/usr/share/qemu/OVMF.fd"
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
@@ -199,9 +203,12 @@ class Vm:
         check_resources(config.vcpus, config.memory_mib)
         if config.machine not in MACHINES:
             raise VmError(f"machine {config.machine!r}: one of {', '.join(MACHINES)}")
-        for path in (config.guest.kernel, config.guest.initramfs, config.guest.image):
+        kernel = config.guest.bzimage if config.tpm else config.guest.kernel
+        for path in (kernel, config.guest.initramfs, config.guest.image):
             if not os.path.exists(path):
                 raise VmError(f"guest file {path} is missing: run 'clave vm build-guest'")
+        if config.tpm and not os.path.exists(FIRMWARE):
+            raise VmError(f"{FIRMWARE} not found: a vTPM needs Debian's ovmf")
         for disk in config.disks:
             if not os.path.exists(disk.path):
                 raise VmError(f"disk image {disk.path} does not exist")
@@ -269,7 +276,7 @@ class Vm:
             "-smp", str(c.vcpus), "-m", str(c.memory_mib),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-sandbox", SANDBOX,
-            "-kernel", g.kernel, "-initrd", g.initramfs, "-append", " ".join(args),
+            "-kernel", g.bzimage if c.tpm else g.kernel, "-initrd", g.initramfs, "-append", " ".join(args),
             "-chardev", f"file,id=console,path={self.console_path}", "-serial", "chardev:console",
             "-qmp", f"unix:{self.path('qmp.sock')},server=on,wait=off",
             "-pidfile", self.path("qemu.pid"),
@@ -293,7 +300,7 @@ class Vm:
         if c.tpm:
             from clave.vm.swtpm import qemu_args
 
-            cmd += qemu_args(self.state_dir)
+            cmd += ["-bios", FIRMWARE, *qemu_args(self.state_dir)]
         if c.shares:
             from clave.vm import virtiofs
 

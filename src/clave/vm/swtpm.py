@@ -4,15 +4,11 @@ QEMU's ``-tpmdev emulator`` speaks to swtpm over its control socket (``--ctrl ty
 data channel itself; a TPM works on q35, not on microvm. swtpm does not exit when QEMU is killed, so the VM
 stops it (by pid and start time, recorded in vm.json like QEMU's own).
 
-Known problem here (2026-12-07, QEMU 7.2, SeaBIOS 1.16.2, the PVH-booted cloud kernel): the guest kernel does
-not find the TPM. With a TPM, SeaBIOS's high-memory allocations (ACPI tables plus its TPM log) outgrow the
-160 KiB QEMU keeps free below the top of RAM when it places the initramfs, so loading the initramfs overwrites
-the ACPI tables (the kernel reads an RSDT entry of length FFFFFFFF, disables its ACPI interpreter, and with
-tpm-tis and no other PCI devices loops on "Resize of Root Table Array is not allowed"). tpm-crb boots, but
-without ACPI the kernel cannot discover it; ``-M q35,acpi=off`` keeps SeaBIOS's own tables intact but they
-list no TPM, and ``tpm_tis.force=1`` found no chip. So the device is tpm-crb (the guest boots), and the
-guest agent answers TPM requests with "no TPM in this guest" until the initramfs is placed below SeaBIOS's
-tables (e.g. a kernel with virtio-blk built in and no initramfs, or firmware that measures and boots it).
+The guest boots through OVMF when it has a TPM (clave.vm.qemu.FIRMWARE): with QEMU's direct kernel boot under
+SeaBIOS (QEMU 7.2, SeaBIOS 1.16.2), SeaBIOS's high-memory allocations (ACPI tables plus its TPM log) outgrow
+the 160 KiB QEMU keeps free below the top of RAM when it places the initramfs, so the initramfs overwrote the
+ACPI tables and the kernel never found the TPM (measured here 2026-12-07). OVMF loads the EFI-stub kernel and
+the initramfs itself; the device is tpm-crb.
 """
 
 from __future__ import annotations
