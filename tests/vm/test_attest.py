@@ -1,0 +1,100 @@
+"""A vm container attests for itself: with `io.clave.vm.tpm=true` its VM has a swtpm and boots through OVMF,
+the guest measures its boot (PCR 8) and the container (PCR 11), and `clave attest ID --nonce` returns the
+guest's quote. `clave-verify evidence --tee tpm --nonce --policy` (the policy `clave vm measure` writes)
+accepts it, rejects it for another nonce (freshness), and rejects a guest whose image changed by one byte
+(policy). Real QEMU, OVMF and swtpm."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clave.tools.bundles import make_bundle
+from clave.vm.guest import Guest
+from tests.vm.conftest import short_dir
+from tests.vm.test_handler import vm_guest
+
+__all__ = ["vm_guest"]  # a fixture
+BIN = Path(sys.executable).parent
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=180)
+    if check:
+        assert done.returncode == 0, f"{' '.join(map(str, args))}: {done.stderr}"
+    return done
+
+
+def verify(evidence: Path, nonce: str, policy: Path) -> subprocess.CompletedProcess[str]:
+    return run(BIN / "clave-verify", "evidence", evidence, "--tee", "tpm", "--nonce", nonce, "--policy", policy,
+               check=False)
+
+
+def test_a_vm_container_quote_verifies_against_the_measured_guest(vm_guest: Guest, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.json"
+    run(BIN / "clave", "vm", "measure", "--policy-out", policy)
+    assert "pcrs.8" in json.loads(policy.read_text())["reference_values"]
+    bundle = tmp_path / "bundle"
+    config = make_bundle(str(bundle), ["sleep", "300"])
+    config["annotations"] = {"io.clave.handler": "vm", "io.clave.vm.tpm": "true"}
+    (bundle / "config.json").write_text(json.dumps(config))
+    root, cid = tmp_path / "state", "attested"
+    clave = [BIN / "clave", "--root", root]
+    # create's stdio becomes the container's (the keeper holds it): not pipes this test would wait on
+    with open(tmp_path / "create.out", "w") as out:
+        created = subprocess.run([str(a) for a in (*clave, "create", "--bundle", bundle, cid)],
+                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=180)
+    assert created.returncode == 0, (tmp_path / "create.out").read_text()
+    try:
+        run(*clave, "start", cid)
+        reply = run(*clave, "attest", cid, "--nonce", "c0ffee", "--format", "json").stdout
+        assert json.loads(reply)["tee"] == "tpm"
+        evidence = tmp_path / "evidence.json"
+        evidence.write_text(reply)
+        accepted = verify(evidence, "c0ffee", policy)
+        assert accepted.returncode == 0 and "accepted: tpm evidence" in accepted.stdout, accepted.stdout
+        assert "event_log_pcrs: [8, 11]" in accepted.stdout  # the boot and the container were measured
+        replayed = verify(evidence, "c0ffef", policy)
+        assert replayed.returncode != 0 and "freshness" in replayed.stdout + replayed.stderr
+    finally:
+        run(*clave, "delete", "--force", cid)
+    assert not list(root.iterdir())
+
+
+def test_a_guest_image_changed_by_one_byte_is_refused(vm_guest: Guest, tmp_path: Path) -> None:
+    from clave.vm.measure import policy as measured_policy
+    from clave.vm.qemu import Vm, VmConfig
+
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(measured_policy(vm_guest.digests())))
+    tampered = Path(short_dir("vmg-"))
+    try:
+        for name in os.listdir(vm_guest.directory):
+            shutil.copy(os.path.join(vm_guest.directory, name), tampered / name)
+        image = tampered / vm_guest.manifest["outputs"]["image"]["file"]
+        with open(image, "r+b") as f:  # the image's last byte: free space, the guest still boots
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([last[0] ^ 1]))
+        vm = Vm.create(VmConfig(str(tampered / "vm"), Guest(str(tampered)), machine="q35", tpm=True, template=False))
+        try:
+            vm.start()
+            evidence, _log = vm.agent().quote(bytes.fromhex("c0ffee"))
+        finally:
+            vm.destroy()
+        path = tmp_path / "evidence.bin"
+        path.write_bytes(evidence)
+        refused = verify(path, "c0ffee", policy)
+        assert refused.returncode != 0 and "pcrs.8" in refused.stdout + refused.stderr, refused.stdout
+    finally:
+        shutil.rmtree(tampered, ignore_errors=True)
+
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/usr/share/qemu/OVMF.fd"), reason="Debian's ovmf is needed")
