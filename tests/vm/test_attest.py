@@ -2,7 +2,7 @@
 the guest measures its boot (PCR 8) and the container (PCR 11), and `clave attest ID --nonce` returns the
 guest's quote. `clave-verify evidence --tee tpm --nonce --policy` (the policy `clave vm measure` writes)
 accepts it, rejects it for another nonce (freshness), and rejects a guest whose image changed by one byte
-(policy). Real QEMU, OVMF and swtpm."""
+(policy); clave-relay serves it to `clave-verify remote`. Real QEMU, OVMF and swtpm."""
 
 from __future__ import annotations
 
@@ -62,9 +62,29 @@ def test_a_vm_container_quote_verifies_against_the_measured_guest(vm_guest: Gues
         assert "event_log_pcrs: [8, 11]" in accepted.stdout  # the boot and the container were measured
         replayed = verify(evidence, "c0ffef", policy)
         assert replayed.returncode != 0 and "freshness" in replayed.stdout + replayed.stderr
+        remote_verification(root, cid, policy)
     finally:
         run(*clave, "delete", "--force", cid)
     assert not list(root.iterdir())
+
+
+def remote_verification(root: Path, cid: str, policy: Path) -> None:
+    """clave-relay serves the vm container's evidence as it does an enclave's: clave-verify remote accepts the
+    quote, bound to its nonce and the relay's session, against the measured guest's policy."""
+    relay = subprocess.Popen([str(BIN / "clave-relay"), "--root", str(root), "--attester", "sample", "--listen",
+                              "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert relay.stdout is not None
+        line = relay.stdout.readline()
+        assert line.startswith("clave-relay: listening on "), line
+        done = run(BIN / "clave-verify", "remote", line.split()[3], "--container", cid, "--policy", policy, "--json",
+                   check=False)
+        verdict = json.loads(done.stdout)
+        assert done.returncode == 0 and verdict["verdict"] == "accepted" and verdict["tee"] == "tpm", verdict
+        assert verdict["claims"]["pcrs"]["8"] == json.loads(policy.read_text())["reference_values"]["pcrs.8"][0]
+    finally:
+        relay.terminate()
+        relay.wait(timeout=10)
 
 
 def test_a_guest_image_changed_by_one_byte_is_refused(vm_guest: Guest, tmp_path: Path) -> None:

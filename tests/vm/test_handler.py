@@ -544,8 +544,16 @@ def test_delete_force_after_the_caller_is_killed(cli: Cli, tmp_path: Path, step:
     proc, _, err = cli.popen("create", "--bundle", str(cli.bundle), cid, name="crash", handler=True, env=env)
     try:
         if step == "booting":
-            t = trace(cli, cid, timeout=60)
-            wait_for(lambda: alive(t.qemu), "qemu")
+            t = trace(cli, cid, timeout=60, need_qemu=False)
+
+            def qemu_up() -> bool:  # vm.json names the QEMU of the moment (a template's clone, or a boot)
+                try:
+                    t.qemu = int(json.loads(Path(t.vm_dir, "vm.json").read_text()).get("pid") or 0)
+                except (OSError, ValueError):
+                    return False
+                return bool(t.qemu) and alive(t.qemu)
+
+            wait_for(qemu_up, "qemu", timeout=60)
         else:
             def stopped() -> bool:
                 assert proc.poll() is None, err.read_text()

@@ -319,7 +319,7 @@ class VmHandler(Handler):
         binding = bytes.fromhex(request.get("nonce") or request.get("report_data", ""))
         evidence, _log = self._call(state, lambda agent: agent.quote(binding))
         return {"tee": "tpm", "insecure": True, "evidence": base64.b64encode(evidence).decode(),
-                "measurement": state.handler_state.get("image_digest", "")}
+                "measurement": {}, "image_digest": state.handler_state.get("image_digest", "")}
 
     def describe(self, state: State) -> dict[str, Any]:
         vm_dir = state.handler_state.get("vm_dir", "")

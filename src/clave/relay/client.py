@@ -173,10 +173,11 @@ def _appraise_reply(reply: dict[str, Any], container: str, nonce: bytes, peer: r
         evidence = base64.b64decode(str(reply.get("evidence")), validate=True)
     except (binascii.Error, ValueError):
         return _rejected(tee, Layer.FORMAT, "container evidence is not base64")
-    # The verifier checks its own nonce (freshness); the full binding is compared below (key binding).
+    # The verifier checks its own nonce (freshness); the full binding is compared below (key binding). A TPM
+    # quote binds the whole report data in its qualifying data, which leads with the nonce: it is checked there.
     try:
-        verdict = appraise(evidence, tee=tee, ctx=dataclasses.replace(ctx, nonce=nonce, expected_report_data=None),
-                           policy=policy)
+        verdict = appraise(evidence, tee=tee, ctx=dataclasses.replace(ctx, nonce=None if tee == "tpm" else nonce,
+                                                                       expected_report_data=None), policy=policy)
     except UnknownTee as exc:
         return _rejected(tee, Layer.FORMAT, f"container: {exc}")
     if not verdict.accepted:
@@ -185,6 +186,14 @@ def _appraise_reply(reply: dict[str, Any], container: str, nonce: bytes, peer: r
     expected = protocol.container_report_data(nonce, protocol.relay_key_hash(ratls.spki_der(
         ratls.load_certificate(peer.certificate_der))), container)
     carried = verdict.claims.get("report_data")
+    if verdict.tee == "tpm":  # a vm container's guest: the quote's extraData is qualifying_data(report data)
+        from clave.attestation.tpm_wire import qualifying_data
+
+        if verdict.claims.get("nonce") != qualifying_data(expected).hex():
+            return _rejected(verdict.tee, Layer.KEY_BINDING, "container: key binding: the quote binds another "
+                                                             "nonce, container or relay session")
+        verdict.claims = {"container": container, **verdict.claims}
+        return verdict
     if not isinstance(carried, str):
         return _rejected(verdict.tee, Layer.KEY_BINDING, f"container: {verdict.tee} evidence carries no report "
                                                          f"data to bind the request")
