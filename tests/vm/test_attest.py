@@ -68,6 +68,41 @@ def test_a_vm_container_quote_verifies_against_the_measured_guest(vm_guest: Gues
     assert not list(root.iterdir())
 
 
+def test_each_clone_has_its_own_tpm_identity(vm_guest: Guest, tmp_path: Path) -> None:
+    """Two vm containers from one template: each guest's TPM has its own attestation key, so a verifier that
+    pins one clone's key refuses the other's quote (policy), even for the same nonce."""
+    bundle = tmp_path / "bundle"
+    config = make_bundle(str(bundle), ["sleep", "300"])
+    config["annotations"] = {"io.clave.handler": "vm", "io.clave.vm.tpm": "true"}
+    (bundle / "config.json").write_text(json.dumps(config))
+    root = tmp_path / "state"
+    clave = [BIN / "clave", "--root", root]
+    keys, evidence = [], []
+    try:
+        for cid in ("clone-a", "clone-b"):
+            with open(tmp_path / f"{cid}.out", "w") as out:
+                assert subprocess.run([str(a) for a in (*clave, "create", "--bundle", bundle, cid)],
+                                      stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=180).returncode == 0
+            run(*clave, "start", cid)
+            path = tmp_path / f"{cid}.json"
+            path.write_text(run(*clave, "attest", cid, "--nonce", "0a0b", "--format", "json").stdout)
+            evidence.append(path)
+            verdict = json.loads(run(BIN / "clave-verify", "evidence", path, "--tee", "tpm", "--nonce", "0a0b",
+                                     "--json").stdout)
+            keys.append(verdict["claims"]["ak_public_sha256"])
+        restored = [json.loads(run(*clave, "state", cid).stdout)["vm"]["restored"] for cid in ("clone-a", "clone-b")]
+    finally:
+        for cid in ("clone-a", "clone-b"):
+            run(*clave, "delete", "--force", cid, check=False)
+    assert restored[1], "the second container is a template's clone"
+    assert keys[0] != keys[1], "two clones share an attestation key"
+    pin_a = tmp_path / "pin-a.json"
+    pin_a.write_text(json.dumps({"reference_values": {"ak_public_sha256": [keys[0]]}}))
+    assert verify(evidence[0], "0a0b", pin_a).returncode == 0
+    refused = verify(evidence[1], "0a0b", pin_a)
+    assert refused.returncode != 0 and "policy" in refused.stdout + refused.stderr, refused.stdout
+
+
 def remote_verification(root: Path, cid: str, policy: Path) -> None:
     """clave-relay serves the vm container's evidence as it does an enclave's: clave-verify remote accepts the
     quote, bound to its nonce and the relay's session, against the measured guest's policy."""

@@ -338,7 +338,7 @@ class VmHandler(Handler):
             pass
         timings = doc.get("timings", {})
         return {"vm": {"boot_seconds": float(timings.get("agent_ready", 0.0)), "vmm_rss_bytes": rss,
-                       "restored": bool(timings.get("restored", False)), "accel": doc.get("accel", "")}}
+                       "restored": bool(doc.get("template")), "accel": doc.get("accel", "")}}
 
     def _call(self, state: State, fn: Callable[[AgentClient], Any]) -> Any:
         from clave.vm.client import AgentClient
