@@ -72,8 +72,13 @@ class VmHandler(Handler):
         vcpus, memory = vm_size(state.config)
         qemu.check_resources(vcpus, memory)
         GuestMounts(state.config)  # refuses what cannot reach a guest, before anything is made
-        state.handler_state.update(guest=guest.directory, vcpus=vcpus, memory_mib=memory,
-                                   tpm=state.annotations.get(TPM_ANNOTATION) == "true")
+        from clave.vm import kbs
+
+        fetches = kbs.wanted(state.annotations)
+        if fetches:
+            kbs.job(state.id, state.annotations, state.config["process"])  # one line for a bad setting, now
+        state.handler_state.update(guest=guest.directory, vcpus=vcpus, memory_mib=memory, kbs=fetches,
+                                   tpm=fetches or state.annotations.get(TPM_ANNOTATION) == "true")
         # refuses host networking; the taps are recorded before the keeper makes them (see clave.vm.network)
         state.handler_state["network"] = network.plan(state.config)
 
@@ -148,6 +153,10 @@ class VmHandler(Handler):
             agent.create_container(state.id, guest_config(state), storages)
             if hs.get("tpm"):
                 agent.measure_container(state.id, hs["image_digest"])
+            if hs.get("kbs"):
+                from clave.vm import kbs
+
+                kbs.fetch(agent, kbs.job(state.id, state.annotations, state.config["process"]))
 
         self._call(state, make)
         pid = _fork_standin(state, "", None, opts.stdio, opts.console_socket)
@@ -593,6 +602,10 @@ def _keep(state: State, disks: list[Disk], opts: CreateOptions, report_fd: int) 
         agent.create_container(state.id, guest_config(state), storages)
         if hs.get("tpm"):  # measured before it can run: the image's digest and the config the guest received
             agent.measure_container(state.id, hs["image_digest"])
+        if hs.get("kbs"):  # the pod's secrets, released to this guest's evidence only, before it can run
+            from clave.vm import kbs
+
+            kbs.fetch(agent, kbs.job(state.id, state.annotations, state.config["process"]))
         tty = -1
         if console_fd is not None:
             from clave.vm.host import _host_tty

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import socket
 import ssl
 import urllib.parse
 from collections.abc import Callable
@@ -42,16 +43,36 @@ def parse_resource(resource: str) -> tuple[str, str, str]:
     return parts[0], parts[1], parts[2]
 
 
-class Connection:
-    """One keep-alive HTTPS connection to the KBS, carrying the session cookie."""
+class _Tunnelled(http.client.HTTPSConnection):
+    """HTTPS over a stream the caller opens (a vm guest's tunnel to the broker): TLS end to end all the same."""
 
-    def __init__(self, url: str, ca_file: str | None, timeout: float) -> None:
+    def __init__(self, host: str, port: int, timeout: float, context: ssl.SSLContext,
+                 open_stream: Callable[[], socket.socket]) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._open_stream = open_stream
+        self._tls = context
+
+    def connect(self) -> None:
+        self.sock = self._tls.wrap_socket(self._open_stream(), server_hostname=self.host)
+
+
+class Connection:
+    """One keep-alive HTTPS connection to the KBS, carrying the session cookie; ``open_stream`` (a tunnel to the
+    broker) instead of a TCP connection to the url's host."""
+
+    def __init__(self, url: str, ca_file: str | None, timeout: float,
+                 open_stream: Callable[[], socket.socket] | None = None) -> None:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme != "https" or not parsed.hostname:
             raise KbsError(f"KBS url {url!r} must be https://host[:port]")
         context = ssl.create_default_context(cafile=ca_file)
         self.base = parsed.path.rstrip("/")
-        self.conn = http.client.HTTPSConnection(parsed.hostname, parsed.port or 443, timeout=timeout, context=context)
+        self.conn: http.client.HTTPSConnection
+        if open_stream is not None:
+            self.conn = _Tunnelled(parsed.hostname, parsed.port or 443, timeout, context, open_stream)
+        else:
+            self.conn = http.client.HTTPSConnection(parsed.hostname, parsed.port or 443, timeout=timeout,
+                                                    context=context)
         self.cookie: str | None = None
         self.url = url
 
@@ -146,7 +167,7 @@ def decrypt_response(response: Any, key: Any) -> bytes:
 
 
 def fetch_resource(url: str, resource: str, attest: Attest, *, ca_file: str | None = None, timeout: float = 10.0,
-                   tee: str | None = None) -> bytes:
+                   tee: str | None = None, open_stream: Callable[[], socket.socket] | None = None) -> bytes:
     """Run auth → attest → resource against the KBS at ``url`` and return the decrypted secret.
 
     ``attest(report_data)`` must return ``(tee_name, evidence)`` with ``report_data`` (at most 64 bytes: the
@@ -155,7 +176,7 @@ def fetch_resource(url: str, resource: str, attest: Attest, *, ca_file: str | No
     Raises KbsError on any failure.
     """
     repo, kind, tag = parse_resource(resource)
-    conn = Connection(url, ca_file, timeout)
+    conn = Connection(url, ca_file, timeout, open_stream)
     try:
         request = {
             "version": protocol.PROTOCOL_VERSION,

@@ -223,11 +223,12 @@ def detach_rootfs(rootfs: str, before: str | None) -> None:
             raise RootfsError(f"unmount {path}: {exc.strerror}") from None
 
 
-def filesystem_type(path: str) -> str:
-    """The type of the file system holding ``path``: that of the last-mounted, longest mount point above it."""
-    real = os.path.realpath(path)
+def filesystem_type(path: str, table: str = "/proc/self/mountinfo") -> str:
+    """The type of the file system holding ``path``: that of the last-mounted, longest mount point above it
+    (in ``table``: another process's mountinfo gives it in that process's view)."""
+    real = os.path.realpath(path) if table == "/proc/self/mountinfo" else os.path.normpath(path)
     best, kind = "", ""
-    for entry in mountinfo.entries():
+    for entry in mountinfo.entries(table):
         point = entry.point
         if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
             best, kind = point, entry.fstype

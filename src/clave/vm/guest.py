@@ -204,6 +204,30 @@ def agent_sources() -> list[tuple[str, str]]:
     return measure.package_files(os.path.dirname(os.path.abspath(clave.__file__)))
 
 
+# Pure-Python packages from PyPI that the agent needs and Debian does not ship (the KBS client's JWE), copied
+# from this interpreter's site-packages beside Clave's package: part of the build key, not of the agent digest.
+GUEST_LIBRARIES = ("joserfc",)
+
+
+def library_sources() -> list[tuple[str, str]]:
+    """``(path inside the package dir, absolute path)`` of the GUEST_LIBRARIES' files."""
+    import importlib.util
+
+    out = []
+    for name in GUEST_LIBRARIES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin:
+            raise BuildError(f"Python package {name} is not installed here: the guest carries a copy (pip install)")
+        root = os.path.dirname(spec.origin)
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+            for fname in sorted(filenames):
+                if fname.endswith((".py", ".typed")):
+                    full = os.path.join(dirpath, fname)
+                    out.append((os.path.join(name, os.path.relpath(full, root)), full))
+    return out
+
+
 def agent_digest(sources: list[tuple[str, str]]) -> str:
     """The same digest the guest agent computes over the package it runs from (clave.vm.measure)."""
     return measure.agent_digest_of([(rel, _file_sha256(full)) for rel, full in sources])
@@ -231,8 +255,11 @@ def build_guest(out: str | None = None, force: bool = False, progress: Callable[
     packages = [_kernel_package()] + [_apt_show(name) for name in USERLAND]
     sources = agent_sources()
     agent = agent_digest(sources)
+    libraries = library_sources()
     key_text = json.dumps({"recipe": RECIPE_VERSION, "packages": {p.name: p.sha256 for p in packages},
-                           "agent": agent}, sort_keys=True)
+                           "agent": agent, "libraries": {rel: _file_sha256(full) for rel, full in libraries}},
+                          sort_keys=True)
+    sources = sources + libraries  # both go to the image's /usr/lib/clave
     key = hashlib.sha256(key_text.encode()).hexdigest()[:32]
     default_out = out is None
     target = os.path.abspath(out) if out else os.path.join(paths.GUEST_CACHE, key)

@@ -52,9 +52,11 @@ class VmHost:
 
     def serve(self) -> None:
         """Start serving on ``vm.sock`` (background threads)."""
+        streams = pb.AgentServiceService.STREAMS
         for name, methods in ((AGENT, pb.AgentServiceService.METHODS), (HEALTH, pb.HealthService.METHODS)):
-            self.server.register(name, {m: self._forwarder(name, m) for m in methods if m != "AttachIO"})
-        self.server.register_stream(AGENT, "AttachIO", self._attach_io)
+            self.server.register(name, {m: self._forwarder(name, m) for m in methods if m not in streams})
+        for method in streams:
+            self.server.register_stream(AGENT, method, self._stream_forwarder(method))
         self.server.register(HOST, {"AddDisk": self._add_disk, "RemoveDisk": self._remove_disk})
         self.server.start(self.server.listen(self.socket_path, 0o600))
 
@@ -121,28 +123,34 @@ class VmHost:
             self._slots[self._slots.index(serial)] = ""
         return b"{}"
 
-    def _attach_io(self, ctx: Context, stream: ServerStream) -> bytes:
-        first = stream.recv()
-        if first is None:
-            return b""
-        request = pb.IORequest.decode(first)
-        upstream = self.vm.agent().forward_stream(AGENT, "AttachIO", first)
+    def _stream_forwarder(self, method: str) -> Any:
+        """A streaming call passed through both ways. An AttachIO whose caller died (a stand-in killed outright)
+        takes its guest process with it."""
 
-        def stdin() -> None:
-            try:
-                while (data := stream.recv()) is not None:
-                    upstream.send(data)
-                if stream.peer_lost:  # the stand-in died: its guest process goes with it
-                    self.vm.agent().signal_process(request.container_id, signal.SIGKILL, request.exec_id)
-                else:
-                    upstream.close_send()
-            except (TtrpcError, OSError):
-                pass  # the process or the VM is gone already
+        def forward(ctx: Context, stream: ServerStream) -> bytes:
+            first = stream.recv()
+            if first is None:
+                return b""
+            upstream = self.vm.agent().forward_stream(AGENT, method, first)
 
-        threading.Thread(target=stdin, name="vm-stdin", daemon=True).start()
-        for chunk in upstream:
-            stream.send(chunk)
-        return upstream.response or b""
+            def client_side() -> None:
+                try:
+                    while (data := stream.recv()) is not None:
+                        upstream.send(data)
+                    if stream.peer_lost and method == "AttachIO":
+                        request = pb.IORequest.decode(first)
+                        self.vm.agent().signal_process(request.container_id, signal.SIGKILL, request.exec_id)
+                    else:
+                        upstream.close_send()
+                except (TtrpcError, OSError):
+                    pass  # the process or the VM is gone already
+
+            threading.Thread(target=client_side, name=f"vm-{method}", daemon=True).start()
+            for chunk in upstream:
+                stream.send(chunk)
+            return upstream.response or b""
+
+        return forward
 
 
 def stand_in(agent: AgentClient, container_id: str, exec_id: str = "", process: dict[str, Any] | None = None,

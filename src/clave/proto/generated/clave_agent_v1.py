@@ -2996,9 +2996,10 @@ class AgentServiceService:
         "RenewTpmIdentity": (RenewTpmIdentityRequest, _google_protobuf.Empty),
         "MeasureContainer": (MeasureContainerRequest, MeasureContainerResponse),
         "GetQuote": (GetQuoteRequest, GetQuoteResponse),
+        "FetchResources": (IORequest, IOChunk),
     }
     # method -> (client streams, server streams), for the streaming methods only
-    STREAMS: dict[str, tuple[bool, bool]] = {'AttachIO': (True, True)}
+    STREAMS: dict[str, tuple[bool, bool]] = {'AttachIO': (True, True), 'FetchResources': (True, True)}
 
 
 class HealthService:

@@ -60,6 +60,7 @@ def main() -> int:
     server.register_service(pb.AgentServiceService, service)
     server.register_service(pb.HealthService, HealthService())
     server.register_stream(pb.AgentServiceService.NAME, "AttachIO", service.io_stream)
+    server.register_stream(pb.AgentServiceService.NAME, "FetchResources", service.fetch_resources)
     port = find_port()
     # non-blocking: a write while the host is away must fail, not wait for the next host (see FdChannel)
     fd = os.open(port, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)

@@ -508,6 +508,49 @@ class AgentService:
             _ip(*args)
         return routes
 
+    # -- the pod's key broker resources (clave.vm.kbs is the host's end of the tunnel) --------------------------
+    def fetch_resources(self, ctx: Context, stream: ServerStream) -> bytes:
+        """Fetch each resource from the key broker with this guest's TPM evidence (bound to the broker's nonce
+        and an ephemeral key, TLS end to end through the host's tunnel) and write it into the created container
+        (on one of its tmpfs mounts, readable by its user only), before the container starts."""
+        import socket as sockets
+
+        first = stream.recv()
+        if first is None:
+            raise TtrpcError(Code.INVALID_ARGUMENT, "FetchResources: no job")
+        try:
+            job = json.loads(pb.IORequest.decode(first).data)
+            container = self._container(str(job["container_id"]))
+            resources = [(str(r), str(p)) for r, p in job["resources"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"FetchResources: malformed job: {exc}") from None
+        ours, theirs = sockets.socketpair()
+        threading.Thread(target=_tunnel_out, args=(ours, stream), daemon=True, name="kbs-out").start()
+        threading.Thread(target=_tunnel_in, args=(ours, stream), daemon=True, name="kbs-in").start()
+        used = [False]
+
+        def open_stream() -> sockets.socket:  # one connection: the KBS client keeps it alive for its steps
+            if used[0]:
+                raise OSError("the tunnel to the key broker carries one connection")
+            used[0] = True
+            return theirs
+
+        result: dict[str, Any] = {"ok": True}
+        try:
+            with _tpm_errors():
+                for resource, path in resources:
+                    secret = _fetch_one(self.tpm, str(job["url"]), resource, job.get("ca_pem"), open_stream)
+                    with self.reaper.quiet:  # the writer is our child: the reaper must leave its exit to us
+                        _write_into(container.init.pid, path, secret, int(job.get("uid", 0)), int(job.get("gid", 0)))
+        except TtrpcError as exc:
+            result = {"ok": False, "error": exc.message}
+        except Exception as exc:  # noqa: BLE001  # the KBS client's and the writer's errors, as one line
+            result = {"ok": False, "error": str(exc)}
+        finally:
+            theirs.close()
+        stream.send(pb.IOChunk(fd=2, data=json.dumps(result).encode()).encode())
+        return b""
+
     # -- stdio -------------------------------------------------------------------------------------------------
     def io_stream(self, ctx: Context, stream: ServerStream) -> bytes:
         first = stream.recv()
@@ -576,6 +619,75 @@ def _tpm_errors() -> Iterator[None]:
         raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from None
     except (RuntimeError, ValueError, OSError) as exc:
         raise TtrpcError(Code.INTERNAL, f"TPM: {exc}") from None
+
+
+def _fetch_one(tpm: GuestTpm, url: str, resource: str, ca_pem: str | None, open_stream: Any) -> bytes:
+    from clave.kbs import client
+
+    ca_file = None
+    fd = -1
+    if ca_pem:
+        fd = os.memfd_create("kbs-ca", os.MFD_CLOEXEC)
+        os.write(fd, ca_pem.encode())
+        ca_file = f"/proc/self/fd/{fd}"
+    try:
+        return client.fetch_resource(url, resource, lambda data: ("tpm", tpm.quote(data)[0]), ca_file=ca_file,
+                                     tee="tpm", open_stream=open_stream, timeout=60)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _write_into(pid: int, path: str, secret: bytes, uid: int, gid: int) -> None:
+    """Write a secret at ``path`` inside the container of init ``pid``: a child joins its mount namespace (its
+    root and mounts are then the container's; symlinks resolve there) and writes it on a tmpfs mount only."""
+    from clave.linux.rootfs import filesystem_type
+
+    # The container's own view of its mounts (in its mount namespace, /proc/self is not ours to read).
+    if filesystem_type(os.path.dirname(path) or "/", f"/proc/{pid}/mountinfo") != "tmpfs":
+        raise TtrpcError(Code.FAILED_PRECONDITION, f"{path} is not on a tmpfs mount of the container: secrets are "
+                                                   "written only to memory (add a tmpfs mount there)")
+    read_fd, write_fd = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(read_fd)
+        try:
+            from clave.enclave.provision import write_secret
+            from clave.linux import sys as lsys
+
+            fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+            lsys.setns(fd, lsys.CLONE_NEWNS)
+            os.chdir("/")
+            write_secret(path, secret, uid, gid, checked=True)
+            os._exit(0)
+        except BaseException as exc:  # noqa: BLE001  # reported to the parent as one line
+            os.write(write_fd, str(exc).encode(errors="replace"))
+            os._exit(1)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        error = pipe.read().decode(errors="replace")
+    os.waitpid(child, 0)
+    if error:
+        raise TtrpcError(Code.FAILED_PRECONDITION, error)
+
+
+def _tunnel_out(sock: Any, stream: ServerStream) -> None:
+    """The guest's bytes for the broker go to the host as IOChunk fd 1."""
+    try:
+        while data := sock.recv(65536):
+            stream.send(pb.IOChunk(fd=1, data=data).encode())
+    except (OSError, TtrpcError):
+        pass
+
+
+def _tunnel_in(sock: Any, stream: ServerStream) -> None:
+    """The broker's bytes from the host into the guest's end."""
+    try:
+        while (message := stream.recv()) is not None:
+            sock.sendall(pb.IORequest.decode(message).data)
+        sock.shutdown(2)
+    except (OSError, TtrpcError):
+        pass
 
 
 def _write_stdin(process: Process, data: bytes) -> None:
