@@ -320,6 +320,7 @@ def _build_locked(target: str, key: str, packages: list[Package], sources: list[
         shutil.rmtree(work, ignore_errors=True)
     if default_out:
         _point_current(target)
+        _prune(target, say)
     say(f"built: {target}")
     return Guest(target)
 
@@ -335,6 +336,16 @@ def _point_current(target: str) -> None:
         os.unlink(tmp)
     os.symlink(os.path.relpath(target, paths.GUEST_CACHE) if target.startswith(paths.GUEST_CACHE) else target, tmp)
     os.replace(tmp, link)
+
+
+def _prune(keep: str, say: Callable[[str], None]) -> None:
+    """Remove the cache's other builds (superseded inputs: ~100 MiB each). A VM still running one keeps its
+    files open; new VMs take ``current``."""
+    for name in os.listdir(paths.GUEST_CACHE):
+        path = os.path.join(paths.GUEST_CACHE, name)
+        if path != keep and os.path.isdir(path) and not os.path.islink(path) and _replaceable(path):
+            shutil.rmtree(path, ignore_errors=True)
+            say(f"removed the superseded build {name}")
 
 
 def _download(packages: list[Package], say: Callable[[str], None]) -> dict[str, str]:

@@ -285,6 +285,23 @@ def build(config: VmConfig, accel: str, key: str, inputs: dict[str, Any], timeou
             os.unlink(memory_tmp)
 
 
+def _prune_superseded(key: str, inputs: dict[str, Any]) -> None:
+    """Remove the templates of other guests (a rebuilt guest supersedes them): their RAM files hold tmpfs
+    memory. A clone still running from one has its own copy-on-write mapping of the file."""
+    for name in os.listdir(TEMPLATES):
+        other = Template(name) if os.path.isdir(os.path.join(TEMPLATES, name)) and name != key else None
+        if other is None:
+            continue
+        try:
+            with open(other.meta_path) as f:
+                digests = json.load(f).get("inputs", {}).get("digests")
+        except (OSError, ValueError):
+            continue  # being built, or broken: problem() deals with it when it is used
+        if digests != inputs["digests"]:
+            with contextlib.suppress(TemplateError, OSError):
+                remove(name)
+
+
 def remove(key: str) -> None:
     """Forget a template (its metadata, state and RAM file)."""
     t = Template(key)
@@ -319,6 +336,7 @@ def start_clone(vm: Vm, accel: str, timeout: float) -> bool:
                 if problem != "not built":
                     _notice(vm, f"template {key[:12]} rebuilt: {problem}")
                 build(vm.config, accel, key, inputs, max(timeout, 60.0))
+                _prune_superseded(key, inputs)
                 vm.template_built = True
         with _locked(key, fcntl.LOCK_SH):
             problem = t.problem()
