@@ -23,8 +23,23 @@ def import_paths() -> list[str]:
     import clave
 
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(clave.__file__)))
-    paths = [package_root, sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
-    return list(dict.fromkeys(paths))
+    return list(dict.fromkeys([package_root, *_site_packages()]))
+
+
+def _site_packages() -> list[str]:
+    """This environment's purelib and platlib. sysconfig names them only where ``site`` ran: under a launcher
+    (``-IS``: `clave node install` run as ``clave``) it is ``site`` that reads a venv's pyvenv.cfg, so sys.prefix is
+    the base interpreter's and sysconfig would name its site-packages, not this environment's; ask the interpreter
+    itself, with ``site``."""
+    if not sys.flags.no_site:
+        paths = sysconfig.get_paths()
+        return [paths["purelib"], paths["platlib"]]
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-I", "-c", "import sysconfig; p = sysconfig.get_paths(); "
+                             "print(p['purelib']); print(p['platlib'])"], capture_output=True, text=True, check=True,
+                            timeout=60)
+    return result.stdout.splitlines()
 
 
 def launcher(module: str, paths: list[str] | None = None) -> str:
