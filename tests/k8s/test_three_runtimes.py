@@ -13,9 +13,8 @@ Each gets ExecSync, ContainerStats, PodSandboxStats and a container log in CRI f
 time. Removing the pods leaves no shim, engine state, cgroup, mount or QEMU behind. Every daemon is stopped by its
 pid; the bridge is deleted at the end.
 
-Known gap, an xfail once everything else has passed: PodSandboxStats of the vm pod. containerd 1.6 reads a pod's
-figures from the host cgroup its cgroup_parent names, and the vm handler creates none (QEMU stays in the shim's
-cgroup). Once it does, the same assertions as for the other two pods apply.
+PodSandboxStats reads a pod's figures from the host cgroup its cgroup_parent names: for the vm pod, QEMU and
+its keeper live there (the sandbox container's cgroup), with the pod's limits plus the VM's overhead.
 """
 
 from __future__ import annotations
@@ -181,7 +180,6 @@ def test_three_pods_side_by_side(three: Node) -> None:
     tasks = three.base / "state" / "io.containerd.runtime.v2.task" / NAMESPACE
     shims = {(tasks / pod.id / "address").read_text() for pod in three.pods.values()}
     assert len(shims) == 3, "a shim of its own for each pod, all three serving"
-    no_pod_cgroup = ""
     listed = cri.runtime.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=30).items
     assert {(p.id, p.runtime_handler, p.state) for p in listed} >= {
         (pod.id, pod.handler, pb.SANDBOX_READY) for pod in three.pods.values()}
@@ -204,11 +202,6 @@ def test_three_pods_side_by_side(three: Node) -> None:
         try:
             sandbox = cri.runtime.PodSandboxStats(pb.PodSandboxStatsRequest(pod_sandbox_id=pod.id), timeout=60).stats
         except grpc.RpcError as exc:
-            # containerd 1.6 reads a pod's figures from the host cgroup its cgroup_parent names (the kubelet's
-            # pod cgroup); the vm handler puts neither QEMU nor anything else there, so it does not exist
-            if pod.handler == "clave-vm" and "cgroup deleted" in (exc.details() or ""):
-                no_pod_cgroup = f"PodSandboxStats of the {pod.handler} pod: {exc.details()}"
-                continue
             raise AssertionError(f"PodSandboxStats of the {pod.handler} pod: {exc.details()}") from None
         assert sandbox.attributes.id == pod.id and sandbox.attributes.metadata.name == pod.config.metadata.name
         assert pod.container in [c.attributes.id for c in sandbox.linux.containers], (pod.handler, sandbox)
@@ -222,8 +215,6 @@ def test_three_pods_side_by_side(three: Node) -> None:
     assert boot_id != Path("/proc/sys/kernel/random/boot_id").read_bytes(), "the guest's kernel, not the host's"
     code, out, err = _exec(cri, enclave, "python3", "-c", "import sys; print('exec in', sys.platform, 6 * 7)")
     assert (code, out) == (0, b"exec in wasi 42\n"), err
-    if no_pod_cgroup:
-        pytest.xfail(f"the vm handler leaves no host cgroup for the pod (QEMU runs outside it): {no_pod_cgroup}")
 
 
 def test_monitor_reports_all_three(three: Node) -> None:

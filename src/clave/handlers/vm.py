@@ -51,6 +51,7 @@ TPM_ANNOTATION = "io.clave.vm.tpm"  # "true": a per-VM swtpm, measured boot, `cl
 TEMPLATE_ANNOTATION = "io.clave.vm.template"  # "false": boot, never a template's clone (no shared pages)
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"  # "sandbox" or "container"
+VMM_OVERHEAD_MIB = 256  # QEMU's own memory beyond guest RAM, TCG's translation cache included (bench/README.md)
 POD_DISK_SLOTS = 8  # PCIe root ports a pod's VM keeps for the disks of the containers that join it
 STANDIN_PREFIX = "standin."
 TEST_KERNEL_ARGS = "CLAVE_TEST_VM_KERNEL_ARGS"  # extra guest kernel arguments, for tests of boot failures
@@ -103,6 +104,7 @@ class VmHandler(Handler):
             hs["machine"] = "q35"  # QEMU's TPM devices work on q35 only
         sd.save(state)  # from here on, destroy finds what to remove after a crash
         pause_point("after-state-dir")
+        self._host_cgroup(state, sd, notice, pod is None)
         disks = self._disks(state, notice)
         pause_point("after-rootfs-image")
         if pod is not None:
@@ -128,6 +130,31 @@ class VmHandler(Handler):
                                                   if isinstance(v, float)))
         runtime_hooks(keeper)
         return keeper
+
+    def _host_cgroup(self, state: State, sd: StateDir, notice: Callable[[str], None], owns_vm: bool) -> None:
+        """The container's cgroup on the host (its config's cgroupsPath, as runc makes it), where its host
+        processes live: the keeper and QEMU for a VM's owner, a stand-in for a container that joins a pod's VM.
+        A VM's owner carries the container's limits there, memory widened by the guest's own share and QEMU's
+        overhead (the container's own limit is enforced in the guest); the pod's cgroup is its parent."""
+        from clave.linux import cgroups
+
+        try:
+            cgroup = cgroups.cgroup_manager(state.config.get("linux", {}).get("cgroupsPath"), state.id)
+        except cgroups.CgroupError as exc:
+            raise InvalidArgument(f"cgroup: {exc}") from None
+        state.handler_state["cgroup_paths"] = cgroup.paths()
+        sd.save(state)
+        resources: dict[str, Any] = {}
+        own = state.config.get("linux", {}).get("resources", {})
+        if owns_vm:
+            resources = {k: v for k, v in own.items() if k in ("cpu", "pids")}
+            if (own.get("memory") or {}).get("limit"):
+                resources["memory"] = {"limit": (state.handler_state["memory_mib"] + VMM_OVERHEAD_MIB) << 20}
+        try:
+            cgroup.create()
+            cgroup.set(resources, warn=notice)
+        except cgroups.CgroupError as exc:
+            raise ClaveError(f"cgroup: {exc}") from None
 
     def _join(self, state: State, sd: StateDir, opts: CreateOptions, disks: list[Disk]) -> int:
         """Create the container in its pod's VM: its disks hot-plugged, a stand-in for its init."""
@@ -202,6 +229,17 @@ class VmHandler(Handler):
             network.detach(hs.get("network"))  # after QEMU is gone: the taps and tc redirects
         except ClaveError as exc:
             notice(f"vm network cleanup: {exc}")
+        if hs.get("cgroup_paths"):
+            from clave.handlers.linux import _wait_gone
+            from clave.linux import cgroups
+
+            cgroup = cgroups.CgroupManager.from_paths(hs["cgroup_paths"])
+            try:
+                cgroup.kill_all(SIGKILL)
+                _wait_gone(lambda: bool(cgroup.pids()))
+                cgroup.destroy()
+            except Exception as exc:  # noqa: BLE001  # keep cleaning; report what stayed
+                notice(f"cgroup cleanup: {exc}")
         for key in ("layer", "binds"):
             path = hs.get(key)
             if path and os.path.exists(path):
@@ -507,6 +545,10 @@ def _fork_standin(state: State, exec_id: str, process: dict[str, Any] | None, st
                 adopt_stdio(stdio)
             # Nothing of the caller's stays open here: not the state dir's lock, not the shim's other fds.
             _close_fds_except({0, 1, 2, write_fd} | ({console_fd} if console_fd is not None else set()))
+            if state.handler_state.get("cgroup_paths"):  # a host process of the container, in its cgroup
+                from clave.linux.cgroups import CgroupManager
+
+                CgroupManager.from_paths(state.handler_state["cgroup_paths"]).add_process(os.getpid())
             agent = AgentClient.connect(_socket(state))
         except BaseException as exc:  # noqa: BLE001  # reported to the caller
             os.write(write_fd, f"error: {exc}".encode())
@@ -573,6 +615,10 @@ def _keep(state: State, disks: list[Disk], opts: CreateOptions, report_fd: int) 
     from clave.vm.virtiofs import Share
 
     hs = state.handler_state
+    if hs.get("cgroup_paths"):  # first: QEMU, its swtpm and virtiofsd are born in it
+        from clave.linux.cgroups import CgroupManager
+
+        CgroupManager.from_paths(hs["cgroup_paths"]).add_process(os.getpid())
     dirs = GuestMounts(state.config).dirs
     if opts.stdio is not None:
         adopt_stdio(opts.stdio)
