@@ -8,7 +8,10 @@ under Kubernetes), native and enclave pods interleaved:
   the pages the shims share (the interpreter, the engine's code) among them, which is what N pods really cost;
 - enclave runtime: for a WebAssembly enclave container, the PSS of its init (the built-in runtime on wasmtime with
   a guest that only sleeps) minus that of a native `sleep` in the same image, i.e. what the enclave adds;
-- CPU: the shim's CPU time while idle over --idle seconds (millicores), and its CPU time to start the pod.
+- vm runtime: for a vm pod (a template's clone, the default), the PSS of the container's keeper and its QEMU
+  (guest RAM the guest touched, QEMU itself, TCG's translation cache here);
+- CPU: the shim's CPU time while idle over --idle seconds (millicores; for a vm pod with its keeper and QEMU),
+  and its CPU time to start the pod.
 
 It prints the medians and a suggested overhead (memory: the median rounded up to MiB plus 25 %; CPU: at least
 10m). The pause container a Kubernetes pod also has is not here (ctr runs none): a static pause is ~0.1 MiB.
@@ -109,11 +112,22 @@ def start_pod(containerd: Containerd, rootfs: Path, kind: str) -> tuple[str, flo
     if kind == "enclave":
         annotations += ["--annotation", "enclave.type=wasm"]
         command = ["/app/sleep.wasm"]
+    elif kind == "vm":
+        annotations += ["--annotation", "io.clave.handler=vm"]
+        command = ["/bin/sleep", "3600"]
     else:
         command = ["/bin/sleep", "3600"]
     containerd.ctr("run", "-d", "--runtime", RUNTIME, *annotations, "--rootfs", str(rootfs), cid, *command,
                    check=True)
     return cid, cpu_seconds(shim_of(cid))
+
+
+def vm_processes(keeper: int) -> list[int]:
+    """A vm container's host processes: its keeper (the task's pid) and the QEMU it started."""
+    children = []
+    for task in Path(f"/proc/{keeper}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return [keeper, *(c for c in children if Path(f"/proc/{c}/comm").read_text().startswith("qemu"))]
 
 
 def suggest_memory(kib: float) -> str:
@@ -128,6 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pods", type=int, default=5, help="pods of each kind running side by side")
     parser.add_argument("--idle", type=float, default=5.0, help="seconds over which idle CPU is measured")
+    parser.add_argument("--kinds", default="native,enclave,vm", help="which pods (comma-separated)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench_overhead.py needs root (containerd)")
@@ -141,39 +156,54 @@ def main() -> None:
             # warm-up: fill the compiled-module cache, so no pod pays a compile
             cid, _ = start_pod(containerd, rootfs, "enclave")
             containerd.remove_everything()
-            pods: dict[str, list[tuple[str, float]]] = {"native": [], "enclave": []}
+            pods: dict[str, list[tuple[str, float]]] = {k: [] for k in args.kinds.split(",")}
+            if "vm" in pods:  # warm-up: the guest's template, so every vm pod is a clone
+                start_pod(containerd, rootfs, "vm")
+                containerd.remove_everything()
             for _ in range(args.pods):
                 for kind in pods:
                     pods[kind].append(start_pod(containerd, rootfs, kind))
             time.sleep(1.0)  # let the shims settle after the last start
             shims = {kind: [shim_of(cid) for cid, _ in started] for kind, started in pods.items()}
-            before = {pid: cpu_seconds(pid) for pids in shims.values() for pid in pids}
+            # the processes a pod costs beyond its app: its shim, and for a vm pod its keeper and QEMU
+            extra: dict[str, list[list[int]]] = {kind: [] for kind in pods}
+            for kind, started in pods.items():
+                for cid, _ in started:
+                    extra[kind].append(vm_processes(task_pid(containerd, cid)) if kind == "vm" else [])
+            groups = {kind: [[shim, *more] for shim, more in zip(shims[kind], extra[kind], strict=True)]
+                      for kind in pods}
+            before = {pid: cpu_seconds(pid) for kind in groups for group in groups[kind] for pid in group}
             time.sleep(args.idle)
-            idle_mc = {kind: [(cpu_seconds(pid) - before[pid]) / args.idle * 1000 for pid in pids]
-                       for kind, pids in shims.items()}
+            idle_mc = {kind: [sum(cpu_seconds(pid) - before[pid] for pid in group) / args.idle * 1000
+                              for group in groups[kind]] for kind in groups}
             shim_mem = {kind: [smaps(pid) for pid in pids] for kind, pids in shims.items()}
-            init_pss = {kind: [smaps(task_pid(containerd, cid))[0] for cid, _ in started]
-                        for kind, started in pods.items()}
+            init_pss: dict[str, list[float]] = {}
+            for kind, started in pods.items():
+                if kind == "vm":
+                    init_pss[kind] = [sum(smaps(pid)[0] for pid in more) for more in extra[kind]]
+                else:
+                    init_pss[kind] = [smaps(task_pid(containerd, cid))[0] for cid, _ in started]
         finally:
             containerd.close()
     print(machine_description())
     print(f"{args.pods} pods of each kind side by side, one container each; KiB, medians")
     print(f"\n{'pod':<8}  {'shim PSS':>9}  {'shim RSS':>9}  {'init PSS':>9}  {'runtime PSS':>11}  {'total PSS':>9}  "
           f"{'idle CPU':>8}  {'start CPU':>9}  {'suggested overhead':>20}")
-    sleep_pss = statistics.median(init_pss["native"])
+    sleep_pss = statistics.median(init_pss["native"]) if "native" in init_pss else 0.0
     for kind in pods:
         shim_pss = statistics.median(p for p, _ in shim_mem[kind])
         shim_rss = statistics.median(r for _, r in shim_mem[kind])
         init = statistics.median(init_pss[kind])
-        runtime = max(init - sleep_pss, 0.0) if kind == "enclave" else 0.0
+        runtime = max(init - sleep_pss, 0.0) if kind == "enclave" else init if kind == "vm" else 0.0
         total = shim_pss + runtime
         idle = statistics.median(idle_mc[kind])
         start_cpu = statistics.median(c for _, c in pods[kind]) * 1000
         suggestion = f"memory {suggest_memory(total)}, cpu {suggest_cpu(idle)}"
         print(f"{kind:<8}  {shim_pss:9.0f}  {shim_rss:9.0f}  {init:9.0f}  {runtime:11.0f}  {total:9.0f}  "
               f"{idle:7.1f}m  {start_cpu:7.0f}ms  {suggestion:>20}")
-    print("\ninit PSS: the container's first process (native: the app, `sleep`; enclave: the wasm runtime and guest);"
-          "\nruntime PSS = enclave init - native init; total = shim + runtime; idle CPU in millicores over "
+    print("\ninit PSS: the container's first process (native: the app, `sleep`; enclave: the wasm runtime and guest;"
+          "\nvm: its keeper and QEMU); runtime PSS = enclave init - native init, or a vm's keeper + QEMU;"
+          "\ntotal = shim + runtime; idle CPU in millicores over "
           f"{args.idle:g} s; start CPU: the shim's CPU time up to the running pod.")
 
 

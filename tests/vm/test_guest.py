@@ -24,7 +24,7 @@ def test_second_build_does_nothing_and_gives_the_same_digests(guest: Guest) -> N
 def test_manifest_records_every_digest(guest: Guest) -> None:
     with open(os.path.join(guest.directory, "manifest.json")) as f:
         manifest = json.load(f)
-    assert set(manifest["outputs"]) == {"kernel", "initramfs", "image"}
+    assert set(manifest["outputs"]) == {"kernel", "initramfs", "image", "bzimage"}
     assert manifest["agent"]["sha256"] == guest.digests()["agent"]
     assert manifest["kernel_release"].endswith("-cloud-amd64")
     assert {"virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "virtiofs"} <= set(manifest["modules"])

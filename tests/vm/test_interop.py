@@ -132,9 +132,10 @@ def test_clave_shim_exec_tty_kill_metrics_and_qemu_killed(containerd: Containerd
         assert done.returncode == 3 and done.stdout == data, (done.returncode, len(done.stdout))
         assert done.stderr == data + f"{vm_guest.kernel_release}\n".encode(), len(done.stderr)
 
-        # exec with a tty: ctr's terminal size reaches the guest's pty
+        # exec with a tty: ctr's terminal size reaches the guest's pty (ctr resizes after the process started, as
+        # with any runtime: the process looks a moment later)
         status, text = _ctr_in_pty(containerd, "task", "exec", "-t", "--exec-id", "t1", cid, "sh", "-c",
-                                   "tty; stty size; exit 4")
+                                   "tty; sleep 1; stty size; exit 4")
         assert status == 4 and "/dev/pts/" in text and "33 101" in text, text
 
         # kill an exec'd process: its status is 128+9
