@@ -126,8 +126,8 @@ class VmHandler(Handler):
         timings = json.loads(report[2:] or "{}")
         for line in timings.pop("notices", []):
             notice(line)
-        self.debug(f"vm {state.id}: " + ", ".join(f"{k} {v:.3f} s" for k, v in timings.items()
-                                                  if isinstance(v, float)))
+        self.debug(f"vm {state.id} ({timings.pop('how', 'boot')}): " + ", ".join(
+            f"{k} {v:.3f} s" for k, v in timings.items() if isinstance(v, float)))
         runtime_hooks(keeper)
         return keeper
 
@@ -638,14 +638,18 @@ def _keep(state: State, disks: list[Disk], opts: CreateOptions, report_fd: int) 
     try:
         timings = vm.start()
         agent = vm.agent()
+        phases: dict[str, float] = {}
         t0 = time.monotonic()
         agent.create_sandbox(state.id, hostname=state.config.get("hostname", ""))
+        phases["sandbox"] = time.monotonic() - t0
         network.configure_guest(agent, interfaces, routes)
+        phases["network"] = time.monotonic() - t0
         storages = [blk_storage(d.serial, f"{MOUNTS}/{d.serial}", options=["ro"] if d.readonly else [])
                     for d in disks]
         storages += [pb.Storage(driver="virtio-fs", source=f"v{i}", fstype="virtiofs",
                                 mount_point=_share_mount_point(hs["serial"], i)) for i in range(len(dirs))]
         agent.create_container(state.id, guest_config(state), storages)
+        phases["container_created"] = time.monotonic() - t0
         if hs.get("tpm"):  # measured before it can run: the image's digest and the config the guest received
             agent.measure_container(state.id, hs["image_digest"])
         if hs.get("kbs"):  # the pod's secrets, released to this guest's evidence only, before it can run
@@ -660,7 +664,10 @@ def _keep(state: State, disks: list[Disk], opts: CreateOptions, report_fd: int) 
         io = attach(agent, state.id, "", tty)
         host = VmHost(vm)
         host.serve()
-        report = {**timings.as_dict(), "container_created": time.monotonic() - t0, "notices": vm.notices}
+        phases["attached"] = time.monotonic() - t0
+        restored = "template clone" if vm.template_key else "boot"
+        report = {**timings.as_dict(), **{f"{k} (after agent ready)": v for k, v in phases.items()},
+                  "notices": vm.notices, "how": restored}
         os.write(report_fd, b"ok" + json.dumps(report).encode())
         os.close(report_fd)
         report_fd = -1

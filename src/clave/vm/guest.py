@@ -101,6 +101,7 @@ mount -t devpts -o newinstance,ptmxmode=0666,mode=0620,gid=5 devpts /dev/pts
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm
 ln -sf /proc/self/fd /dev/fd
 hostname clave
+ip link set lo up
 echo "{MARK_AGENT} (uptime $(cut -d' ' -f1 /proc/uptime))" >/dev/console
 cd /{AGENT_DIR}
 /usr/bin/python3.11 -S -E -m clave.vm.agent </dev/null >/dev/console 2>&1

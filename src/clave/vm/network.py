@@ -98,13 +98,10 @@ def plan(config: dict[str, Any]) -> dict[str, Any]:
 
 def attach(doc: dict[str, Any]) -> tuple[list[Nic], list[dict[str, Any]], list[dict[str, Any]]]:
     """Make the taps and redirects of ``doc`` (from plan()): (NICs for QEMU, Kata Interfaces, Kata Routes).
-    The interfaces include lo, so the guest's lo comes up even when the VM gets no NIC."""
+    The guest's lo is up from its boot (clave.vm.guest's stage 2): nothing to ask for it."""
     path = doc.get("netns", "")
-    loopback = {"name": "lo", "hwAddr": "", "mtu": 0,
-                "IPAddresses": [{"family": FAMILY_V4, "address": "127.0.0.1", "mask": "8"},
-                                {"family": FAMILY_V6, "address": "::1", "mask": "128"}]}
     if not path:
-        return [], [loopback], []
+        return [], [], []
     nics: list[Nic] = []
     interfaces: list[dict[str, Any]] = []
     try:
@@ -129,7 +126,7 @@ def attach(doc: dict[str, Any]) -> tuple[list[Nic], list[dict[str, Any]], list[d
         for nic in nics:
             os.close(nic.fd)
         raise
-    return nics, [loopback, *interfaces], routes
+    return nics, interfaces, routes
 
 
 def configure_guest(agent: AgentClient, interfaces: list[dict[str, Any]], routes: list[dict[str, Any]]) -> None:
