@@ -103,6 +103,38 @@ def test_each_clone_has_its_own_tpm_identity(vm_guest: Guest, tmp_path: Path) ->
     assert refused.returncode != 0 and "policy" in refused.stdout + refused.stderr, refused.stdout
 
 
+def test_a_dying_swtpm_stops_the_pod_cleanly(vm_guest: Guest, tmp_path: Path) -> None:
+    """The vTPM's swtpm killed under a running container: the VM is stopped (its measurements and quotes are
+    gone), the container is stopped with 137 and says why; delete leaves nothing."""
+    import signal
+    import time
+
+    bundle = tmp_path / "bundle"
+    config = make_bundle(str(bundle), ["sleep", "300"])
+    config["annotations"] = {"io.clave.handler": "vm", "io.clave.vm.tpm": "true"}
+    (bundle / "config.json").write_text(json.dumps(config))
+    root, cid = tmp_path / "state", "tpm-dies"
+    clave = [BIN / "clave", "--root", root]
+    with open(tmp_path / "create.out", "w") as out:
+        assert subprocess.run([str(a) for a in (*clave, "create", "--bundle", bundle, cid)],
+                              stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=180).returncode == 0
+    try:
+        run(*clave, "start", cid)
+        vm_dir = json.loads((root / cid / "state.json").read_text())["handler_state"]["vm_dir"]
+        vm = json.loads(Path(vm_dir, "vm.json").read_text())
+        os.kill(vm["swtpm_pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while (state := json.loads(run(*clave, "state", cid).stdout))["status"] != "stopped":
+            assert time.monotonic() < deadline, state
+            time.sleep(0.2)
+        assert "swtpm" in state["vm"]["exit_reason"], state
+        assert not os.path.exists(f"/proc/{vm['pid']}") or \
+            Path(f"/proc/{vm['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z", "QEMU still runs"
+    finally:
+        run(*clave, "delete", "--force", cid)
+    assert not list(root.iterdir()) and not os.path.exists(vm_dir)
+
+
 def remote_verification(root: Path, cid: str, policy: Path) -> None:
     """clave-relay serves the vm container's evidence as it does an enclave's: clave-verify remote accepts the
     quote, bound to its nonce and the relay's session, against the measured guest's policy."""

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from clave.engine.state import State, StateDir
     from clave.handlers.base import CreateOptions, ExecOptions
     from clave.vm.client import AgentClient
-    from clave.vm.qemu import Disk
+    from clave.vm.qemu import Disk, Vm
 
 VM_RUN = "/run/clave-vm"  # VM state directories: short paths, the unix sockets inside must fit 108 bytes
 MOUNTS = "/run/clave-agent/mounts"  # where the agent mounts storages in the guest
@@ -384,7 +384,14 @@ class VmHandler(Handler):
         except (OSError, ValueError):
             pass
         timings = doc.get("timings", {})
-        return {"vm": {"boot_seconds": float(timings.get("agent_ready", 0.0)), "vmm_rss_bytes": rss,
+        extra = {}
+        try:
+            with open(os.path.join(vm_dir, EXIT_FILE)) as f:
+                if reason := json.load(f).get("reason"):
+                    extra["exit_reason"] = reason
+        except (OSError, ValueError):
+            pass
+        return {"vm": {**extra, "boot_seconds": float(timings.get("agent_ready", 0.0)), "vmm_rss_bytes": rss,
                        "restored": bool(doc.get("template")), "accel": doc.get("accel", "")}}
 
     def _call(self, state: State, fn: Callable[[AgentClient], Any]) -> Any:
@@ -674,6 +681,7 @@ def _keep(state: State, disks: list[Disk], opts: CreateOptions, report_fd: int) 
     except BaseException:
         vm.destroy()
         raise
+    reason = _watch_swtpm(vm)
     try:
         status = io.wait()
     except VmError:
@@ -684,10 +692,30 @@ def _keep(state: State, disks: list[Disk], opts: CreateOptions, report_fd: int) 
         status = 128 + SIGKILL  # QEMU was killed: the container went with it
     oom = _oom_kills(agent, state.id) if vm.running() else 0
     with open(os.path.join(hs["vm_dir"], EXIT_FILE), "w") as f:
-        json.dump({"status": status, "oom_kills": oom}, f)
+        json.dump({"status": status, "oom_kills": oom, "reason": reason[0]}, f)
     host.close()
     vm.stop()
     return status
+
+
+def _watch_swtpm(vm: Vm) -> list[str]:
+    """A VM whose swtpm dies has lost its TPM under the guest (its measurements, its quotes): the pod stops, the
+    container with status 137, and exit.json says why. The returned list holds that reason once it happened."""
+    reason = [""]
+    swtpm = vm.swtpm
+    if swtpm is None:
+        return reason
+
+    def watch() -> None:
+        swtpm.wait()
+        if vm.running() and vm.swtpm is swtpm:  # not the VM's own stop
+            reason[0] = f"the vTPM (swtpm) exited with status {swtpm.returncode}: the VM was stopped"
+            _kill(vm.pid)
+
+    import threading
+
+    threading.Thread(target=watch, name="swtpm-watch", daemon=True).start()
+    return reason
 
 
 def _oom_kills(agent: AgentClient, container_id: str) -> int:

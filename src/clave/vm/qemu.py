@@ -461,7 +461,6 @@ class Vm:
         from clave.vm import swtpm
 
         self.stop_swtpm()
-        self.stop_virtiofsd()
         self.swtpm = swtpm.start(self.state_dir)
         self.swtpm_pid, self.swtpm_start = self.swtpm.pid, _proc_start_time(self.swtpm.pid)
         self._save()
@@ -508,6 +507,7 @@ class Vm:
             _kill(self.pid, self.pid_start)
         self.pid = self.pid_start = 0
         self.stop_swtpm()
+        self.stop_virtiofsd()
 
     def stop(self) -> None:
         """Stop QEMU, keeping its files (the console) until destroy()."""
