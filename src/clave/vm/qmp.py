@@ -67,6 +67,10 @@ class Qmp:
             self._sock.sendall(json.dumps(request).encode() + b"\n")
         except OSError as exc:
             raise QmpError(f"QMP {command}: {exc}") from None
+        return self._reply(command)
+
+    def _reply(self, command: str) -> Any:
+        """The command's return value; events that arrive first are kept."""
         while True:
             reply = self._read()
             if "event" in reply:
@@ -86,15 +90,7 @@ class Qmp:
             socket.send_fds(self._sock, [request], [fd])
         except OSError as exc:
             raise QmpError(f"QMP getfd: {exc}") from None
-        while True:
-            reply = self._read()
-            if "event" in reply:
-                self.events.append(reply)
-                continue
-            if "error" in reply:
-                err = reply["error"]
-                raise QmpError(f"QMP getfd: {err.get('class')}: {err.get('desc')}")
-            return
+        self._reply("getfd")
 
     def query_status(self) -> str:
         """"running", "paused", "shutdown", ..."""
