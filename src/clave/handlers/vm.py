@@ -287,7 +287,17 @@ class VmHandler(Handler):
         return _start_time(state.pid) == state.handler_state.get("pid_start") and not _zombie(state.pid)
 
     def kill(self, state: State, sig: int, all_processes: bool = False) -> None:
-        self._call(state, lambda agent: agent.signal_process(state.id, sig))
+        try:
+            self._call(state, lambda agent: agent.signal_process(state.id, sig))
+        except ClaveError:
+            # A keeper ending (its init exited, or its VM is gone) drops the call: that container is not running,
+            # which is what callers of kill expect to hear (containerd's "process already finished").
+            deadline = time.monotonic() + 3.0
+            while self._alive(state) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not self._alive(state):
+                raise WrongState(f"container not running: {state.id}") from None
+            raise
 
     def wait(self, state: State, pid: int) -> int:
         from clave.handlers.linux import reap_until
