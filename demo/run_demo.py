@@ -356,8 +356,9 @@ def vm(workdir: str) -> None:
         sys.exit("demo failed: clave vm build-guest")
     print(f"  guest digests: {json.dumps(json.loads(built.stdout)['sha256'])[:100]}...")
     check = subprocess.run([CLAVE, "check"], text=True, capture_output=True).stdout
-    accel = [line for line in check.splitlines() if "accel" in line.lower() or "kvm" in line.lower()]
-    print("  " + (accel[0].strip() if accel else "acceleration: see clave check"))
+    accel = [line for line in check.splitlines() if line.startswith(("vm_acceleration", "vm_attestation"))]
+    for line in accel or ["vm_acceleration: see clave check"]:
+        print("  " + line.strip()[:160])
     script = f'echo "  guest kernel:    $(uname -r) (host: {os.uname().release})"\n{INSIDE}\nexit 3'
     bundle = make_bundle(workdir, ["sh", "-c", script],
                          memory=64 << 20, name="vm-bundle")
