@@ -88,8 +88,7 @@ class LinuxHandler(Handler):
             if type(exc).__module__.startswith("clave.") and not isinstance(exc, ClaveError):
                 raise ClaveError(str(exc)) from None
             raise
-        stat = _proc_stat(pid)
-        state.handler_state["pid_start"] = stat[1] if stat else 0
+        state.handler_state["pid_start"] = start_time(pid)
         return pid
 
     def _apply_cgroup(self, state: State, cgroup: CgroupManager, notice: Callable[[str], None]) -> None:
@@ -107,15 +106,8 @@ class LinuxHandler(Handler):
 
     def destroy(self, state: State, sd: StateDir, notice: Callable[[str], None]) -> None:
         if state.pid > 0 and self._init_alive(state):
-            _signal(state.pid, SIGKILL)
-        if state.handler_state.get("cgroup_paths"):
-            cgroup = self._cgroup(state)
-            try:
-                cgroup.kill_all(SIGKILL)
-                _wait_gone(lambda: bool(cgroup.pids()))
-                cgroup.destroy()
-            except Exception as exc:  # keep cleaning; report what stayed
-                notice(f"cgroup cleanup: {exc}")
+            send_signal(state.pid, SIGKILL)
+        remove_cgroup(state.handler_state.get("cgroup_paths"), notice)
         inherited = state.handler_state.get("inherited_mounts")
         if inherited is not None:
             from clave.linux import rootfs
@@ -130,7 +122,7 @@ class LinuxHandler(Handler):
         error = _release_init(sd.fifo, state, lambda: self._init_alive(state))
         os.unlink(sd.fifo)
         if error is not None:
-            _signal(state.pid, SIGKILL)
+            send_signal(state.pid, SIGKILL)
             raise ClaveError(error)
 
     def status(self, state: State, sd: StateDir) -> str:
@@ -147,8 +139,7 @@ class LinuxHandler(Handler):
         return "running"
 
     def _init_alive(self, state: State) -> bool:
-        stat = _proc_stat(state.pid) if state.pid > 0 else None
-        return stat is not None and stat[0] not in ("Z", "X") and stat[1] == state.handler_state.get("pid_start")
+        return alive(state.pid, state.handler_state.get("pid_start", 0))
 
     def kill(self, state: State, sig: int, all_processes: bool = False) -> None:
         if all_processes:
@@ -386,14 +377,31 @@ def _shell_status(status: int) -> int:
     return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
 
 
-def _signal(pid: int, sig: int) -> None:
+def remove_cgroup(paths: dict[str, str] | None, notice: Callable[[str], None]) -> None:
+    """Kill whatever is left in a container's cgroup and remove it (destroy, after a crash too); what cannot be
+    removed is reported through ``notice``."""
+    if not paths:
+        return
+    from clave.linux import cgroups
+
+    cgroup = cgroups.CgroupManager.from_paths(paths)
+    try:
+        cgroup.kill_all(SIGKILL)
+        wait_gone(lambda: bool(cgroup.pids()))
+        cgroup.destroy()
+    except Exception as exc:  # keep cleaning; report what stayed
+        notice(f"cgroup cleanup: {exc}")
+
+
+def send_signal(pid: int, sig: int) -> None:
+    """Signal ``pid`` if it still exists."""
     try:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
+def proc_stat(pid: int) -> tuple[str, int] | None:
     """(state letter, start time in clock ticks) of a live process, or None."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -404,7 +412,19 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
     return fields[0].decode(), int(fields[19])
 
 
-def _wait_gone(busy: Callable[[], bool], timeout: float = 5.0) -> None:
+def start_time(pid: int) -> int:
+    """A process's start time in clock ticks (0 if it is gone): with the pid, what tells it from a recycled one."""
+    stat = proc_stat(pid)
+    return stat[1] if stat else 0
+
+
+def alive(pid: int, start: int) -> bool:
+    """Whether ``pid`` is still the process that started at ``start`` and has not exited."""
+    stat = proc_stat(pid) if pid > 0 else None
+    return stat is not None and stat[0] not in ("Z", "X") and stat[1] == start
+
+
+def wait_gone(busy: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while busy() and time.monotonic() < deadline:
         time.sleep(0.005)

@@ -31,6 +31,7 @@ import time
 from clave.errors import ClaveError, InvalidArgument, NotFound, Unsupported, WrongState
 from clave.faults import pause_point
 from clave.handlers.base import Handler, Sandbox
+from clave.handlers.linux import alive, remove_cgroup, send_signal, start_time, wait_gone
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ class VmHandler(Handler):
         os.close(write_fd)
         with os.fdopen(read_fd, "rb") as pipe:
             report = pipe.read().decode(errors="replace")
-        hs["pid_start"] = _start_time(keeper)
+        hs["pid_start"] = start_time(keeper)
         if not report.startswith("ok"):
             os.waitpid(keeper, 0)
             raise ClaveError(report.removeprefix("error: ") or "the VM keeper died before the container existed")
@@ -158,7 +159,6 @@ class VmHandler(Handler):
 
     def _join(self, state: State, sd: StateDir, opts: CreateOptions, disks: list[Disk]) -> int:
         """Create the container in its pod's VM: its disks hot-plugged, a stand-in for its init."""
-        from clave.vm.client import blk_storage
         from clave.vm.host import HOST
 
         hs = state.handler_state
@@ -173,21 +173,13 @@ class VmHandler(Handler):
                                                            "readonly": d.readonly}).encode(), 30)
                 added.append(d.serial)
                 sd.save(state)
-            storages = [blk_storage(d.serial, f"{MOUNTS}/{d.serial}", options=["ro"] if d.readonly else [])
-                        for d in disks]
             hs["guest_created"] = True
             sd.save(state)
-            agent.create_container(state.id, guest_config(state), storages)
-            if hs.get("tpm"):
-                agent.measure_container(state.id, hs["image_digest"])
-            if hs.get("kbs"):
-                from clave.vm import kbs
-
-                kbs.fetch(agent, kbs.job(state.id, state.annotations, state.config["process"]))
+            _create_in_guest(agent, state, disks, shares=0)
 
         self._call(state, make)
         pid = _fork_standin(state, "", None, opts.stdio, opts.console_socket)
-        hs["pid_start"] = _start_time(pid)
+        hs["pid_start"] = start_time(pid)
         return pid
 
     def _disks(self, state: State, notice: Callable[[str], None]) -> list[Disk]:
@@ -212,12 +204,12 @@ class VmHandler(Handler):
 
         hs = state.handler_state
         if state.pid > 0 and self._alive(state):
-            _kill(state.pid)
+            send_signal(state.pid, SIGKILL)
         for name in os.listdir(sd.path):
             if name.startswith(STANDIN_PREFIX):
                 pid, start = _standin_record(sd.path, name)
-                if pid and _start_time(pid) == start:
-                    _kill(pid)
+                if pid and alive(pid, start):
+                    send_signal(pid, SIGKILL)
         if hs.get("pod"):
             self._leave_pod(state, notice)
         elif hs.get("vm_dir"):
@@ -229,17 +221,7 @@ class VmHandler(Handler):
             network.detach(hs.get("network"))  # after QEMU is gone: the taps and tc redirects
         except ClaveError as exc:
             notice(f"vm network cleanup: {exc}")
-        if hs.get("cgroup_paths"):
-            from clave.handlers.linux import _wait_gone
-            from clave.linux import cgroups
-
-            cgroup = cgroups.CgroupManager.from_paths(hs["cgroup_paths"])
-            try:
-                cgroup.kill_all(SIGKILL)
-                _wait_gone(lambda: bool(cgroup.pids()))
-                cgroup.destroy()
-            except Exception as exc:  # noqa: BLE001  # keep cleaning; report what stayed
-                notice(f"cgroup cleanup: {exc}")
+        remove_cgroup(hs.get("cgroup_paths"), notice)
         for key in ("layer", "binds"):
             path = hs.get(key)
             if path and os.path.exists(path):
@@ -251,11 +233,14 @@ class VmHandler(Handler):
         hs = state.handler_state
 
         def leave(agent: AgentClient) -> None:
+            from clave.ttrpc import Code
+            from clave.vm.errors import AgentError
+
             if hs.get("guest_created"):
                 try:
                     agent.remove_container(state.id)
-                except ClaveError as exc:
-                    if getattr(exc, "code", None) != 5:  # NOT_FOUND: never made, or removed already
+                except AgentError as exc:
+                    if exc.code != Code.NOT_FOUND:  # never made, or removed already
                         raise
             for serial in hs.get("disks_added", []):
                 agent.forward(HOST, "RemoveDisk", json.dumps({"serial": serial}).encode(), 30)
@@ -284,7 +269,7 @@ class VmHandler(Handler):
         return "running" if hs.get("started") else "created"
 
     def _alive(self, state: State) -> bool:
-        return _start_time(state.pid) == state.handler_state.get("pid_start") and not _zombie(state.pid)
+        return alive(state.pid, state.handler_state.get("pid_start", 0))
 
     def kill(self, state: State, sig: int, all_processes: bool = False) -> None:
         try:
@@ -292,9 +277,7 @@ class VmHandler(Handler):
         except ClaveError:
             # A keeper ending (its init exited, or its VM is gone) drops the call: that container is not running,
             # which is what callers of kill expect to hear (containerd's "process already finished").
-            deadline = time.monotonic() + 3.0
-            while self._alive(state) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_gone(lambda: self._alive(state), 3.0)
             if not self._alive(state):
                 raise WrongState(f"container not running: {state.id}") from None
             raise
@@ -311,7 +294,7 @@ class VmHandler(Handler):
         exec_id = f"exec-{time.time_ns():x}-{os.getpid()}"
         pid = _fork_standin(state, exec_id, _guest_process(process), opts.stdio, opts.console_socket)
         with open(os.path.join(sd.path, f"{STANDIN_PREFIX}{pid}"), "w") as f:
-            f.write(f"{_start_time(pid)} {exec_id}")
+            f.write(f"{start_time(pid)} {exec_id}")
         return pid
 
     def signal_process(self, state: State, pid: int, sig: int) -> None:
@@ -328,7 +311,7 @@ class VmHandler(Handler):
             for name in os.listdir(state_dir):
                 if name.startswith(STANDIN_PREFIX):
                     pid, start = _standin_record(state_dir, name)
-                    if pid and _start_time(pid) == start and not _zombie(pid):
+                    if pid and alive(pid, start):
                         pids.append(pid)
         return sorted(pids)
 
@@ -405,6 +388,7 @@ class VmHandler(Handler):
                        "restored": bool(doc.get("template")), "accel": doc.get("accel", "")}}
 
     def _call(self, state: State, fn: Callable[[AgentClient], Any]) -> Any:
+        from clave.ttrpc import to_clave_error
         from clave.vm.client import AgentClient
         from clave.vm.errors import AgentError, VmError
 
@@ -415,7 +399,7 @@ class VmHandler(Handler):
         try:
             return fn(agent)
         except AgentError as exc:
-            raise _from_agent(exc) from None
+            raise to_clave_error(exc.code, str(exc)) from None
         except VmError as exc:
             raise ClaveError(str(exc)) from None
         finally:
@@ -540,6 +524,26 @@ def _files_image(files: list[str], path: str) -> str:
     return path
 
 
+def _create_in_guest(agent: AgentClient, state: State, disks: list[Disk], shares: int) -> None:
+    """Create the container in the guest from its disks (and its sandbox VM's virtio-fs shares), then, before it
+    can run, measure it (a vTPM: the image's digest and the config the guest received) and fetch its key broker
+    secrets (released to this guest's evidence only)."""
+    from clave.proto.generated import clave_agent_v1 as pb
+    from clave.vm.client import blk_storage
+
+    serial = state.handler_state["serial"]
+    storages = [blk_storage(d.serial, f"{MOUNTS}/{d.serial}", options=["ro"] if d.readonly else []) for d in disks]
+    storages += [pb.Storage(driver="virtio-fs", source=f"v{i}", fstype="virtiofs",
+                            mount_point=_share_mount_point(serial, i)) for i in range(shares)]
+    agent.create_container(state.id, guest_config(state), storages)
+    if state.handler_state.get("tpm"):
+        agent.measure_container(state.id, state.handler_state["image_digest"])
+    if state.handler_state.get("kbs"):
+        from clave.vm import kbs
+
+        kbs.fetch(agent, kbs.job(state.id, state.annotations, state.config["process"]))
+
+
 def _fork_standin(state: State, exec_id: str, process: dict[str, Any] | None, stdio: tuple[int, int, int] | None,
                   console_socket: str | None) -> int:
     """Fork the stand-in of a guest process (clave.vm.host.stand_in); its pid once the process exists."""
@@ -556,12 +560,10 @@ def _fork_standin(state: State, exec_id: str, process: dict[str, Any] | None, st
     if pid == 0:
         os.close(read_fd)
         try:
-            if stdio is not None:
-                from clave.linux.spawn import adopt_stdio
+            from clave.linux.spawn import close_fds_except
 
-                adopt_stdio(stdio)
             # Nothing of the caller's stays open here: not the state dir's lock, not the shim's other fds.
-            _close_fds_except({0, 1, 2, write_fd} | ({console_fd} if console_fd is not None else set()))
+            close_fds_except(2, {write_fd} | ({console_fd} if console_fd is not None else set()), stdio)
             if state.handler_state.get("cgroup_paths"):  # a host process of the container, in its cgroup
                 from clave.linux.cgroups import CgroupManager
 
@@ -596,7 +598,7 @@ def _pod_sandbox(state: State, sd: StateDir) -> State | None:
         return None  # the sandbox is not one of ours (another runtime root): a VM of its own
     if pod.handler != "vm":
         return None
-    if _start_time(pod.pid) != pod.handler_state.get("pid_start") or not pod.handler_state.get("hotplug_slots"):
+    if not alive(pod.pid, pod.handler_state.get("pid_start", 0)) or not pod.handler_state.get("hotplug_slots"):
         raise WrongState(f"container {state.id}: the VM of its pod (sandbox {sandbox_id}) is not running")
     return pod
 
@@ -621,10 +623,8 @@ def _keeper_main(state: State, disks: list[Disk], opts: CreateOptions, report_fd
 
 
 def _keep(state: State, disks: list[Disk], opts: CreateOptions, report_fd: int) -> int:
-    from clave.linux.spawn import adopt_stdio
-    from clave.proto.generated import clave_agent_v1 as pb
+    from clave.linux.spawn import adopt_stdio, close_fds_except
     from clave.vm import network
-    from clave.vm.client import blk_storage
     from clave.vm.errors import VmError
     from clave.vm.guest import Guest
     from clave.vm.host import VmHost, attach
@@ -644,7 +644,7 @@ def _keep(state: State, disks: list[Disk], opts: CreateOptions, report_fd: int) 
         from clave.linux import console
 
         console_fd = console.connect_socket(opts.console_socket)
-    _close_fds_except({0, 1, 2, report_fd} | ({console_fd} if console_fd is not None else set()))
+    close_fds_except(2, {report_fd} | ({console_fd} if console_fd is not None else set()))
     nics, interfaces, routes = network.attach(hs.get("network") or {})
     vm = Vm.create(VmConfig(hs["vm_dir"], Guest(hs["guest"]), vcpus=hs["vcpus"], memory_mib=hs["memory_mib"],
                             disks=disks, nics=nics, machine=hs.get("machine", "microvm"),
@@ -661,18 +661,8 @@ def _keep(state: State, disks: list[Disk], opts: CreateOptions, report_fd: int) 
         phases["sandbox"] = time.monotonic() - t0
         network.configure_guest(agent, interfaces, routes)
         phases["network"] = time.monotonic() - t0
-        storages = [blk_storage(d.serial, f"{MOUNTS}/{d.serial}", options=["ro"] if d.readonly else [])
-                    for d in disks]
-        storages += [pb.Storage(driver="virtio-fs", source=f"v{i}", fstype="virtiofs",
-                                mount_point=_share_mount_point(hs["serial"], i)) for i in range(len(dirs))]
-        agent.create_container(state.id, guest_config(state), storages)
-        phases["container_created"] = time.monotonic() - t0
-        if hs.get("tpm"):  # measured before it can run: the image's digest and the config the guest received
-            agent.measure_container(state.id, hs["image_digest"])
-        if hs.get("kbs"):  # the pod's secrets, released to this guest's evidence only, before it can run
-            from clave.vm import kbs
-
-            kbs.fetch(agent, kbs.job(state.id, state.annotations, state.config["process"]))
+        _create_in_guest(agent, state, disks, shares=len(dirs))
+        phases["container_created"] = time.monotonic() - t0  # measured and provisioned too, when asked
         tty = -1
         if console_fd is not None:
             from clave.vm.host import _host_tty
@@ -720,7 +710,7 @@ def _watch_swtpm(vm: Vm) -> list[str]:
         swtpm.wait()
         if vm.running() and vm.swtpm is swtpm:  # not the VM's own stop
             reason[0] = f"the vTPM (swtpm) exited with status {swtpm.returncode}: the VM was stopped"
-            _kill(vm.pid)
+            send_signal(vm.pid, SIGKILL)
 
     import threading
 
@@ -737,15 +727,6 @@ def _oom_kills(agent: AgentClient, container_id: str) -> int:
         return 0
 
 
-def _close_fds_except(keep: set[int]) -> None:
-    for name in os.listdir("/proc/self/fd"):
-        if int(name) not in keep:
-            try:
-                os.close(int(name))
-            except OSError:
-                pass
-
-
 # -- small helpers ------------------------------------------------------------------------------------------------
 
 
@@ -753,43 +734,6 @@ def _socket(state: State) -> str:
     from clave.vm.host import SOCKET
 
     return os.path.join(state.handler_state.get("vm_dir", ""), SOCKET)
-
-
-def _from_agent(exc: Exception) -> ClaveError:
-    from clave.ttrpc import Code
-
-    code = getattr(exc, "code", None)
-    message = str(exc)
-    if code == Code.NOT_FOUND:
-        return NotFound(message)
-    if code in (Code.FAILED_PRECONDITION,):
-        return WrongState(message)
-    if code == Code.INVALID_ARGUMENT:
-        return InvalidArgument(message)
-    return ClaveError(message)
-
-
-def _start_time(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
-    except (OSError, IndexError):
-        return True
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _standin_record(state_dir: str, name: str) -> tuple[int, int]:

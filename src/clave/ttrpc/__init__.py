@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from clave.ttrpc._frame import MAX_MESSAGE, FdChannel, unix_address
 from clave.ttrpc.client import Client, ClientStream
-from clave.ttrpc.errors import Code, TtrpcError, from_clave_error
+from clave.ttrpc.errors import Code, TtrpcError, from_clave_error, to_clave_error
 from clave.ttrpc.server import Context, Server, ServerStream, typed
 
 __all__ = [
     "from_clave_error",
+    "to_clave_error",
     "MAX_MESSAGE",
     "Client",
     "ClientStream",

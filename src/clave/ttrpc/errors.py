@@ -66,12 +66,24 @@ class TtrpcError(Exception):
         return cls(status.code, status.message)
 
 
+def _error_codes() -> tuple[tuple[type[Exception], int], ...]:
+    from clave.errors import AlreadyExists, InvalidArgument, NotFound, Unsupported, WrongState
+
+    return ((NotFound, Code.NOT_FOUND), (AlreadyExists, Code.ALREADY_EXISTS), (WrongState, Code.FAILED_PRECONDITION),
+            (InvalidArgument, Code.INVALID_ARGUMENT), (Unsupported, Code.UNIMPLEMENTED))
+
+
 def from_clave_error(exc: Exception) -> TtrpcError:
     """Clave's error classes as gRPC status codes, as containerd's errdefs expect them (the shim and the guest
     agent answer the same way)."""
-    from clave.errors import AlreadyExists, InvalidArgument, NotFound, Unsupported, WrongState
-
-    codes = ((NotFound, Code.NOT_FOUND), (AlreadyExists, Code.ALREADY_EXISTS), (WrongState, Code.FAILED_PRECONDITION),
-             (InvalidArgument, Code.INVALID_ARGUMENT), (Unsupported, Code.UNIMPLEMENTED))
-    code: int = next((code for cls, code in codes if isinstance(exc, cls)), Code.UNKNOWN)
+    code: int = next((code for cls, code in _error_codes() if isinstance(exc, cls)), Code.UNKNOWN)
     return TtrpcError(code, str(exc))
+
+
+def to_clave_error(code: int | None, message: str) -> Exception:
+    """The other way: a status code from the guest agent (or a shim) as Clave's error class, ClaveError when no
+    class has the code."""
+    from clave.errors import ClaveError
+
+    cls = next((cls for cls, known in _error_codes() if known == code), ClaveError)
+    return cls(message)

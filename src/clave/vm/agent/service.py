@@ -22,6 +22,7 @@ from clave.handlers.linux import ReaperSandbox
 from clave.proto.generated import clave_agent_v1 as pb
 from clave.proto.generated.google_protobuf import Empty
 from clave.ttrpc import Code, TtrpcError, from_clave_error
+from clave.vm.agent import disks
 from clave.vm.agent.tpm import GuestTpm, TpmUnavailable
 from clave.vm.measure import CONTAINER_PCR
 
@@ -47,7 +48,6 @@ WARM_MODULES = (
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
 TIOCSWINSZ = 0x5414
-DISK_SERIALS: dict[str, str] = {}  # a host serial -> the template slot's serial carrying it (SetDiskSerials)
 BUSYBOX = "/bin/busybox"
 ROUTE_SCOPES = {0: "global", 200: "site", 253: "link", 254: "host", 255: "nowhere"}
 
@@ -449,7 +449,7 @@ class AgentService:
 
     # -- templates and measured boot (clave.vm.template, clave.vm.agent.tpm) ------------------------------------
     def set_disk_serials(self, ctx: Context, req: pb.SetDiskSerialsRequest) -> Empty:
-        DISK_SERIALS.update(req.serials)
+        disks.SLOTS.update(req.serials)
         return Empty()
 
     def renew_tpm_identity(self, ctx: Context, req: pb.RenewTpmIdentityRequest) -> Empty:
@@ -795,21 +795,10 @@ def _mount_storage(storage: pb.Storage) -> str:
 
 
 def _disk_by_serial(serial: str, timeout: float = 5.0) -> str:
-    """The /dev/vdX whose virtio-blk serial is ``serial`` (device order is not stable; serials are), or the
-    template slot the host said carries it (SetDiskSerials)."""
-    serial = DISK_SERIALS.get(serial, serial)
-    deadline = time.monotonic() + timeout
-    while True:
-        for name in sorted(os.listdir("/sys/block")):
-            try:
-                with open(f"/sys/block/{name}/serial") as f:
-                    if f.read().strip() == serial:
-                        return f"/dev/{name}"
-            except OSError:
-                continue
-        if time.monotonic() >= deadline:
-            raise TtrpcError(Code.NOT_FOUND, f"no virtio-blk disk with serial {serial!r}")
-        time.sleep(0.02)
+    device = disks.find(serial, timeout)
+    if device is None:
+        raise TtrpcError(Code.NOT_FOUND, f"no virtio-blk disk with serial {serial!r}")
+    return device
 
 
 def _ip(*args: str, exists_ok: bool = False) -> None:

@@ -17,6 +17,7 @@ import sys
 import threading
 
 from clave.vm import measure
+from clave.vm.agent import disks
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -81,7 +82,10 @@ class GuestTpm:
             missing = [c for c in ("kernel", "initramfs") if c not in digests]
             if missing:
                 raise TpmUnavailable(f"the host passed no digest for {', '.join(missing)} (clave.measure=)")
-            digests["image"] = measure.file_sha256(_disk_by_serial(IMAGE_SERIAL))
+            image = disks.find(IMAGE_SERIAL)
+            if image is None:
+                raise TpmUnavailable(f"no virtio-blk disk with serial {IMAGE_SERIAL!r}")
+            digests["image"] = measure.file_sha256(image)
             files = measure.package_files(AGENT_ROOT)
             digests["agent"] = measure.agent_digest_of([(rel, measure.file_sha256(p)) for rel, p in files])
             with self.lock:
@@ -165,13 +169,3 @@ class GuestTpm:
             self._command(_CC_CLEAR, (_RH_LOCKOUT,), b"")
             shutil.rmtree(STATE_DIR, ignore_errors=True)
 
-
-def _disk_by_serial(serial: str) -> str:
-    for name in sorted(os.listdir("/sys/block")):
-        try:
-            with open(f"/sys/block/{name}/serial") as f:
-                if f.read().strip() == serial:
-                    return f"/dev/{name}"
-        except OSError:
-            continue
-    raise TpmUnavailable(f"no virtio-blk disk with serial {serial!r}")
