@@ -252,7 +252,12 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
                     _ctr(address, namespace, "task", "ls", "-q").stdout.strip() and time.monotonic() < deadline:
                 time.sleep(0.2)
             _ctr(address, namespace, "container", "delete", enclave)
-            for leftover in (f"/run/containerd/clave/{namespace}", f"{prometheus.SHIMS_DIR}/{namespace}"):
+            from procs import cgroup_dirs
+
+            # ctr puts a container's cgroup in /<namespace>/<id>: the namespace's directories stay behind
+            leftovers = [f"/run/containerd/clave/{namespace}", f"{prometheus.SHIMS_DIR}/{namespace}",
+                         *map(str, cgroup_dirs(namespace))]
+            for leftover in leftovers:
                 try:
                     os.rmdir(leftover)
                 except OSError:
