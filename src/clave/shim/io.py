@@ -22,6 +22,10 @@ class ProcessIO:
         self._logger_pid = 0  # a binary:// logger; it exits on EOF and the shim's reaper collects it
         self.master = -1
         self._stdin_fd = -1
+        # Held from open() until the container has its copies (after_start, or close on failure): containerd's
+        # CloseIO can arrive meanwhile (ctr sends it as soon as its own stdin ends, racing its Start) and must
+        # not close the stdin fd the container is being given.
+        self.handover = threading.Lock()
 
     # -- plain (non-terminal) IO: the container writes straight into the FIFOs or log files
     def open(self) -> tuple[int, int, int]:
@@ -112,13 +116,14 @@ class ProcessIO:
             resize(self.master, width, height)
 
     def close_stdin(self) -> None:
-        if self._stdin_fd >= 0:
-            try:
-                os.close(self._stdin_fd)
-                self._opened.remove(self._stdin_fd)
-            except (OSError, ValueError):
-                pass
-            self._stdin_fd = -1
+        with self.handover:
+            if self._stdin_fd >= 0:
+                try:
+                    os.close(self._stdin_fd)
+                    self._opened.remove(self._stdin_fd)
+                except (OSError, ValueError):
+                    pass
+                self._stdin_fd = -1
 
     def after_start(self) -> None:
         """The container has its copies: drop the shim's (so readers see EOF when the container exits)."""

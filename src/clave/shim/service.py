@@ -259,27 +259,28 @@ class TaskService:
         process = container.process(req.exec_id)
         spec = process.spec or {}
         console = None
-        try:
-            opts = ExecOptions()
-            if process.io.terminal:
-                from clave.linux.console import ConsoleSocket
+        with process.io.handover:
+            try:
+                opts = ExecOptions()
+                if process.io.terminal:
+                    from clave.linux.console import ConsoleSocket
 
-                console = ConsoleSocket()
-                opts.console_socket = console.socket_path
-            else:
-                opts.stdio = process.io.open()
-            with self._quiet():
-                pid = self.engine.exec(req.id, spec, opts)
-            if console is not None:
-                console.accept()
-                process.io.attach_master(console.master)
-            process.io.after_start()
-        except ClaveError as exc:
-            process.io.close()
-            raise from_clave_error(exc) from None
-        finally:
-            if console is not None:
-                console.close_listener()
+                    console = ConsoleSocket()
+                    opts.console_socket = console.socket_path
+                else:
+                    opts.stdio = process.io.open()
+                with self._quiet():
+                    pid = self.engine.exec(req.id, spec, opts)
+                if console is not None:
+                    console.accept()
+                    process.io.attach_master(console.master)
+                process.io.after_start()
+            except ClaveError as exc:
+                process.io.close()
+                raise from_clave_error(exc) from None
+            finally:
+                if console is not None:
+                    console.close_listener()
         with self.lock:  # exec-started before the exit the reaper may already hold
             self._publish(ev.TaskExecStarted(container_id=req.id, exec_id=req.exec_id, pid=pid))
             self._track(process, pid)
