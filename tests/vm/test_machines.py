@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+import pytest
 
 from clave.vm.guest import Guest
 from clave.vm.qemu import Disk, Vm, VmConfig
@@ -25,3 +28,17 @@ def test_q35_boots_the_same_guest_with_pci_devices(guest: Guest) -> None:
     assert not os.path.exists(state) and qemu_pids_for(state) == []
     os.unlink(disk.path)
     os.rmdir(work)
+
+
+def test_qemu_version_is_cached_by_the_binarys_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clave.vm import paths, qemu
+
+    cache = tmp_path / "qemu-version"
+    monkeypatch.setattr(paths, "QEMU_VERSION_CACHE", str(cache))
+    real = qemu.qemu_version()
+    assert real.startswith("QEMU emulator version ") and cache.read_text().endswith(f"\n{real}\n")
+    identity = cache.read_text().split("\n")[0]
+    cache.write_text(f"{identity}\nQEMU emulator version 0.0 (from the cache)\n")
+    assert qemu.qemu_version() == "QEMU emulator version 0.0 (from the cache)"
+    cache.write_text("/usr/bin/qemu-system-x86_64 0 0 0 0\nQEMU emulator version 0.0 (another binary)\n")
+    assert qemu.qemu_version() == real  # the binary is not the one recorded: asked again

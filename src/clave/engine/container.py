@@ -55,6 +55,16 @@ class Engine:
         except oci.ConfigError as exc:
             raise InvalidArgument(str(exc)) from None
 
+    def validated(self, config: dict[str, Any]) -> dict[str, Any]:
+        """``config`` once validated as load_config validates a bundle's (for a caller that has it in memory)."""
+        from clave.config import spec as oci
+
+        try:
+            oci.validate(config)
+        except oci.ConfigError as exc:
+            raise InvalidArgument(str(exc)) from None
+        return config
+
     def handler_for_config(self, config: dict[str, Any], default: str | None = None) -> Handler:
         """The handler a container of this config gets (the shim attaches its rootfs before create)."""
         return handler_for(config, default=default or self.default_handler)

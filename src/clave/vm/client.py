@@ -168,6 +168,9 @@ class AgentClient:
         """Tell the guest which virtio-blk serial carries each host serial (a clone's disks sit in slots)."""
         self._call("SetDiskSerials", pb.SetDiskSerialsRequest(serials=dict(serials)))
 
+    def warm_up(self) -> None:
+        self._call("WarmUp", pb.WarmUpRequest(), timeout=120)
+
     def renew_tpm_identity(self, entropy: bytes | None = None) -> None:
         self._call("RenewTpmIdentity", pb.RenewTpmIdentityRequest(entropy=entropy or os.urandom(64)), timeout=60)
 

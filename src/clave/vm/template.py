@@ -249,7 +249,7 @@ def build(config: VmConfig, accel: str, key: str, inputs: dict[str, Any], timeou
             except AgentError as exc:
                 if exc.code != FAILED_PRECONDITION:  # no TPM in the guest (clave.vm.swtpm): nothing to warm
                     raise
-        agent.guest_details()  # answered once the agent has imported what containers need: clones start warm
+        agent.warm_up()  # once the agent has imported what containers need, one container: clones start warm
         boot_s = time.monotonic() - t0
         agent.close()
         time.sleep(RECONNECT_DELAY)  # the guest sees the hang-up and waits for its next host (a clone)

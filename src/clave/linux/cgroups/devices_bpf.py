@@ -145,13 +145,32 @@ def attached_program_ids(cgroup_fd: int) -> list[int]:
     return list(ids[:count])
 
 
+# Loaded programs of a long-lived caller (the guest agent, the shim), by pid and instructions: each load runs
+# the kernel's verifier, tens of milliseconds under emulation, and most containers have the same rules.
+_loaded: dict[tuple[int, bytes], int] = {}
+_LOADED_MAX = 8
+
+
+def _program_fd(insns: bytes) -> int:
+    key = (os.getpid(), insns)  # a forked child's copy of the table is not its own
+    fd = _loaded.get(key)
+    if fd is None:
+        fd = load_program(insns)
+        if len(_loaded) >= _LOADED_MAX:
+            evicted_key = next(iter(_loaded))
+            if evicted_key[0] == key[0]:
+                os.close(_loaded[evicted_key])
+            del _loaded[evicted_key]
+        _loaded[key] = fd
+    return fd
+
+
 def apply_device_rules(cgroup_dir: str, rules: list[dict[str, Any]]) -> None:
     """Attach a program for ``rules`` to a cgroup2 directory, replacing the programs attached before."""
-    prog_fd = load_program(build_program(rules))
+    prog_fd = _program_fd(build_program(rules))
     try:
         cgroup_fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
-        os.close(prog_fd)
         raise CgroupError(f"devices: cannot open {cgroup_dir}: {exc.strerror}") from None
     try:
         old_ids = attached_program_ids(cgroup_fd)
@@ -164,7 +183,6 @@ def apply_device_rules(cgroup_dir: str, rules: list[dict[str, Any]]) -> None:
         raise CgroupError(exc.strerror or str(exc)) from None
     finally:
         os.close(cgroup_fd)
-        os.close(prog_fd)
 
 
 def _detach_by_id(cgroup_fd: int, prog_id: int) -> None:

@@ -56,6 +56,7 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "clave.agent.v1.VersionCheckResponse": ("clave.proto.generated.clave_agent_v1", "VersionCheckResponse"),
     "clave.agent.v1.WaitProcessRequest": ("clave.proto.generated.clave_agent_v1", "WaitProcessRequest"),
     "clave.agent.v1.WaitProcessResponse": ("clave.proto.generated.clave_agent_v1", "WaitProcessResponse"),
+    "clave.agent.v1.WarmUpRequest": ("clave.proto.generated.clave_agent_v1", "WarmUpRequest"),
     "containerd.events.TaskCheckpointed": ("clave.proto.generated.containerd_events", "TaskCheckpointed"),
     "containerd.events.TaskCreate": ("clave.proto.generated.containerd_events", "TaskCreate"),
     "containerd.events.TaskDelete": ("clave.proto.generated.containerd_events", "TaskDelete"),

@@ -2749,6 +2749,33 @@ class SetDiskSerialsRequest(_Message):
         return self
 
 
+class WarmUpRequest(_Message):
+    """Message clave.agent.v1.WarmUpRequest."""
+
+    __slots__ = ()
+    FULL_NAME = "clave.agent.v1.WarmUpRequest"
+
+    def __init__(self) -> None:
+        pass
+
+    def encode(self) -> bytes:
+        return b""
+
+    @classmethod
+    def _read(cls, buf: bytes, _pos: int, end: int) -> Self:
+        while _pos < end:
+            _t = buf[_pos]
+            if _t < 0x80:
+                _pos += 1
+            else:
+                _t, _pos = _w.read_varint(buf, _pos)
+            _pos = _w.skip_field(buf, _pos, end, _t)
+        if _pos != end:
+            raise _w.DecodeError("clave.agent.v1.WarmUpRequest: field runs past the end of the message")
+        self = cls.__new__(cls)
+        return self
+
+
 class RenewTpmIdentityRequest(_Message):
     """Message clave.agent.v1.RenewTpmIdentityRequest."""
 
@@ -2994,6 +3021,7 @@ class AgentServiceService:
         "UpdateRoutes": (UpdateRoutesRequest, Routes),
         "SetDiskSerials": (SetDiskSerialsRequest, _google_protobuf.Empty),
         "RenewTpmIdentity": (RenewTpmIdentityRequest, _google_protobuf.Empty),
+        "WarmUp": (WarmUpRequest, _google_protobuf.Empty),
         "MeasureContainer": (MeasureContainerRequest, MeasureContainerResponse),
         "GetQuote": (GetQuoteRequest, GetQuoteResponse),
         "FetchResources": (IORequest, IOChunk),
