@@ -142,3 +142,19 @@ def test_destroy_after_a_crash_stops_the_swtpm(guest: Guest) -> None:
         assert not os.path.exists(vm.state_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_clave_check_says_why_the_guest_is_not_a_confidential_vm(guest: Guest) -> None:
+    """Here the guest attests with its vTPM; for TDX and SEV-SNP `clave check` names what is missing."""
+    report = json.loads(subprocess.run([CLAVE, "check", "--format", "json"], capture_output=True, text=True,
+                                       check=True).stdout)
+    line = report["vm_attestation"]
+    assert line.startswith("vTPM (swtpm, OVMF); confidential guests: "), line
+    for tee, module, param in (("TDX", "kvm_intel", "tdx"), ("SEV-SNP", "kvm_amd", "sev_snp")):
+        try:
+            enabled = Path(f"/sys/module/{module}/parameters/{param}").read_text().strip() in ("Y", "1")
+        except OSError:
+            enabled = False
+        if not enabled:
+            assert f"{tee}: no ({module} {param}" in line, line
+    assert f"guest kernel {guest.kernel_release} has no configfs-tsm (6.7+)" in line

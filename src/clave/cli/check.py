@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 
 from clave import fastjson
 from clave.cli.main import Parsed, UsageError
+from clave.errors import ClaveError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -103,17 +105,34 @@ def vm_guest() -> str:
 def vm_attestation() -> str:
     """What a vm container's guest attests with: its vTPM here; confidential guests (TDX, SEV-SNP) only where
     KVM runs them, which this build does not wire yet: say why not."""
+    from clave.vm.qemu import FIRMWARE, QEMU
+
+    try:  # the confidential-guest objects QEMU would need (sev-snp-guest: QEMU 9.1, tdx-guest: 10.0)
+        objects = subprocess.run([QEMU, "-object", "help"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        objects = ""
     reasons = []
-    for module, param, tee in (("kvm_intel", "tdx", "TDX"), ("kvm_amd", "sev_snp", "SEV-SNP")):
+    for module, param, tee, qemu_object in (("kvm_intel", "tdx", "TDX", "tdx-guest"),
+                                            ("kvm_amd", "sev_snp", "SEV-SNP", "sev-snp-guest")):
         try:
             with open(f"/sys/module/{module}/parameters/{param}") as f:
                 enabled = f.read().strip() in ("Y", "1")
         except OSError:
             enabled = False
-        verdict = "host support present, not wired in Clave yet" if enabled else f"no ({module} {param})"
+        missing = [f"{module} {param}"] if not enabled else []
+        if qemu_object not in objects.split():
+            missing.append(f"QEMU's {qemu_object} object")
+        verdict = f"no ({', '.join(missing)})" if missing else "host and QEMU support present, not wired in Clave yet"
         reasons.append(f"{tee}: {verdict}")
-    from clave.vm.qemu import FIRMWARE
 
+    try:  # the guest's side of a TEE report
+        from clave.vm.guest import current_guest
+
+        release = current_guest().kernel_release
+        if tuple(int(n) for n in release.split(".")[:2]) < (6, 7):
+            reasons.append(f"guest kernel {release} has no configfs-tsm (6.7+)")
+    except (ClaveError, ValueError):
+        pass
     tpm = "vTPM (swtpm, OVMF)" if os.path.exists(FIRMWARE) and shutil.which("swtpm") else \
         "none: install swtpm and ovmf for a vTPM"
     return f"{tpm}; confidential guests: " + ", ".join(reasons)
