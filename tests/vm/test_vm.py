@@ -204,6 +204,25 @@ def test_oom_kill_inside_the_guest_is_an_oom_event(agent: AgentClient) -> None:
         agent.remove_container("oom")
 
 
+def test_a_container_thrashing_at_its_memory_limit_is_oom_killed(agent: AgentClient) -> None:
+    """No swap, 32 MiB, a shell collecting 200 MB: the kernel reclaims and refaults the container's own program
+    text for minutes under TCG instead of OOM-killing it (clave.vm.agent.pressure); the agent's PSI watch ends
+    it as an OOM kill."""
+    config = oci_config(["sh", "-c", 'x=$(head -c 200000000 /dev/zero | tr "\\0" a); echo $x'], "ctr4")
+    config["linux"]["resources"] = {"memory": {"limit": 32 << 20}}
+    agent.create_container("thrash", config, [blk_storage("ctr4", f"{MOUNTS}/ctr4")])
+    try:
+        io = agent.attach_io("thrash")
+        agent.start_container("thrash")
+        status = agent.wait_process("thrash", timeout=90)
+        io.join(10)
+        assert status == 128 + signal.SIGKILL
+        assert agent.oom_event(timeout=10) == "thrash"
+        assert agent.stats_container("thrash")["oom_kills"] == 1
+    finally:
+        agent.remove_container("thrash")
+
+
 # Last in the module: it closes the connection the other tests share.
 def test_agent_serves_the_next_host_connection_with_its_state(vm: Vm, agent: AgentClient, sleeper: str) -> None:
     # the host goes away in the middle of a flood of output (frames larger than one port write)

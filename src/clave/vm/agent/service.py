@@ -23,6 +23,7 @@ from clave.proto.generated import clave_agent_v1 as pb
 from clave.proto.generated.google_protobuf import Empty
 from clave.ttrpc import Code, TtrpcError, from_clave_error
 from clave.vm.agent import disks
+from clave.vm.agent.pressure import PressureWatch
 from clave.vm.agent.tpm import GuestTpm, TpmUnavailable
 from clave.vm.measure import CONTAINER_PCR
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 STATE_ROOT = "/run/clave"  # the guest engine's state
 WORK_ROOT = "/run/clave-agent"  # bundles written for the engine, sandbox files
 MOUNT_ROOT = "/run/clave-agent/mounts"  # storages must be mounted below /run
+GUEST_CGROUPS = "/clave"  # the containers' cgroups, under the guest's cgroup2 root
 CHUNK = 64 << 10
 # What creating and starting a container imports in the guest (see AgentService._warm).
 WARM_MODULES = (
@@ -109,7 +111,8 @@ class Container:
         self.init = init
         self.execs: dict[str, Process] = {}
         self.mounts = mounts  # storages mounted for it, unmounted at remove
-        self.oom_kills = 0
+        self.oom_kills = 0  # the kernel's, as its cgroup counts them
+        self.pressure_kills = 0  # the agent's, of a container thrashing at its memory limit (PressureWatch)
 
     def process(self, exec_id: str) -> Process:
         if not exec_id:
@@ -134,6 +137,7 @@ class AgentService:
         self.configs: dict[str, bytes] = {}  # container id -> the OCI config as received (MeasureContainer)
         self.tpm = GuestTpm()
         self.warm = threading.Event()
+        self.pressure = PressureWatch(self._pressure_killed)
         os.makedirs(MOUNT_ROOT, exist_ok=True)
 
     def start(self) -> None:
@@ -188,6 +192,14 @@ class AgentService:
             container.oom_kills = count
             self.oom_events.append(container.id)
             self.oom_cond.notify_all()
+
+    def _pressure_killed(self, container_id: str) -> None:
+        with self.lock:
+            container = self.containers.get(container_id)
+            if container is not None:
+                container.pressure_kills += 1
+                self.oom_events.append(container_id)
+                self.oom_cond.notify_all()
 
     def _track(self, process: Process, pid: int) -> None:
         with self.lock:
@@ -279,6 +291,7 @@ class AgentService:
             self.containers[cid] = Container(cid, init, mounts)
             self.configs[cid] = req.oci_json.encode()
             self._track(init, pid)
+        self.pressure.watch(cid, _cgroup_dir(cid))
         return Empty()
 
     def _spawn(self, process: Process, run: Any) -> int:
@@ -362,6 +375,7 @@ class AgentService:
 
     def remove_container(self, ctx: Context, req: pb.RemoveContainerRequest) -> Empty:
         container = self._container(req.container_id)
+        self.pressure.forget(req.container_id)
         try:
             with self.reaper.quiet:
                 self.engine.delete(req.container_id, force=True)
@@ -391,6 +405,7 @@ class AgentService:
             raise TtrpcError(Code.INVALID_ARGUMENT, f"resources_json: {exc}") from None
         except ClaveError as exc:
             raise from_clave_error(exc) from None
+        self.pressure.watch(req.container_id, _cgroup_dir(req.container_id))  # a memory limit it may have now
         return Empty()
 
     def stats_container(self, ctx: Context, req: pb.StatsContainerRequest) -> pb.StatsContainerResponse:
@@ -402,7 +417,8 @@ class AgentService:
         except ClaveError as exc:
             raise from_clave_error(exc) from None
         try:
-            stats["oom_kills"] = self.engine.oom_kills(req.container_id)
+            stats["oom_kills"] = self.engine.oom_kills(req.container_id) + \
+                self._container(req.container_id).pressure_kills
         except ClaveError:
             pass
         return _stats_message(stats)
@@ -763,6 +779,10 @@ def _write_stdin(process: Process, data: bytes) -> None:
         pass  # the process closed its stdin or exited: the rest has nowhere to go
 
 
+def _cgroup_dir(container_id: str) -> str:
+    return f"/sys/fs/cgroup{GUEST_CGROUPS}/{container_id}"
+
+
 def _guest_config(config: dict[str, Any], container_id: str) -> dict[str, Any]:
     """The host's OCI config as the guest engine runs it: the VM is the pod's network (Kata drops the network
     namespace too), host namespace paths and hooks mean nothing here, and the cgroup is the guest's."""
@@ -770,7 +790,7 @@ def _guest_config(config: dict[str, Any], container_id: str) -> dict[str, Any]:
     linux = dict(config.get("linux", {}))
     linux["namespaces"] = [ns for ns in linux.get("namespaces", [])
                            if ns.get("type") != "network" and not ns.get("path")]
-    linux["cgroupsPath"] = f"/clave/{container_id}"
+    linux["cgroupsPath"] = f"{GUEST_CGROUPS}/{container_id}"
     # net.* sysctls are the pod network's, which is the guest's own: _apply_net_sysctls sets them there
     linux["sysctl"] = {k: v for k, v in (linux.get("sysctl") or {}).items() if not k.startswith("net.")}
     config["linux"] = linux
