@@ -189,38 +189,27 @@ def test_qmp_stop_and_cont(vm: Vm, agent: AgentClient) -> None:
     assert agent.health() == ServingStatus.SERVING
 
 
-def test_oom_kill_inside_the_guest_is_an_oom_event(agent: AgentClient) -> None:
-    config = oci_config(["sh", "-c", "a=x; while true; do a=$a$a; done"], "ctr4")  # doubles until killed
-    config["linux"]["resources"] = {"memory": {"limit": 16 << 20, "swap": 16 << 20}}
-    agent.create_container("oom", config, [blk_storage("ctr4", f"{MOUNTS}/ctr4")])
+@pytest.mark.parametrize(("cid", "script", "limit"), [
+    # the kernel's own OOM kill: a string that doubles until it cannot
+    ("oom", "a=x; while true; do a=$a$a; done", 16 << 20),
+    # no swap, a shell collecting 200 MB at 32 MiB: the kernel can reclaim and refault the container's program
+    # text for minutes under TCG instead; the agent's PSI watch (clave.vm.agent.pressure) ends it as an OOM kill
+    ("thrash", 'x=$(head -c 200000000 /dev/zero | tr "\\0" a); echo $x', 32 << 20),
+])
+def test_oom_kill_inside_the_guest_is_an_oom_event(agent: AgentClient, cid: str, script: str, limit: int) -> None:
+    config = oci_config(["sh", "-c", script], "ctr4")
+    config["linux"]["resources"] = {"memory": {"limit": limit}}
+    agent.create_container(cid, config, [blk_storage("ctr4", f"{MOUNTS}/ctr4")])
     try:
-        io = agent.attach_io("oom")
-        agent.start_container("oom")
-        status = agent.wait_process("oom", timeout=60)
+        io = agent.attach_io(cid)
+        agent.start_container(cid)
+        status = agent.wait_process(cid, timeout=90)
         io.join(10)
         assert status == 128 + signal.SIGKILL
-        assert agent.oom_event(timeout=10) == "oom"
+        assert agent.oom_event(timeout=10) == cid
+        assert agent.stats_container(cid)["oom_kills"] == 1
     finally:
-        agent.remove_container("oom")
-
-
-def test_a_container_thrashing_at_its_memory_limit_is_oom_killed(agent: AgentClient) -> None:
-    """No swap, 32 MiB, a shell collecting 200 MB: the kernel reclaims and refaults the container's own program
-    text for minutes under TCG instead of OOM-killing it (clave.vm.agent.pressure); the agent's PSI watch ends
-    it as an OOM kill."""
-    config = oci_config(["sh", "-c", 'x=$(head -c 200000000 /dev/zero | tr "\\0" a); echo $x'], "ctr4")
-    config["linux"]["resources"] = {"memory": {"limit": 32 << 20}}
-    agent.create_container("thrash", config, [blk_storage("ctr4", f"{MOUNTS}/ctr4")])
-    try:
-        io = agent.attach_io("thrash")
-        agent.start_container("thrash")
-        status = agent.wait_process("thrash", timeout=90)
-        io.join(10)
-        assert status == 128 + signal.SIGKILL
-        assert agent.oom_event(timeout=10) == "thrash"
-        assert agent.stats_container("thrash")["oom_kills"] == 1
-    finally:
-        agent.remove_container("thrash")
+        agent.remove_container(cid)
 
 
 # Last in the module: it closes the connection the other tests share.
