@@ -22,9 +22,9 @@ class ProcessIO:
         self._logger_pid = 0  # a binary:// logger; it exits on EOF and the shim's reaper collects it
         self.master = -1
         self._stdin_fd = -1
-        # Held from open() until the container has its copies (after_start, or close on failure): containerd's
-        # CloseIO can arrive meanwhile (ctr sends it as soon as its own stdin ends, racing its Start) and must
-        # not close the stdin fd the container is being given.
+        # The shim's Start holds it from open() until the container has its copies (after_start, or close on
+        # failure): containerd's CloseIO can arrive meanwhile (ctr sends it as soon as its own stdin ends, racing
+        # its Start) and must not close the stdin fd the container is being given.
         self.handover = threading.Lock()
 
     # -- plain (non-terminal) IO: the container writes straight into the FIFOs or log files

@@ -416,9 +416,10 @@ class AgentService:
             stats = {}  # stopped: only its OOM kills are left to tell (the host asks after the init's exit)
         except ClaveError as exc:
             raise from_clave_error(exc) from None
+        container = self.containers.get(req.container_id)
+        agent_kills = container.pressure_kills if container is not None else 0
         try:
-            stats["oom_kills"] = self.engine.oom_kills(req.container_id) + \
-                self._container(req.container_id).pressure_kills
+            stats["oom_kills"] = self.engine.oom_kills(req.container_id) + agent_kills
         except ClaveError:
             pass
         return _stats_message(stats)
@@ -521,9 +522,10 @@ class AgentService:
             self.start_container(ctx, pb.StartContainerRequest(container_id=cid))
             if not init.exited.wait(ctx.time_remaining()) or init.exit is None or init.exit.status != 0:
                 raise TtrpcError(Code.INTERNAL, "warm-up container: busybox true failed")
-            init.close_all()  # nothing attached its stdio
-            self.remove_container(ctx, pb.RemoveContainerRequest(container_id=cid))
         finally:
+            if cid in self.containers:
+                self.containers[cid].init.close_all()  # nothing attached its stdio
+                self.remove_container(ctx, pb.RemoveContainerRequest(container_id=cid, timeout=5))
             shutil.rmtree(root, ignore_errors=True)
         return Empty()
 
