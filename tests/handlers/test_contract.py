@@ -127,12 +127,12 @@ def case(request: pytest.FixtureRequest, tmp_path: Path, busybox: Path) -> Itera
     if request.param == "enclave-wasm":
         pytest.importorskip("wasmtime")
     if request.param == "vm":
-        from clave.vm.guest import current_guest
+        from clave.vm.guest import build_guest
 
         try:
-            current_guest()
-        except ClaveError:
-            pytest.skip("no VM guest is built (clave vm build-guest)")
+            build_guest()  # cached: built once per machine (a fresh one builds it here, before tests/vm)
+        except ClaveError as exc:
+            pytest.skip(f"no VM guest here: {exc}")
     pal = request.getfixturevalue("skeleton_pal") if request.param == "enclave-pal" else None
     c = Case(request.param, tmp_path, busybox, pal)
     yield c
