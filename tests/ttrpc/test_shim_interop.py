@@ -170,7 +170,12 @@ def test_connect_state_and_shutdown(shim: Shim) -> None:
         with pytest.raises(TtrpcError) as err:
             client.call(TASK, "NoSuchMethod", timeout=5)
         assert err.value.code == Code.UNIMPLEMENTED
-        client.invoke(TASK, "Shutdown", task.ShutdownRequest(id=shim.id), google_protobuf.Empty, timeout=5)
+        try:
+            client.invoke(TASK, "Shutdown", task.ShutdownRequest(id=shim.id), google_protobuf.Empty, timeout=5)
+        except TtrpcError as exc:
+            # The Go shim may exit before its reply is written; containerd takes ttrpc.ErrClosed from Shutdown
+            # as done, and so do we: the shim's exit below is what counts.
+            assert exc.code == Code.UNAVAILABLE, exc
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and Path(f"/proc/{shim.pid}").exists():
         time.sleep(0.05)
