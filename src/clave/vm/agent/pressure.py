@@ -15,6 +15,8 @@ import os
 import select
 import threading
 
+from clave.linux.cgroups.common import CgroupError, read_optional, write_text
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -39,13 +41,12 @@ class PressureWatch:
         with self._lock:
             if any(watched == container_id for watched, _dir in self._watched.values()):
                 return
+        if _limit(cgroup_dir) is None:
+            return
         try:
-            with open(os.path.join(cgroup_dir, "memory.max")) as f:
-                if f.read().strip() == "max":
-                    return
             fd = os.open(os.path.join(cgroup_dir, "memory.pressure"), os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
-            return  # no limit file or no PSI: the kernel's OOM killer alone
+            return  # no PSI: the kernel's OOM killer alone
         try:
             os.write(fd, TRIGGER)
         except OSError:
@@ -83,16 +84,19 @@ class PressureWatch:
                     self._on_kill(target[0])
 
 
+def _limit(cgroup_dir: str) -> int | None:
+    """The cgroup's memory.max in bytes; None when it has none (or no such file)."""
+    text = (read_optional(os.path.join(cgroup_dir, "memory.max")) or "max").strip()
+    return None if text == "max" else int(text)
+
+
 def _kill_if_at_limit(cgroup_dir: str) -> bool:
     try:
-        with open(os.path.join(cgroup_dir, "memory.max")) as f:
-            limit = f.read().strip()
-        with open(os.path.join(cgroup_dir, "memory.current")) as f:
-            current = int(f.read())
-        if limit == "max" or current + NEAR_LIMIT < int(limit):
+        limit = _limit(cgroup_dir)
+        current = int(read_optional(os.path.join(cgroup_dir, "memory.current")) or 0)
+        if limit is None or current + NEAR_LIMIT < limit:
             return False  # stalled for another reason (its limit was raised meanwhile, say)
-        with open(os.path.join(cgroup_dir, "cgroup.kill"), "w") as f:
-            f.write("1")
+        write_text(os.path.join(cgroup_dir, "cgroup.kill"), "1", "memory pressure kill")
         return True
-    except (OSError, ValueError):
+    except (CgroupError, ValueError):
         return False
