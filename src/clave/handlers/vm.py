@@ -564,10 +564,7 @@ def _fork_standin(state: State, exec_id: str, process: dict[str, Any] | None, st
 
             # Nothing of the caller's stays open here: not the state dir's lock, not the shim's other fds.
             close_fds_except(2, {write_fd} | ({console_fd} if console_fd is not None else set()), stdio)
-            if state.handler_state.get("cgroup_paths"):  # a host process of the container, in its cgroup
-                from clave.linux.cgroups import CgroupManager
-
-                CgroupManager.from_paths(state.handler_state["cgroup_paths"]).add_process(os.getpid())
+            _enter_host_cgroup(state)  # a host process of the container
             agent = AgentClient.connect(_socket(state))
         except BaseException as exc:  # noqa: BLE001  # reported to the caller
             os.write(write_fd, f"error: {exc}".encode())
@@ -632,10 +629,7 @@ def _keep(state: State, disks: list[Disk], opts: CreateOptions, report_fd: int) 
     from clave.vm.virtiofs import Share
 
     hs = state.handler_state
-    if hs.get("cgroup_paths"):  # first: QEMU, its swtpm and virtiofsd are born in it
-        from clave.linux.cgroups import CgroupManager
-
-        CgroupManager.from_paths(hs["cgroup_paths"]).add_process(os.getpid())
+    _enter_host_cgroup(state)  # first: QEMU, its swtpm and virtiofsd are born in it
     dirs = GuestMounts(state.config).dirs
     if opts.stdio is not None:
         adopt_stdio(opts.stdio)
@@ -728,6 +722,14 @@ def _oom_kills(agent: AgentClient, container_id: str) -> int:
 
 
 # -- small helpers ------------------------------------------------------------------------------------------------
+
+
+def _enter_host_cgroup(state: State) -> None:
+    """Move this process (the keeper, a stand-in) into the container's cgroup on the host (_host_cgroup)."""
+    if state.handler_state.get("cgroup_paths"):
+        from clave.linux.cgroups import CgroupManager
+
+        CgroupManager.from_paths(state.handler_state["cgroup_paths"]).add_process(os.getpid())
 
 
 def _socket(state: State) -> str:
