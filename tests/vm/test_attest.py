@@ -36,20 +36,31 @@ def verify(evidence: Path, nonce: str, policy: Path) -> subprocess.CompletedProc
                check=False)
 
 
-def test_a_vm_container_quote_verifies_against_the_measured_guest(vm_guest: Guest, tmp_path: Path) -> None:
-    policy = tmp_path / "policy.json"
-    run(BIN / "clave", "vm", "measure", "--policy-out", policy)
-    assert "pcrs.8" in json.loads(policy.read_text())["reference_values"]
+def tpm_bundle(tmp_path: Path) -> Path:
+    """A bundle of a vm container with a vTPM, running ``sleep 300``."""
     bundle = tmp_path / "bundle"
     config = make_bundle(str(bundle), ["sleep", "300"])
     config["annotations"] = {"io.clave.handler": "vm", "io.clave.vm.tpm": "true"}
     (bundle / "config.json").write_text(json.dumps(config))
+    return bundle
+
+
+def create(clave: list[Path], bundle: Path, cid: str, log: Path) -> subprocess.CompletedProcess[bytes]:
+    """`clave create` with its stdio on ``log``: it becomes the container's (the keeper holds it), not pipes a
+    test would wait on."""
+    with open(log, "w") as out:
+        return subprocess.run([str(a) for a in (*clave, "create", "--bundle", bundle, cid)],
+                              stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=180)
+
+
+def test_a_vm_container_quote_verifies_against_the_measured_guest(vm_guest: Guest, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.json"
+    run(BIN / "clave", "vm", "measure", "--policy-out", policy)
+    assert "pcrs.8" in json.loads(policy.read_text())["reference_values"]
+    bundle = tpm_bundle(tmp_path)
     root, cid = tmp_path / "state", "attested"
     clave = [BIN / "clave", "--root", root]
-    # create's stdio becomes the container's (the keeper holds it): not pipes this test would wait on
-    with open(tmp_path / "create.out", "w") as out:
-        created = subprocess.run([str(a) for a in (*clave, "create", "--bundle", bundle, cid)],
-                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=180)
+    created = create(clave, bundle, cid, tmp_path / "create.out")
     assert created.returncode == 0, (tmp_path / "create.out").read_text()
     try:
         run(*clave, "start", cid)
@@ -71,18 +82,13 @@ def test_a_vm_container_quote_verifies_against_the_measured_guest(vm_guest: Gues
 def test_each_clone_has_its_own_tpm_identity(vm_guest: Guest, tmp_path: Path) -> None:
     """Two vm containers from one template: each guest's TPM has its own attestation key, so a verifier that
     pins one clone's key refuses the other's quote (policy), even for the same nonce."""
-    bundle = tmp_path / "bundle"
-    config = make_bundle(str(bundle), ["sleep", "300"])
-    config["annotations"] = {"io.clave.handler": "vm", "io.clave.vm.tpm": "true"}
-    (bundle / "config.json").write_text(json.dumps(config))
+    bundle = tpm_bundle(tmp_path)
     root = tmp_path / "state"
     clave = [BIN / "clave", "--root", root]
     keys, evidence = [], []
     try:
         for cid in ("clone-a", "clone-b"):
-            with open(tmp_path / f"{cid}.out", "w") as out:
-                assert subprocess.run([str(a) for a in (*clave, "create", "--bundle", bundle, cid)],
-                                      stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=180).returncode == 0
+            assert create(clave, bundle, cid, tmp_path / f"{cid}.out").returncode == 0
             run(*clave, "start", cid)
             path = tmp_path / f"{cid}.json"
             path.write_text(run(*clave, "attest", cid, "--nonce", "0a0b", "--format", "json").stdout)
@@ -109,15 +115,10 @@ def test_a_dying_swtpm_stops_the_pod_cleanly(vm_guest: Guest, tmp_path: Path) ->
     import signal
     import time
 
-    bundle = tmp_path / "bundle"
-    config = make_bundle(str(bundle), ["sleep", "300"])
-    config["annotations"] = {"io.clave.handler": "vm", "io.clave.vm.tpm": "true"}
-    (bundle / "config.json").write_text(json.dumps(config))
+    bundle = tpm_bundle(tmp_path)
     root, cid = tmp_path / "state", "tpm-dies"
     clave = [BIN / "clave", "--root", root]
-    with open(tmp_path / "create.out", "w") as out:
-        assert subprocess.run([str(a) for a in (*clave, "create", "--bundle", bundle, cid)],
-                              stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=180).returncode == 0
+    assert create(clave, bundle, cid, tmp_path / "create.out").returncode == 0
     try:
         run(*clave, "start", cid)
         vm_dir = json.loads((root / cid / "state.json").read_text())["handler_state"]["vm_dir"]
