@@ -210,6 +210,10 @@ class VmHandler(Handler):
                 pid, start = _standin_record(sd.path, name)
                 if pid and alive(pid, start):
                     send_signal(pid, SIGKILL)
+        # The host cgroup holds every host process of the container: the keeper (also one whose pid a crashed
+        # create never recorded), QEMU, swtpm, virtiofsd, stand-ins. All gone before the VM's files go: a keeper
+        # that outlived its QEMU would write vm.json into the directory being removed.
+        remove_cgroup(hs.get("cgroup_paths"), notice)
         if hs.get("pod"):
             self._leave_pod(state, notice)
         elif hs.get("vm_dir"):
@@ -221,7 +225,6 @@ class VmHandler(Handler):
             network.detach(hs.get("network"))  # after QEMU is gone: the taps and tc redirects
         except ClaveError as exc:
             notice(f"vm network cleanup: {exc}")
-        remove_cgroup(hs.get("cgroup_paths"), notice)
         for key in ("layer", "binds"):
             path = hs.get(key)
             if path and os.path.exists(path):
