@@ -31,16 +31,24 @@ from bench_runtime import precompile_clave, write_bundles
 
 def instructions(argv: list[str], forked: bool = False) -> int:
     """Instructions of the process started by ``argv`` (the largest count: its forks report their own), or
-    with ``forked`` those of the first process it forked, when that one ended.
+    with ``forked`` those of the container's intermediate, counted when it ended: the runtime's last fork
+    (its first may be the grace period helper, clave.linux.cgroups.start_migration_grace_period).
     valgrind reports to files: a created container's init keeps the runtime's stdio open until it is started."""
     with tempfile.TemporaryDirectory(dir="/run") as logs:
         result = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
                                  f"--log-file={logs}/%p", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        text = "".join(Path(logs, name).read_text() for name in os.listdir(logs))
-    counts = [int(m.replace(",", "")) for m in re.findall(r"I\s+refs:\s+([\d,]+)", text)]
-    if (result.returncode != 0 and not forked) or not counts:
+        # pid -> (parent pid, count); the container's init logs as pid 1 (its own pid namespace): left out.
+        procs = {}
+        for name in os.listdir(logs):
+            text = Path(logs, name).read_text()
+            parent, count = re.search(r"Parent PID: (\d+)", text), re.search(r"I\s+refs:\s+([\d,]+)", text)
+            if name != "1" and parent and count:
+                procs[int(name)] = (int(parent.group(1)), int(count.group(1).replace(",", "")))
+    runtime = min(procs, default=0)
+    children = [pid for pid, (parent, _) in procs.items() if parent == runtime]
+    if (result.returncode != 0 and not forked) or not procs or (forked and not children):
         raise RuntimeError(f"{' '.join(argv)} failed (exit {result.returncode})")
-    return min(counts) if forked else max(counts)
+    return procs[max(children)][1] if forked else max(count for _, count in procs.values())
 
 
 def old_launcher(base: Path, rev: str) -> str:

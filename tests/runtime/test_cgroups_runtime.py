@@ -154,3 +154,38 @@ def test_block_io_throttle(clave: Clave, bundle: Bundle) -> None:
     else:
         assert read(pid, "blkio", "blkio.throttle.read_bps_device", "") == f"{major}:{minor} 1048576"
         assert read(pid, "blkio", "blkio.throttle.write_iops_device", "") == f"{major}:{minor} 100"
+
+
+def _children() -> set[int]:
+    """Our child processes, zombies included (this package's tests are a subreaper, as a shim is)."""
+    me = str(os.getpid())
+    out = set()
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                if name.isdigit() and f.read().rsplit(")", 1)[1].split()[1] == me:
+                    out.add(int(name))
+        except OSError:
+            continue
+    return out
+
+
+def test_create_reaps_its_grace_period_helper(clave: Clave, bundle: Bundle) -> None:
+    """`create` forks a helper that starts the kernel's cgroup-migration grace period early
+    (clave.linux.cgroups.start_migration_grace_period); it collects it before exiting, so the only process
+    it leaves to its caller is the container's init (no zombie for the shim's reaper)."""
+    bundle.args("sleep", "60")
+    before = _children()
+    pid = clave.create(clave.id())
+    assert _children() - before == {pid}
+
+
+def test_grace_period_helper_leaves_the_caller_where_it_is() -> None:
+    from clave.linux.cgroups.common import own_cgroups, start_migration_grace_period
+
+    before = own_cgroups()
+    helper = start_migration_grace_period()
+    assert helper > 0
+    _, status = os.waitpid(helper, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert own_cgroups() == before

@@ -153,6 +153,9 @@ class Globals:
 SHORT_VERBS = frozenset({"create", "start", "state", "kill", "delete", "list", "spec", "features", "ps", "pause",
                          "resume", "update", "run"})
 _gc_paused = False
+# Verbs that move a process into cgroups: they start the kernel's grace period for that early (see
+# clave.linux.cgroups.start_migration_grace_period).
+CGROUP_VERBS = frozenset({"create", "run", "exec"})
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -199,6 +202,7 @@ def run(argv: Sequence[str]) -> int:
     from clave.logs import Logger
 
     log = _early_logger(argv)
+    helper = 0
     try:
         parsed = parse_flags(argv, GLOBAL_FLAGS, "global")
         log = Logger(parsed.flags.get("log"), parsed.flags.get("log-format", "text"), parsed.flags.get("debug", False))
@@ -223,6 +227,10 @@ def run(argv: Sequence[str]) -> int:
             raise ClaveError(f"unknown command {verb!r}; run 'clave --help' for the list", exit_code=3)
         if verb not in SHORT_VERBS:
             resume_gc()
+        if verb in CGROUP_VERBS:
+            from clave.linux.cgroups import start_migration_grace_period
+
+            helper = start_migration_grace_period()
         module = _import(f"clave.cli.{verb.replace('-', '_')}")  # device-plugin
         verb_parsed = parse_flags(rest, module.FLAGS, verb)
         if verb_parsed.flags.get("help"):
@@ -251,6 +259,19 @@ def run(argv: Sequence[str]) -> int:
             log.debug("".join(traceback.format_exception(exc)))
         _report(log, f"clave: internal error: {type(exc).__name__}: {exc}")
         return 1
+    finally:
+        if helper:
+            _reap(helper)
+
+
+def _reap(pid: int) -> None:
+    """Collect an exited child unless a wait for any child (`run` waiting for its container) already did."""
+    import os
+
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
 
 
 def _early_logger(argv: Sequence[str]) -> Any:

@@ -13,6 +13,7 @@ from clave.linux import sys as lsys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 # option -> (clear, set) flags; mount(8) names as the runtime spec lists them.
@@ -254,10 +255,16 @@ def _parent_mount_point(path: str) -> str | None:
     return parent.point
 
 
-def mount_all(rootfs: str, mounts: list[dict[str, Any]], cgroup_paths: dict[str, str], in_userns: bool) -> None:
+def mount_all(rootfs: str, mounts: list[dict[str, Any]], cgroup_paths: dict[str, str], in_userns: bool,
+              before_cgroup: Callable[[], None] | None = None) -> None:
+    """The config's mounts in order; ``before_cgroup()`` runs once before the first cgroup mount (the
+    container's cgroups must exist, and its cgroup namespace be made, before it shows them)."""
     root_fd = open_root(rootfs)
     try:
         for m in mounts:
+            if before_cgroup is not None and m.get("type") == "cgroup":
+                before_cgroup()
+                before_cgroup = None
             try:
                 mount_one(root_fd, m, cgroup_paths, in_userns)
             except OSError as exc:

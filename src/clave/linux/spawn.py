@@ -3,18 +3,19 @@
 runtime (clave create)
   └─ fork → intermediate: joins namespaces by path, creates a user namespace (the runtime writes its id maps),
             unshares the other new namespaces (not the cgroup one), forks the init and reports its pid, exits.
-              └─ fork → init (pid 1 of a new pid namespace): mounts the rootfs while the runtime moves it into
-                        the container's cgroups, then (told "joined") makes its cgroup namespace, creates the
-                        devices, asks the runtime to run the prestart/createRuntime hooks, runs createContainer
-                        hooks, pivots, reports "ready", then blocks opening the exec fifo until ``start``; then
-                        startContainer hooks and the handler's ``launch`` (execve for native containers, the PAL
-                        for enclaves).
+              └─ fork → init (pid 1 of a new pid namespace): mounts the rootfs while the runtime makes the
+                        container's cgroups and moves it into them, then (told "joined") makes its cgroup
+                        namespace, creates the devices, asks the runtime to run the prestart/createRuntime hooks,
+                        runs createContainer hooks, pivots, reports "ready", then blocks opening the exec fifo
+                        until ``start``; then startContainer hooks and the handler's ``launch`` (execve for native
+                        containers, the PAL for enclaves).
 
 Moving a process into a cgroup v1 (or hybrid) hierarchy waits for an RCU grace period in the kernel (the
-threadgroup lock of cgroup.procs writes): 8-20 ms on this project's machines, runc pays it too. The init's
-mounts (5-8 ms) run during that wait instead of after it; nothing of the container's own runs before the init is
-in its cgroups (devices are created, hooks run and the process starts only after "joined"). On a cgroup2-only
-host the init waits first: its cgroup2 mount shows the cgroup namespace's root.
+threadgroup lock of cgroup.procs writes, held with the lock every cgroup mkdir takes): 8-20 ms on this
+project's machines, runc pays it too. `clave` starts it early (clave.linux.cgroups.start_migration_grace_period)
+and the init's mounts (5-8 ms) run during what is left of it; nothing of the container's own runs before the init is
+in its cgroups (devices are created, hooks run and the process starts only after "joined"). A cgroup mount waits
+for "joined": the container's cgroups exist then, and its cgroup namespace (whose root a cgroup2 mount shows).
 
 Every step is forked Python: no new interpreter starts for the container. The init never returns.
 """
@@ -156,7 +157,7 @@ def spawn(
 ) -> int:
     """Fork the container's init as described above; returns its pid once it is ready for ``start``.
 
-    ``join_cgroup(pid)`` places the intermediate in the container's cgroup before any namespace is created;
+    ``join_cgroup(pid)`` makes the container's cgroups and moves the init into them while it mounts;
     ``runtime_hooks(init_pid)`` runs the prestart and createRuntime hooks when the init reaches that point.
     On failure the init is killed and SpawnError raised; the caller removes cgroup and state.
     """
@@ -380,12 +381,15 @@ def _setup_container(plan: InitPlan, chan: Channel) -> None:
     own_mounts = "mount" in plan.namespaces
     rfs.prepare_propagation(plan.rootfs, linux.get("rootfsPropagation"), own_namespace=own_mounts)
     mounts = config.get("mounts", [])
-    cgroup2_only = set(plan.cgroup_paths) == {"unified"}
-    if cgroup2_only:
-        _joined(plan, chan)
-    rfs.mount_all(plan.rootfs, mounts, plan.cgroup_paths, in_userns)
-    if not cgroup2_only:
-        _joined(plan, chan)
+    joined: list[bool] = []
+
+    def join() -> None:
+        if not joined:
+            _joined(plan, chan)
+            joined.append(True)
+
+    rfs.mount_all(plan.rootfs, mounts, plan.cgroup_paths, in_userns, before_cgroup=join)
+    join()
     dev_is_bind = any(
         m["destination"].rstrip("/") == "/dev" and ("bind" in m.get("options", []) or m.get("type") == "bind")
         for m in mounts

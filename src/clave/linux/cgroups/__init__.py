@@ -26,6 +26,7 @@ from clave.linux.cgroups.common import (
     CgroupManager,
     detect_mode,
     normalise_cgroups_path,
+    start_migration_grace_period,
 )
 
 
@@ -52,4 +53,5 @@ __all__ = [
     "CgroupManager",
     "cgroup_manager",
     "detect_mode",
+    "start_migration_grace_period",
 ]

@@ -182,6 +182,40 @@ def path_in_mount(mount: Mount, cgroup_path: str) -> str:
     return os.path.normpath(mount.mountpoint + "/" + cgroup_path.lstrip("/"))
 
 
+def start_migration_grace_period() -> int:
+    """Fork a child that rewrites its own pid into its own cgroup's ``cgroup.procs``; returns its pid (0 when
+    it could not be started). Reap it with ``os.waitpid`` once done.
+
+    Why: the first move of a process into a cgroup after a quiet spell makes the kernel wait for an RCU grace
+    period (``cgroup.procs`` writes take the threadgroup lock, whose fast path is only switched off after one),
+    10-16 ms on this project's machines, and holds ``cgroup_mutex`` meanwhile. The move itself is a no-op here;
+    what matters is that the grace period runs while the runtime imports and reads its config instead of after
+    it has forked the container's init. Later moves within about one grace period of it skip the wait.
+    """
+    try:
+        v1, unified = cgroup_mounts()
+        mine = own_cgroups()
+        if unified is not None and "" in mine:
+            directory = path_in_mount(unified, mine[""])
+        else:
+            directory = next(path_in_mount(m, mine[c]) for c, m in v1.items() if c in mine)
+        fd = os.open(directory + "/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+    except (OSError, CgroupError, StopIteration, ValueError):
+        return 0  # not root, no cgroup mounts: nothing to prepare
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(fd)
+        return 0
+    if pid == 0:
+        try:
+            os.write(fd, b"0")  # 0: the writer itself
+        finally:
+            os._exit(0)
+    os.close(fd)
+    return pid
+
+
 # --- cgroupsPath --------------------------------------------------------------------------------------
 
 
