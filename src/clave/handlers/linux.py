@@ -68,12 +68,9 @@ class LinuxHandler(Handler):
         sd.save(state)  # from here on, destroy (delete --force) finds what to clean after a crash
         pause_point("after-state-dir")
 
-        def enter_cgroup(init_pid: int) -> None:
-            # Made once the init is forked: its mounts overlap the cgroup work, which may first wait for the
-            # kernel's grace period (clave.linux.cgroups.start_migration_grace_period).
+        def make_cgroup() -> None:
             self._apply_cgroup(state, cgroup, notice)
             pause_point("after-cgroup")
-            cgroup.add_process(init_pid)
 
         try:
             spawn.check_plan(plan)
@@ -82,7 +79,7 @@ class LinuxHandler(Handler):
 
                 plan.console_fd = console.connect_socket(opts.console_socket)
             try:
-                pid = spawn.spawn(plan, enter_cgroup, runtime_hooks)
+                pid = spawn.spawn(plan, make_cgroup, cgroup.add_process, runtime_hooks)
             finally:
                 if plan.console_fd is not None:
                     os.close(plan.console_fd)

@@ -152,14 +152,17 @@ def preload(plan: InitPlan) -> None:
 
 def spawn(
     plan: InitPlan,
+    make_cgroup: Callable[[], None],
     join_cgroup: Callable[[int], None],
     runtime_hooks: Callable[[int], None],
 ) -> int:
     """Fork the container's init as described above; returns its pid once it is ready for ``start``.
 
-    ``join_cgroup(pid)`` makes the container's cgroups and moves the init into them while it mounts;
-    ``runtime_hooks(init_pid)`` runs the prestart and createRuntime hooks when the init reaches that point.
-    On failure the init is killed and SpawnError raised; the caller removes cgroup and state.
+    ``make_cgroup()`` makes the container's cgroups while the intermediate unshares and forks the init (the
+    two overlap, and so does what is left of the kernel's grace period: clave.linux.cgroups); ``join_cgroup(pid)``
+    moves the init into them while it mounts; ``runtime_hooks(init_pid)`` runs the prestart and createRuntime
+    hooks when the init reaches that point. On failure the init is killed and the error raised (SpawnError,
+    or what ``make_cgroup`` raised); the caller removes cgroup and state.
     """
     preload(plan)
     joined = ns.open_paths(plan.namespaces)
@@ -176,6 +179,11 @@ def spawn(
     init_pid = 0
     try:
         parent.send("go")
+        failed: BaseException | None = None
+        try:
+            make_cgroup()
+        except BaseException as exc:
+            failed = exc  # raised once the intermediate has reported the init's pid, so both are killed
         msg = parent.recv()
         if msg["t"] == "userns":
             ns.write_id_maps(intermediate, plan.linux.get("uidMappings", []), plan.linux.get("gidMappings", []))
@@ -188,6 +196,8 @@ def spawn(
         init_pid = msg["pid"]
         os.waitpid(intermediate, 0)
         intermediate = 0
+        if failed is not None:
+            raise failed
         _join(parent, join_cgroup, init_pid)  # the init mounts its rootfs meanwhile
         try:
             parent.send("joined")
