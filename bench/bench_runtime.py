@@ -181,6 +181,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20, help="measured runs per runtime and test (default 20)")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured rounds first (default 2)")
     parser.add_argument("--runtimes", default="clave,runc,crun", help="comma-separated, in interleaving order")
+    parser.add_argument("--gap", type=float, default=0.1,
+                        help="idle seconds before each measured command (default 0.1; see common.interleave)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_runtime: needs root (containers with namespaces and cgroups)")
@@ -201,14 +203,16 @@ def main() -> None:
             version = subprocess.run([runtime.binary, "--version"], capture_output=True, text=True).stdout
             print(f"{runtime.name}: {runtime.binary} ({version.splitlines()[0] if version else '?'})")
         print(f"{args.runs} measured runs per runtime after {args.warmup} warm-up rounds, interleaved; "
-              f"state roots and bundles under {base} (tmpfs); process /bin/true, no tty")
+              f"{args.gap:g} s idle before each; state roots and bundles under {base} (tmpfs); process /bin/true, "
+              "no tty")
         ids = Counter()
         runtimes = usable_runtimes(runtimes, bundles, ids)
         for variant, bundle in bundles.items():
-            runs = interleave({r.name: measure_run(r, bundle, ids) for r in runtimes}, args.runs, args.warmup)
+            runs = interleave({r.name: measure_run(r, bundle, ids) for r in runtimes}, args.runs, args.warmup,
+                              args.gap)
             print_ratio_table(f"`run` (create+start+wait+delete), config {variant}", runs, "runc", label="runtime")
             sequences = interleave({r.name: measure_shim_sequence(r, bundle, ids) for r in runtimes},
-                                   args.runs, args.warmup)
+                                   args.runs, args.warmup, args.gap)
             steps = {step: {name: [times[step] for times in samples] for name, samples in sequences.items()}
                      for step in (*SHIM_STEPS, "total")}
             print(f"\nshim sequence (--root/--log/--log-format json as the runc.v2 shim), config {variant}")

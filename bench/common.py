@@ -42,12 +42,18 @@ def summarize(samples: Sequence[float]) -> Stats:
     return Stats(len(samples), statistics.median(samples), percentile(samples, 0.9), min(samples))
 
 
-def interleave(variants: Mapping[str, Callable[[], T]], runs: int, warmup: int = 1) -> dict[str, list[T]]:
+def interleave(variants: Mapping[str, Callable[[], T]], runs: int, warmup: int = 1,
+               gap: float = 0.0) -> dict[str, list[T]]:
     """Call every variant once per round, in the mapping's order, for ``warmup + runs`` rounds; returns the
-    results of the last ``runs`` rounds per variant."""
+    results of the last ``runs`` rounds per variant. ``gap``: seconds of idle before each call, so that kernel
+    state one call leaves behind does not speed up the next variant's (after a cgroup.procs write the kernel
+    keeps the threadgroup lock's slow path for a grace period or two, 10-30 ms here, and the next runtime's
+    cgroup join skips its wait)."""
     results: dict[str, list[T]] = {name: [] for name in variants}
     for round_index in range(warmup + runs):
         for name, measure in variants.items():
+            if gap:
+                time.sleep(gap)
             value = measure()
             if round_index >= warmup:
                 results[name].append(value)
