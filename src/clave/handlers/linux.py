@@ -17,6 +17,7 @@ import time
 from clave.errors import ClaveError, InvalidArgument, NotFound, WrongState, os_error_message
 from clave.faults import pause_point
 from clave.handlers.base import Exit, Handler, Sandbox
+from clave.linux.procfs import alive, start_time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -402,29 +403,6 @@ def send_signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
-
-
-def proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, start time in clock ticks) of a live process, or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2 :].split()
-    return fields[0].decode(), int(fields[19])
-
-
-def start_time(pid: int) -> int:
-    """A process's start time in clock ticks (0 if it is gone): with the pid, what tells it from a recycled one."""
-    stat = proc_stat(pid)
-    return stat[1] if stat else 0
-
-
-def alive(pid: int, start: int) -> bool:
-    """Whether ``pid`` is still the process that started at ``start`` and has not exited."""
-    stat = proc_stat(pid) if pid > 0 else None
-    return stat is not None and stat[0] not in ("Z", "X") and stat[1] == start
 
 
 def wait_gone(busy: Callable[[], bool], timeout: float = 5.0) -> None:

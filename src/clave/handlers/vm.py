@@ -31,7 +31,8 @@ import time
 from clave.errors import ClaveError, InvalidArgument, NotFound, Unsupported, WrongState
 from clave.faults import pause_point
 from clave.handlers.base import Handler, Sandbox
-from clave.handlers.linux import alive, remove_cgroup, send_signal, start_time, wait_gone
+from clave.handlers.linux import remove_cgroup, send_signal, wait_gone
+from clave.linux.procfs import alive, start_time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -28,6 +28,7 @@ import signal
 import subprocess
 import time
 
+from clave.linux.procfs import alive, proc_stat, start_time
 from clave.vm import guest as guest_mod
 from clave.vm import paths
 from clave.vm.errors import BootError, ResourceError, VmError, VmGone
@@ -189,18 +190,6 @@ def qemu_version() -> str:
     return version
 
 
-def _proc_start_time(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def _alive(pid: int, start: int) -> bool:
-    return pid > 0 and start > 0 and _proc_start_time(pid) == start
-
-
 class Vm:
     """One QEMU process and its guest."""
 
@@ -268,7 +257,7 @@ class Vm:
         doc = {"pid": self.pid, "pid_start": self.pid_start, "accel": self.accel, "machine": self.config.machine,
                "files": list(STATE_FILES), "timings": self.timings.as_dict(),
                "swtpm_pid": self.swtpm_pid, "swtpm_start": self.swtpm_start, "template": self.template_key,
-               "virtiofsd": [[p.pid, _proc_start_time(p.pid)] for p in self.virtiofsd]}
+               "virtiofsd": [[p.pid, start_time(p.pid)] for p in self.virtiofsd]}
         tmp = self.path("vm.json.tmp")
         with open(tmp, "w") as f:
             json.dump(doc, f)
@@ -383,7 +372,7 @@ class Vm:
                                          start_new_session=True, close_fds=True,
                                          pass_fds=[nic.fd for nic in self.config.nics])
         self.pid = self.proc.pid
-        self.pid_start = _proc_start_time(self.pid)
+        self.pid_start = start_time(self.pid)
         self._save()
         try:
             self._qmp = Qmp.connect(self.path("qmp.sock"), timeout=max(0.1, deadline - time.monotonic()))
@@ -443,7 +432,7 @@ class Vm:
     def running(self) -> bool:
         if self.proc is not None:
             return self.proc.poll() is None
-        return _alive(self.pid, self.pid_start)
+        return alive(self.pid, self.pid_start)
 
     def agent(self) -> AgentClient:
         """The agent's client (one connection per VM: QEMU's chardev serves one at a time)."""
@@ -474,7 +463,7 @@ class Vm:
             except subprocess.TimeoutExpired:
                 return None
         deadline = None if timeout is None else time.monotonic() + timeout
-        while _alive(self.pid, self.pid_start):
+        while alive(self.pid, self.pid_start):
             if deadline is not None and time.monotonic() >= deadline:
                 return None
             time.sleep(0.02)
@@ -486,7 +475,7 @@ class Vm:
 
         self.stop_swtpm()
         self.swtpm = swtpm.start(self.state_dir)
-        self.swtpm_pid, self.swtpm_start = self.swtpm.pid, _proc_start_time(self.swtpm.pid)
+        self.swtpm_pid, self.swtpm_start = self.swtpm.pid, start_time(self.swtpm.pid)
         self._save()
 
     def start_virtiofsd(self) -> None:
@@ -545,20 +534,20 @@ class Vm:
 
 
 def _kill(pid: int, start: int, timeout: float = 5.0) -> None:
-    if not _alive(pid, start):
-        return
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while _alive(pid, start) and time.monotonic() < deadline:
+    """SIGKILL the process that started at ``start``, wait for its exit, and reap it if it is our child."""
+    if alive(pid, start):
         try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child: reap it
-                return
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while alive(pid, start) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    if proc_stat(pid) == ("Z", start):
+        try:
+            os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            pass
-        time.sleep(0.01)
+            pass  # another process's child: its parent reaps it
 
 
 def destroy_state_dir(state_dir: str) -> None:
@@ -583,7 +572,7 @@ def destroy_state_dir(state_dir: str) -> None:
             qpid = int(f.read().strip() or 0)
         with open(f"/proc/{qpid}/cmdline", "rb") as f:
             if os.path.join(state_dir, "qmp.sock").encode() in f.read():
-                _kill(qpid, _proc_start_time(qpid))
+                _kill(qpid, start_time(qpid))
     except (OSError, ValueError):
         pass
     for name in (*STATE_FILES, "vm.json.tmp"):

@@ -369,8 +369,9 @@ def _restore_or_boot(vm: Vm, t: Template, accel: str, timeout: float) -> bool:
 def restore(vm: Vm, t: Template, accel: str, timeout: float) -> None:
     """Spawn the clone, load the template's state, put the VM's disks into slots, resume it, wait for its agent
     and give it its own identity (RNG, clock, disk serials, TPM)."""
+    from clave.linux.procfs import start_time
     from clave.vm.client import AgentClient
-    from clave.vm.qemu import Timings, _proc_start_time
+    from clave.vm.qemu import Timings
     from clave.vm.qmp import Qmp, QmpError
 
     config = vm.config
@@ -385,7 +386,7 @@ def restore(vm: Vm, t: Template, accel: str, timeout: float) -> None:
         vm.proc = subprocess.Popen(command(config, vm.state_dir, accel, t.memory, False), stdin=subprocess.DEVNULL,
                                    stdout=log, stderr=log, start_new_session=True, close_fds=True)
     vm.pid = vm.proc.pid
-    vm.pid_start = _proc_start_time(vm.pid)
+    vm.pid_start = start_time(vm.pid)
     vm._save()
     try:
         qmp = vm._qmp = Qmp.connect(vm.path("qmp.sock"), timeout=timeout)
