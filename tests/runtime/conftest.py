@@ -223,7 +223,14 @@ def reap(pid: int, timeout: float = 5.0) -> int | None:
         if done == pid:
             return status
         time.sleep(0.005)
-    raise AssertionError(f"process {pid} did not exit")
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/cgroup") as f:
+            where = f.read().replace("\n", " ")
+    except OSError:
+        state, where = "?", "?"
+    raise AssertionError(f"process {pid} did not exit (state {state}, cgroups {where})")
 
 
 # Reap inits of failed creates that were re-parented to us (the caller reaps, as the spec says).
