@@ -391,12 +391,13 @@ def _setup_container(plan: InitPlan, chan: Channel) -> None:
     own_mounts = "mount" in plan.namespaces
     rfs.prepare_propagation(plan.rootfs, linux.get("rootfsPropagation"), own_namespace=own_mounts)
     mounts = config.get("mounts", [])
-    joined: list[bool] = []
+    joined = False
 
     def join() -> None:
+        nonlocal joined
         if not joined:
             _joined(plan, chan)
-            joined.append(True)
+            joined = True
 
     rfs.mount_all(plan.rootfs, mounts, plan.cgroup_paths, in_userns, before_cgroup=join)
     join()
